@@ -1,0 +1,83 @@
+"""Shared fixtures: a small SentencePiece model and token shards made from generated text."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import synthetic_corpus  # noqa: E402
+import train_gpt  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def train_sentencepiece(docs: list[str], prefix: Path, vocab_size: int = 512) -> Path:
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(docs), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=3, bos_id=1, eos_id=2, pad_id=0,
+        max_sentence_length=100000, num_threads=2, minloglevel=2)
+    return prefix.with_suffix(".model")
+
+
+def write_plain_shards(docs: list[str], model: Path, out: Path, n_val_docs: int, train_shards: int = 2) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    out.mkdir(parents=True, exist_ok=True)
+    ids = sp.encode(docs)
+    stream = lambda part: np.concatenate([[1] + x for x in part]).astype(np.uint16)  # noqa: E731
+    train_gpt.write_shard(out / "fineweb_val_000000.bin", stream(ids[:n_val_docs]))
+    rest = ids[n_val_docs:]
+    per = len(rest) // train_shards
+    for i in range(train_shards):
+        train_gpt.write_shard(out / f"fineweb_train_{i:06d}.bin", stream(rest[i * per:(i + 1) * per]))
+
+
+@pytest.fixture(scope="session")
+def plain_data(tmp_path_factory) -> dict:
+    """data_dir with tokenizers/fineweb_512_bpe.model and datasets/fineweb10B_sp512/ shards."""
+    root = tmp_path_factory.mktemp("data")
+    docs = synthetic_corpus.generate_documents(2400, seed=1)
+    (root / "tokenizers").mkdir()
+    model = train_sentencepiece(docs[:1500], root / "tokenizers" / "fineweb_512_bpe")
+    write_plain_shards(docs, model, root / "datasets" / "fineweb10B_sp512", n_val_docs=200)
+    return {"data_dir": root, "tokenizer": model, "data_path": root / "datasets" / "fineweb10B_sp512", "docs": docs}
+
+
+TINY = {
+    "VOCAB_SIZE": "512", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "NUM_FLAT_LAYERS": "2",
+    "NUM_CRAWLER_LAYERS": "1", "CRAWLER_LOOPS": "2", "CRAWLER_MLP_MULT": "2", "MLP_MULT": "2",
+    "INST_DIM": "8", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16", "ROPE_DIMS": "8",
+    "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "2048", "GRAD_ACCUM_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0",
+    "GPTQ_RESERVE_SECONDS": "0", "VAL_TOKEN_LIMIT": "8192", "VAL_BATCH_TOKENS": "4096",
+    "WARMDOWN_FRAC": "0.3", "TRAIN_LOG_EVERY": "10", "VAL_LOSS_EVERY": "0", "MUON_MOMENTUM_WARMUP_STEPS": "10",
+    "MATRIX_LR": "0.02", "EMBED_LR": "0.05", "SCALAR_LR": "0.02",
+}
+
+
+def clean_env() -> dict:
+    """The parent environment minus anything that looks like one of our variables."""
+    return {k: v for k, v in os.environ.items() if k not in train_gpt.ENV_NAMES and not k.startswith("PYTEST")}
+
+
+def run_trainer(env: dict, out: Path, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    full = clean_env() | {"OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"} | env
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "train_gpt.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train_gpt.py")]
+    return subprocess.run(cmd, env=full, cwd=out, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_env(plain_data: dict, **over) -> dict:
+    return TINY | {"DATA_DIR": str(plain_data["data_dir"])} | {k: str(v) for k, v in over.items()}

@@ -1,0 +1,239 @@
+"""Issue 2: model semantics, optimisation, distribution, wallclock and config errors."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import run_trainer, tiny_env
+
+ALL_ON = {
+    "VOCAB_SIZE": "97", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "NUM_FLAT_LAYERS": "3",
+    "NUM_CRAWLER_LAYERS": "2", "CRAWLER_LOOPS": "3", "CRAWLER_LOOP_ROPE_SCALES": "9,1,2", "INST_DIM": "8",
+    "ROPE_DIMS": "4", "BIGRAM_VOCAB_SIZE": "31", "BIGRAM_DIM": "8", "GATED_ATTN_ENABLED": "1",
+    "PARALLEL_RESIDUAL_START": "3", "XSA_LAST_N": "4", "CRAWLER_MLP_MULT": "3", "TRAIN_SEQ_LEN": "16",
+    "TRAIN_BATCH_TOKENS": "64",
+}
+
+
+def make_model(env: dict, seed: int = 0) -> tg.GPT:
+    cfg, _ = tg.load_config(env)
+    torch.manual_seed(seed)
+    model = tg.GPT(cfg)
+    with torch.no_grad():  # zero-initialised projections would hide most paths; randomise everything
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def test_causality_all_options_and_bos_smear():
+    model = make_model(ALL_ON).eval()
+    torch.manual_seed(1)
+    T = 24
+    ids = torch.randint(2, 97, (2, T))
+    ids[:, 0] = 1
+    ids[:, 9] = 1  # a document boundary inside the window: SmearGate/bigram must not cross it
+    base = model(ids)
+    for t in range(T - 1):
+        pert = ids.clone()
+        pert[:, t + 1:] = torch.randint(2, 97, (2, T - t - 1))
+        out = model(pert)
+        assert torch.equal(out[:, : t + 1], base[:, : t + 1]), f"logits at <= {t} changed"
+    # The first token of a document must not see the previous document through token mixing.
+    a, b = ids.clone(), ids.clone()
+    b[:, 8] = (b[:, 8] + 5) % 95 + 2
+    with torch.no_grad():
+        ea, eb = model.smear(model.tok_emb(a) + model.bigram(a), a), model.smear(model.tok_emb(b) + model.bigram(b), b)
+    assert torch.equal(ea[:, 9], eb[:, 9]), "BOS position mixed in the previous document's last token"
+    assert not torch.equal(ea[:, 8], eb[:, 8])
+
+
+def test_parameter_count_independent_of_loops():
+    counts = {n: sum(p.numel() for p in tg.GPT(tg.load_config(ALL_ON | {"CRAWLER_LOOPS": str(n),
+              "CRAWLER_LOOP_ROPE_SCALES": "1,1,1,1,1", "INST_DIM": "0"})[0]).parameters()) for n in (1, 2, 5)}
+    assert len(set(counts.values())) == 1, counts
+    with_inst = [sum(p.numel() for p in tg.GPT(tg.load_config(ALL_ON | {"CRAWLER_LOOPS": str(n),
+                 "CRAWLER_LOOP_ROPE_SCALES": "1,1,1,1,1"})[0]).parameters()) for n in (1, 2, 5)]
+    # flow instructions add exactly one INST_DIM x MODEL_DIM up-projection per loop, nothing else
+    assert with_inst[2] - with_inst[1] == 3 * 8 * 32
+
+
+def test_shared_block_gets_gradient_from_every_loop():
+    model = make_model(ALL_ON)
+    fc = model.crawler[0].mlp.fc
+    contribs = []
+
+    def hook(mod, inp, out):
+        x = inp[0].detach()
+        out.register_hook(lambda g: contribs.append(torch.einsum("bto,bti->oi", g, x)))
+
+    h = fc.register_forward_hook(hook)
+    ids = torch.randint(0, 97, (2, 16))
+    tg.token_losses(model, ids[:, :-1], ids[:, 1:]).mean().backward()
+    h.remove()
+    assert len(contribs) == 3, "the shared block must run once per loop"
+    for c in contribs:
+        assert c.norm() > 1e-6
+    torch.testing.assert_close(sum(contribs), fc.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_plain_gpt_when_crawler_off():
+    cfg, _ = tg.load_config({"USE_CRAWLER": "0", "NUM_LAYERS": "5", "MODEL_DIM": "32", "NUM_HEADS": "4",
+                             "NUM_KV_HEADS": "2", "ROPE_DIMS": "4", "VOCAB_SIZE": "64"})
+    m = tg.GPT(cfg)
+    assert len(m.encoder) + len(m.decoder) == 5 and len(m.crawler) == 0 and m.inst_proj is None
+
+
+def test_delayed_loop_activation_changes_depth_only():
+    model = make_model(ALL_ON | {"CRAWLER_START_FRAC": "0.35"})
+    assert model.active_loops == 1
+    ids = torch.randint(0, 97, (1, 12))
+    one = model(ids)
+    model.set_active_loops(3)
+    assert not torch.allclose(one, model(ids))
+
+
+@pytest.mark.parametrize("step_ms", [1.0, 7.3, 55.0])
+def test_lr_reaches_floor_at_cap_whatever_step_speed(step_ms):
+    cfg, _ = tg.load_config({"WARMDOWN_ITERS": "300", "MIN_LR": "0.1"})
+    budget = 10_000.0
+    t, scales = 0.0, []
+    while t + step_ms <= budget:
+        frac = tg.warmdown_fraction(cfg, step_ms, budget)
+        scales.append(tg.lr_scale(t / budget, frac, cfg.min_lr, 0, 0))
+        t += step_ms
+    assert scales[0] == 1.0
+    # the last step starts within two step-times of the cap, so it is within that much of the floor
+    assert abs(scales[-1] - 0.1) < 0.9 * 2 * step_ms / min(budget, 300 * step_ms) + 1e-9
+    assert all(a >= b for a, b in zip(scales, scales[1:]))
+    assert tg.lr_scale(1.0, frac, cfg.min_lr, 0, 0) == pytest.approx(0.1)
+
+
+def test_learning_beats_unigram_entropy(plain_data, tmp_path):
+    toks = np.concatenate([tg.load_shard(p) for p in tg.shard_paths(str(plain_data["data_path"]), "train")])
+    p = np.bincount(toks, minlength=512) / toks.size
+    unigram = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    t0 = time.time()
+    r = run_trainer(tiny_env(plain_data, ITERATIONS=150), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - t0 < 90
+    losses = [float(l.split("train_loss:")[1].split()[0]) for l in r.stdout.splitlines() if "train_loss:" in l]
+    final_val = [l for l in r.stdout.splitlines() if "val_loss:" in l][-1]
+    val_loss = float(final_val.split("val_loss:")[1].split()[0])
+    assert losses[-1] < unigram - 0.7, (losses[-1], unigram)
+    assert val_loss < unigram - 0.7, (val_loss, unigram)
+    assert (tmp_path / "final_model.pt").is_file()
+
+
+def test_two_rank_training_matches_single_process(plain_data, tmp_path):
+    env = tiny_env(plain_data, ITERATIONS=4, TRAIN_LOG_EVERY=1)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    r1 = run_trainer(env | {"GRAD_ACCUM_STEPS": "2"}, one)
+    r2 = run_trainer(env | {"GRAD_ACCUM_STEPS": "1"}, two, nproc=2)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "ranks_in_sync:1" in r2.stdout and "world_size:2" in r2.stdout
+    loss = lambda out: [l.split("train_loss:")[1].split()[0] for l in out.splitlines() if "train_loss:" in l]  # noqa: E731
+    assert loss(r1.stdout)[0] == loss(r2.stdout)[0], "the first global batch must be the same"
+    s1 = torch.load(one / "final_model.pt")["state_dict"]
+    s2 = torch.load(two / "final_model.pt")["state_dict"]
+    for k in s1:
+        torch.testing.assert_close(s1[k], s2[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_wallclock_cap_stops_and_schedule_hits_floor(plain_data, tmp_path):
+    env = tiny_env(plain_data, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=5, GPTQ_RESERVE_SECONDS=1,
+                   TRAIN_LOG_EVERY=1, WARMDOWN_FRAC=0.5, MIN_LR=0.05)
+    r = run_trainer(env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stop = [l for l in r.stdout.splitlines() if l.startswith("stopping_early: wallclock_cap")]
+    assert stop, r.stdout[-2000:]
+    train_ms = float(stop[0].split("train_time:")[1].split("ms")[0])
+    assert 3000 < train_ms <= 4000 * 1.05
+    scales = [float(l.split("lr_scale:")[1]) for l in r.stdout.splitlines() if "lr_scale:" in l]
+    assert scales[0] == 1.0 and scales[-1] < 0.05 + 0.15
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"MODEL_DIM": "100", "NUM_HEADS": "8"}, "NUM_HEADS"),
+    ({"NUM_HEADS": "8", "NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
+    ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_SEQ_LEN"),
+    ({"WARMDOWN_ITER": "100"}, "did you mean WARMDOWN_ITERS"),
+    ({"CRAWLER_QUANT_INT8": "0"}, "CRAWLER_QUANT_INT8"),
+    ({"MATRIX_LR": "fast"}, "MATRIX_LR"),
+    ({"CRAWLER_LOOPS": "4"}, "CRAWLER_LOOP_ROPE_SCALES"),
+    ({"WARMDOWN_ITERS": "10", "WARMDOWN_FRAC": "0.2"}, "both set"),
+    ({"MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "20"}, "GPTQ_RESERVE_SECONDS"),
+])
+def test_bad_config_names_the_variable(env, needle):
+    with pytest.raises(tg.ConfigError, match=needle):
+        tg.load_config(env)
+
+
+def test_world_divisibility_error():
+    cfg, _ = tg.load_config({"TRAIN_BATCH_TOKENS": str(2048 * 12)})
+    with pytest.raises(tg.ConfigError, match="multiple of"):
+        tg.validate_world(cfg, 8)
+
+
+def test_unrelated_env_is_ignored():
+    assert tg.unknown_env_report({"PATH": "/bin", "HOME": "/root", "LOCAL_RANK": "0", "NCCL_DEBUG": "1",
+                                  "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "0"}) == []
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"DATA_DIR": "/nonexistent"}, "TOKENIZER_PATH"),
+    ({"VOCAB_SIZE": "1024"}, "VOCAB_SIZE=1024"),
+    ({"WARMDOWN_ITER": "5"}, "WARMDOWN_ITERS"),
+])
+def test_bad_setup_fails_in_seconds(plain_data, tmp_path, over, needle):
+    env = tiny_env(plain_data, **over)
+    if "VOCAB_SIZE" in over:
+        env["TOKENIZER_PATH"] = str(plain_data["tokenizer"])
+        env["DATA_PATH"] = str(plain_data["data_path"])
+    t0 = time.time()
+    r = run_trainer(env, tmp_path)
+    assert r.returncode != 0 and needle in r.stderr, r.stderr[-2000:]
+    assert time.time() - t0 < 20
+
+
+def test_missing_data_path_fails_early(plain_data, tmp_path):
+    env = tiny_env(plain_data, DATA_PATH=str(tmp_path / "nope"))
+    r = run_trainer(env, tmp_path)
+    assert r.returncode != 0 and "DATA_PATH" in r.stderr
+
+
+def test_data_with_ids_beyond_vocab_rejected(plain_data, tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    for p in tg.shard_paths(str(plain_data["data_path"]), "train") + tg.shard_paths(str(plain_data["data_path"]), "val"):
+        t = tg.load_shard(p).copy()
+        t[5] = 600  # an id the 512-piece tokenizer cannot produce
+        tg.write_shard(data / p.split("/")[-1], t)
+    env = tiny_env(plain_data, DATA_PATH=str(data), TOKENIZER_PATH=str(plain_data["tokenizer"]))
+    r = run_trainer(env, tmp_path)
+    assert r.returncode != 0 and "token id 600" in r.stderr
+
+
+def test_shard_header_checks(tmp_path):
+    p = tmp_path / "fineweb_train_000000.bin"
+    tg.write_shard(p, np.arange(100))
+    assert tg.read_shard_header(p) == 100
+    p.write_bytes(p.read_bytes()[:-10])
+    with pytest.raises(tg.DataError, match="truncated"):
+        tg.read_shard_header(p)
+    bad = bytearray(np.zeros(256, "<i4").tobytes())
+    (tmp_path / "x.bin").write_bytes(bytes(bad))
+    with pytest.raises(tg.DataError, match="magic"):
+        tg.read_shard_header(tmp_path / "x.bin")
+
+
+def test_config_reference_lists_every_field():
+    ref = tg.config_reference_markdown()
+    for name in tg.ENV_NAMES:
+        assert f"`{name}`" in ref

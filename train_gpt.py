@@ -1,0 +1,1158 @@
+"""Flat + crawler GPT for the Parameter Golf challenge (10 min on 8xH100, 16,000,000-byte artifact).
+
+Pipeline, in file order: config -> runtime -> data -> model -> optimizers -> training ->
+calibration/quantization -> packing -> evaluation -> main.
+
+Launch: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (defaults are the reference run);
+on CPU `python train_gpt.py` or `torchrun --nproc_per_node=2 train_gpt.py` (gloo).
+All configuration comes from environment variables named after the `Config` fields (upper case).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import glob
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# =============================================================================================
+# Config
+# =============================================================================================
+
+
+def _f(default, help: str, lo: float | None = None, hi: float | None = None, choices: tuple = ()):
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of the run. Env var name = field name in upper case. Defaults = reference run
+    (Ouroboros #1283: 9 flat + 1 crawler x2, sp1024, loop-aware GPTQ, brotli)."""
+
+    # --- run and data ---
+    seed: int = _f(1337, "random seed (weights, data order)", 0)
+    run_id: str = _f("", "name of this run; default: seed<SEED>")
+    output_dir: str = _f(".", "where final_model.pt, the artifact, logs/ and the summary go")
+    data_dir: str = _f("./data", "root holding datasets/ and tokenizers/")
+    data_path: str = _f("", "shard folder; default: DATA_DIR/datasets/<variant>")
+    tokenizer_path: str = _f("", "SentencePiece model; default: DATA_DIR/tokenizers/<variant>.model")
+    vocab_size: int = _f(1024, "must equal the tokenizer's piece count", 2, 65536)
+    caseops_enabled: bool = _f(False, "CaseOps data: byte counts come from the val byte sidecar")
+    bos_id: int = _f(1, "document separator id; checked against the tokenizer", 0)
+    val_token_limit: int = _f(0, "score only the first N val tokens (0 = all; smoke tests only)", 0)
+    allow_unknown_env: bool = _f(False, "continue despite env vars that look like ours but are not read")
+    # --- schedule and batch ---
+    iterations: int = _f(20000, "maximum optimizer steps", 1)
+    max_wallclock_seconds: float = _f(600.0, "training wallclock cap incl. calibration (0 = none)", 0)
+    gptq_reserve_seconds: float = _f(15.0, "part of the cap kept for GPTQ calibration", 0)
+    train_batch_tokens: int = _f(786_432, "global tokens per optimizer step", 1)
+    train_seq_len: int = _f(2048, "training sequence length", 8)
+    grad_accum_steps: int = _f(0, "micro-batches per rank per step (0 = 8 // world size)", 0)
+    warmup_steps: int = _f(20, "compile priming steps whose updates are discarded (CUDA only)", 0)
+    lr_warmup_steps: int = _f(0, "linear LR warmup steps", 0)
+    warmdown_iters: int = _f(2000, "warmdown length in steps, converted to time under a cap", 0)
+    warmdown_frac: float = _f(0.0, "warmdown as a fraction of the budget (overrides WARMDOWN_ITERS)", 0, 1)
+    min_lr: float = _f(0.0, "LR floor as a fraction of each group's peak LR", 0, 1)
+    train_log_every: int = _f(500, "log a train line every N steps (and the first 10)", 1)
+    val_loss_every: int = _f(4000, "validate every N steps (0 = only at the end)", 0)
+    val_batch_tokens: int = _f(524_288, "tokens per validation forward across all ranks", 1)
+    # --- model ---
+    use_crawler: bool = _f(True, "flat + crawler model; 0 gives a plain GPT of NUM_LAYERS blocks")
+    num_layers: int = _f(11, "blocks of the plain GPT (USE_CRAWLER=0)", 1)
+    num_flat_layers: int = _f(9, "unique blocks around the crawler", 0)
+    flat_encoder_layers: int = _f(-1, "flat blocks before the crawler (-1 = NUM_FLAT_LAYERS // 2)", -1)
+    num_crawler_layers: int = _f(1, "shared blocks in the crawler", 1)
+    crawler_loops: int = _f(2, "passes through the shared blocks", 1)
+    crawler_start_frac: float = _f(0.0, "training fraction before which the crawler runs once", 0, 1)
+    crawler_mlp_mult: float = _f(6.0, "crawler MLP hidden = mult * MODEL_DIM", 0.25)
+    crawler_mlp_leaky_slope: float = _f(0.5, "crawler LeakyReLU slope (0 = ReLU^2)", 0, 1)
+    crawler_loop_rope_scales: tuple = _f((9, 1, 1), "per-loop RoPE frequency divisors, comma list")
+    inst_dim: int = _f(32, "flow-instruction bottleneck width (0 = off)", 0)
+    model_dim: int = _f(512, "residual width", 16)
+    num_heads: int = _f(8, "query heads", 1)
+    num_kv_heads: int = _f(4, "key/value heads (GQA)", 1)
+    mlp_mult: float = _f(3.0, "flat MLP hidden = mult * MODEL_DIM", 0.25)
+    mlp_leaky_slope: float = _f(0.5, "flat LeakyReLU slope (0 = ReLU^2)", 0, 1)
+    rope_base: float = _f(10000.0, "RoPE base", 1)
+    rope_dims: int = _f(16, "rotated dims per head (partial RoPE)", 2)
+    qk_gain_init: float = _f(4.0, "initial per-head query gain", 0)
+    xsa_last_n: int = _f(11, "exclusive self-attention on the last N distinct blocks", 0)
+    gated_attn_enabled: bool = _f(False, "per-head sigmoid output gate (#1736)")
+    parallel_residual_start: int = _f(-1, "blocks from this index run attn and MLP in parallel (-1 = off)", -1)
+    bigram_vocab_size: int = _f(2048, "BigramHash buckets (0 = off)", 0)
+    bigram_dim: int = _f(128, "BigramHash embedding width", 1)
+    smear_gate: bool = _f(True, "SmearGate: blend each position with the previous one (never across BOS)")
+    ln_scale: bool = _f(True, "scale block inputs by 1/sqrt(layer+1)")
+    logit_softcap: float = _f(30.0, "tanh soft cap on logits", 1)
+    tied_embed_init_std: float = _f(0.005, "init std of the tied embedding", 0)
+    # --- optimizers ---
+    matrix_lr: float = _f(0.03, "Muon LR for 2-D block matrices", 0)
+    embed_lr: float = _f(0.035, "AdamW LR for embeddings (tied head included)", 0)
+    scalar_lr: float = _f(0.025, "AdamW LR for gains, scales, gates", 0)
+    muon_momentum: float = _f(0.99, "Muon momentum after warmup", 0, 1)
+    muon_momentum_warmup_start: float = _f(0.92, "Muon momentum at step 0", 0, 1)
+    muon_momentum_warmup_steps: int = _f(1500, "steps to reach MUON_MOMENTUM", 0)
+    muon_backend_steps: int = _f(5, "Newton-Schulz iterations", 1, 20)
+    muon_wd: float = _f(0.04, "decoupled weight decay on Muon matrices", 0)
+    adam_wd: float = _f(0.04, "decoupled weight decay on embeddings", 0)
+    beta1: float = _f(0.9, "AdamW beta1", 0, 1)
+    beta2: float = _f(0.95, "AdamW beta2", 0, 1)
+    adam_eps: float = _f(1e-8, "AdamW epsilon", 0)
+    grad_clip_norm: float = _f(0.3, "global grad-norm clip (0 = off)", 0)
+    skip_ema: bool = _f(True, "do not keep an EMA of the weights")
+    ema_decay: float = _f(0.997, "EMA decay when SKIP_EMA=0", 0, 1)
+    swa_every: int = _f(0, "average weights every N steps once LR scale < 0.2 (0 = off)", 0)
+    # --- device ---
+    compile_enabled: bool = _f(True, "torch.compile the model on CUDA")
+    compile_fullgraph: bool = _f(True, "compile with fullgraph=True")
+    cpu_bf16: bool = _f(False, "bf16 autocast on CPU (CUDA always uses bf16)")
+
+    # ---------------------------------------------------------------- derived properties
+    @property
+    def variant(self) -> str:
+        if self.caseops_enabled:
+            return f"fineweb10B_sp{self.vocab_size}_lossless_caps_caseops_v1_reserved"
+        return f"fineweb10B_sp{self.vocab_size}"
+
+    @property
+    def n_encoder(self) -> int:
+        if not self.use_crawler:
+            return self.num_layers // 2
+        return self.num_flat_layers // 2 if self.flat_encoder_layers < 0 else self.flat_encoder_layers
+
+    @property
+    def n_decoder(self) -> int:
+        return (self.num_layers if not self.use_crawler else self.num_flat_layers) - self.n_encoder
+
+    @property
+    def n_crawler(self) -> int:
+        return self.num_crawler_layers if self.use_crawler else 0
+
+
+ENV_NAMES = {f.name.upper(): f for f in dataclasses.fields(Config)}
+# Names exported by the seeds' run scripts that this trainer deliberately does not read.
+RETIRED_ENV = {
+    "COMPLEMENT_ALPHA", "MTP_NUM_HEADS", "LATE_QAT_THRESHOLD", "NGRAM_EVAL_ORDER", "DELTA_NET_HEADS",
+    "CRAWLER_QUANT_INT8", "TORCHDYNAMO_OPTIMIZE_DDP", "CRAWLER_MLP_CHOKE_DIM", "CRAWLER_MLP_CHOKE_SHAPE",
+    "CRAWLER_MLP_CHOKE_GROUPS", "CRAWLER_LOOP_SMEAR", "CRAWLER_TAP_DIM", "CRAWLER_TAP_LOOP_SPECIFIC",
+    "CRAWLER_TAP_LAYERS", "ANCHOR_DIM", "FLAT_WEIGHT_SHARE", "MLP_ACT", "VE_ENABLED", "QAT_ENABLED",
+    "DDP_FIND_UNUSED_PARAMETERS", "SWA_ENABLED", "TIE_EMBEDDINGS", "HEAD_LR", "TIED_EMBED_LR",
+}
+# Variables owned by the launcher, Python or libraries; never ours.
+FOREIGN_PREFIXES = ("TORCH", "NCCL", "CUDA", "OMP_", "PYTHON", "MASTER_", "GROUP_", "ROLE_", "LOCAL_",
+                    "TRITON", "HF_", "PYTEST", "NPROC", "RANK", "WORLD_SIZE", "LC_", "XDG_")
+OUR_PREFIXES = {n.split("_")[0] for n in ENV_NAMES} - {"MAX", "MIN", "USE", "NUM", "RUN", "DATA", "OUTPUT"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work was done; the message names the fix."""
+
+
+def _parse(name: str, raw: str, typ) -> object:
+    raw = raw.strip()
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(float(raw)) if "e" in raw.lower() else int(raw)
+        if typ is float:
+            return float(raw)
+        if typ is tuple:
+            return tuple(int(x) for x in raw.split(",") if x.strip())
+        return raw
+    except ValueError:
+        kind = {bool: "0 or 1", int: "an integer", float: "a number", tuple: "a comma list of integers"}[typ]
+        raise ConfigError(f"{name}={raw!r} is not {kind}") from None
+
+
+def unknown_env_report(environ: typing.Mapping[str, str]) -> list[str]:
+    """Env vars that look like ours but are not read: typos and retired seed names."""
+    out = []
+    for name in sorted(environ):
+        if name in ENV_NAMES or name.startswith(FOREIGN_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, list(ENV_NAMES), n=1, cutoff=0.8)
+        if name in RETIRED_ENV:
+            out.append(f"{name} is a seed option this trainer does not have; unset it")
+        elif close:
+            out.append(f"{name} is not read; did you mean {close[0]}?")
+        elif name.split("_")[0] in OUR_PREFIXES:
+            guess = difflib.get_close_matches(name, list(ENV_NAMES), n=1, cutoff=0.0)
+            out.append(f"{name} is not read (closest: {guess[0]}); see README configuration reference")
+    return out
+
+
+def load_config(environ: typing.Mapping[str, str] | None = None) -> tuple[Config, list[str]]:
+    """Build and validate the config. Returns (config, warnings); raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(Config)
+    values, explicit = {}, set()
+    for env, f in ENV_NAMES.items():
+        if env in environ:
+            values[f.name] = _parse(env, environ[env], hints[f.name])
+            explicit.add(env)
+    cfg = Config(**values)
+    unknown = unknown_env_report(environ)
+    if unknown and not cfg.allow_unknown_env:
+        raise ConfigError("unknown environment variables (set ALLOW_UNKNOWN_ENV=1 to run anyway):\n  "
+                          + "\n  ".join(unknown))
+    if not cfg.run_id:
+        cfg = dataclasses.replace(cfg, run_id=f"seed{cfg.seed}")
+    if not cfg.data_path:
+        cfg = dataclasses.replace(cfg, data_path=os.path.join(cfg.data_dir, "datasets", cfg.variant))
+    if not cfg.tokenizer_path:
+        tok = (f"fineweb_{cfg.vocab_size}_bpe_lossless_caps_caseops_v1_reserved.model" if cfg.caseops_enabled
+               else f"fineweb_{cfg.vocab_size}_bpe.model")
+        cfg = dataclasses.replace(cfg, tokenizer_path=os.path.join(cfg.data_dir, "tokenizers", tok))
+    validate_config(cfg, explicit)
+    return cfg, unknown
+
+
+def validate_config(cfg: Config, explicit: set[str] = frozenset()) -> None:
+    errs = []
+    for f in dataclasses.fields(cfg):
+        v, m, env = getattr(cfg, f.name), f.metadata, f.name.upper()
+        if m.get("lo") is not None and v < m["lo"]:
+            errs.append(f"{env}={v} is below its minimum {m['lo']}")
+        if m.get("hi") is not None and v > m["hi"]:
+            errs.append(f"{env}={v} is above its maximum {m['hi']}")
+    if cfg.model_dim % cfg.num_heads:
+        errs.append(f"MODEL_DIM={cfg.model_dim} is not divisible by NUM_HEADS={cfg.num_heads}; "
+                    "pick NUM_HEADS dividing MODEL_DIM")
+    elif (cfg.model_dim // cfg.num_heads) % 2:
+        errs.append(f"head dim MODEL_DIM/NUM_HEADS={cfg.model_dim // cfg.num_heads} must be even for RoPE")
+    elif cfg.rope_dims > cfg.model_dim // cfg.num_heads or cfg.rope_dims % 2:
+        errs.append(f"ROPE_DIMS={cfg.rope_dims} must be even and at most the head dim "
+                    f"{cfg.model_dim // cfg.num_heads}")
+    if cfg.num_heads % cfg.num_kv_heads:
+        errs.append(f"NUM_HEADS={cfg.num_heads} is not divisible by NUM_KV_HEADS={cfg.num_kv_heads}")
+    if cfg.use_crawler:
+        if len(cfg.crawler_loop_rope_scales) < cfg.crawler_loops or min(cfg.crawler_loop_rope_scales, default=1) < 1:
+            errs.append(f"CRAWLER_LOOP_ROPE_SCALES={','.join(map(str, cfg.crawler_loop_rope_scales))} needs at "
+                        f"least CRAWLER_LOOPS={cfg.crawler_loops} positive entries")
+        if cfg.n_encoder > cfg.num_flat_layers:
+            errs.append(f"FLAT_ENCODER_LAYERS={cfg.flat_encoder_layers} exceeds NUM_FLAT_LAYERS={cfg.num_flat_layers}")
+    if cfg.train_batch_tokens % cfg.train_seq_len:
+        errs.append(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is not a multiple of "
+                    f"TRAIN_SEQ_LEN={cfg.train_seq_len}")
+    if "WARMDOWN_FRAC" in explicit and "WARMDOWN_ITERS" in explicit:
+        errs.append("WARMDOWN_FRAC and WARMDOWN_ITERS are both set; keep one (FRAC is the budget fraction)")
+    if not cfg.skip_ema and cfg.swa_every:
+        errs.append("EMA (SKIP_EMA=0) and SWA (SWA_EVERY>0) are both on; choose one weight average")
+    if cfg.max_wallclock_seconds and cfg.gptq_reserve_seconds >= cfg.max_wallclock_seconds:
+        errs.append(f"GPTQ_RESERVE_SECONDS={cfg.gptq_reserve_seconds} leaves no training time under "
+                    f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds}")
+    if cfg.bigram_vocab_size == 1:
+        errs.append("BIGRAM_VOCAB_SIZE must be 0 (off) or at least 2")
+    if errs:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
+
+
+def validate_world(cfg: Config, world_size: int) -> int:
+    """Checks that depend on the number of ranks; returns grad accumulation steps."""
+    accum = cfg.grad_accum_steps or max(1, 8 // world_size)
+    per_step = world_size * accum * cfg.train_seq_len
+    if cfg.train_batch_tokens % per_step:
+        raise ConfigError(
+            f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is not divisible by world_size({world_size}) x "
+            f"GRAD_ACCUM_STEPS({accum}) x TRAIN_SEQ_LEN({cfg.train_seq_len}) = {per_step}; "
+            f"use a multiple of {per_step}")
+    return accum
+
+
+def config_reference_markdown() -> str:
+    """The README's configuration table, generated from the dataclass."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        d = f.default
+        d = ",".join(map(str, d)) if isinstance(d, tuple) else (int(d) if isinstance(d, bool) else d)
+        rows.append(f"| `{f.name.upper()}` | `{d}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+# =============================================================================================
+# Runtime: distributed, device, logging (the one place these are decided)
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    compile: bool
+    attn_backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+try:  # FlashAttention 3 (Hopper). Chosen once; SDPA otherwise, said in the log.
+    from flash_attn_interface import flash_attn_func as _fa3
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _fa3 = None
+
+ATTN_BACKEND = {"name": "sdpa"}
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    ATTN_BACKEND["name"] = "fa3" if (cuda and _fa3 is not None) else "sdpa"
+    autocast = torch.bfloat16 if (cuda or cfg.cpu_bf16) else None
+    return Runtime(rank, world_size, local_rank, device, autocast, cuda and cfg.compile_enabled,
+                   ATTN_BACKEND["name"])
+
+
+class Logger:
+    """Rank-0 `key:value` lines to stdout and OUTPUT_DIR/logs/RUN_ID.txt."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str) -> None:
+        if self.path is None:
+            return
+        print(msg, flush=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(msg + "\n")
+
+
+def all_reduce_(t: Tensor, op=None) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# =============================================================================================
+# Data: shards, preflight checks, training loader, validation tokens, byte accounting
+# =============================================================================================
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+class DataError(ValueError):
+    """Bad or missing data, found before training; the message says what to run."""
+
+
+def read_shard_header(path: str | Path) -> int:
+    """Validate a shard's header and size; return its token count."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing shard {path}")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header (truncated?)")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: magic {header[0]} != {SHARD_MAGIC}; not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: version {header[1]} != {SHARD_VERSION}")
+    n = int(header[2])
+    if size != HEADER_BYTES + 2 * n:
+        raise DataError(f"{path}: size {size} != {HEADER_BYTES} + 2*{n} tokens (truncated or corrupt); "
+                        "re-download or re-run the prep script")
+    return n
+
+
+def load_shard(path: str | Path) -> np.ndarray:
+    n = read_shard_header(path)
+    return np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) >= 2**16:
+        raise ValueError("token id does not fit uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(header.tobytes())
+        fh.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def shard_paths(data_path: str, split: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")))
+
+
+class TrainLoader:
+    """Each optimizer step reads one contiguous global chunk of TRAIN_BATCH_TOKENS(+1) tokens that
+    starts at a document boundary; rank r takes micro-batch rows r, r+W, r+2W, ... so the global
+    batch is independent of the world size. Shard order and start offset depend only on SEED."""
+
+    def __init__(self, paths: list[str], cfg: Config, bos_id: int, rank: int, world_size: int, accum: int,
+                 device: torch.device):
+        self.paths, self.cfg, self.bos_id = list(paths), cfg, bos_id
+        self.rank, self.world, self.accum, self.device = rank, world_size, accum, device
+        rng = np.random.default_rng(cfg.seed)
+        self.order = rng.permutation(len(self.paths))
+        self.shard_i, self.tokens = 0, load_shard(self.paths[self.order[0]])
+        self.pos = int(rng.integers(0, max(1, len(self.tokens) // 2)))
+
+    def _advance_to_bos(self) -> None:
+        hits = np.flatnonzero(self.tokens[self.pos:self.pos + 1_000_000] == self.bos_id)
+        if hits.size:
+            self.pos += int(hits[0])
+
+    def _take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self.shard_i = (self.shard_i + 1) % len(self.paths)
+                self.tokens, self.pos = load_shard(self.paths[self.order[self.shard_i]]), 0
+            chunk = self.tokens[self.pos:self.pos + n]
+            parts.append(chunk)
+            self.pos += len(chunk)
+            n -= len(chunk)
+        return np.concatenate(parts)
+
+    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
+        """Micro-batches (x, y) of this rank for one optimizer step."""
+        T = self.cfg.train_seq_len
+        rows = self.cfg.train_batch_tokens // T
+        self._advance_to_bos()
+        chunk = torch.from_numpy(self._take(rows * T + 1).astype(np.int64))
+        self.pos -= 1  # the extra target token is the next step's first input
+        x, y = chunk[:-1].view(rows, T), chunk[1:].view(rows, T)
+        mine = torch.arange(self.rank, rows, self.world)
+        out = []
+        for part in mine.chunk(self.accum):
+            out.append((x[part].to(self.device, non_blocking=True), y[part].to(self.device, non_blocking=True)))
+        return out
+
+
+@dataclass
+class ValidationData:
+    tokens: Tensor  # int64 [N+1]
+    token_bytes: Tensor  # int32 [N+1]: bytes of token i when it is a target
+    n_docs: int
+
+
+def build_sentencepiece_luts(sp, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-id byte counts for plain SentencePiece BPB (SPEC 3): piece bytes without the leading
+    U+2581, a flag for that leading space, and whether the id is a boundary (control/unknown/unused)."""
+    base = np.zeros(vocab_size, dtype=np.int32)
+    space = np.zeros(vocab_size, dtype=bool)
+    boundary = np.ones(vocab_size, dtype=bool)
+    for i in range(min(vocab_size, sp.get_piece_size())):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1  # a byte-fallback token is exactly one byte of the original text
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return base, space, boundary
+
+
+def token_bytes_from_luts(tokens: np.ndarray, luts) -> np.ndarray:
+    """Bytes each token contributes as a prediction target (position 0 has no predecessor)."""
+    base, space, boundary = luts
+    t = tokens.astype(np.int64)
+    out = base[t].astype(np.int32)
+    prev_is_boundary = np.concatenate([[True], boundary[t[:-1]]])
+    out += (space[t] & ~prev_is_boundary).astype(np.int32)
+    return out
+
+
+def load_validation(cfg: Config, sp) -> ValidationData:
+    paths = shard_paths(cfg.data_path, "val")
+    if not paths:
+        raise DataError(f"no fineweb_val_*.bin in {cfg.data_path}; run the data download or prep script")
+    tokens = np.concatenate([load_shard(p) for p in paths])
+    if cfg.caseops_enabled:
+        side = sorted(glob.glob(os.path.join(cfg.data_path, "fineweb_val_bytes_[0-9]*.bin")))
+        if not side:
+            raise DataError(f"CASEOPS_ENABLED=1 but no fineweb_val_bytes_*.bin sidecar in {cfg.data_path}; "
+                            "re-run prepare_caseops_data.py")
+        tb = np.concatenate([load_shard(p) for p in side]).astype(np.int32)
+        if len(tb) != len(tokens):
+            raise DataError(f"val byte sidecar has {len(tb)} entries but val has {len(tokens)} tokens; "
+                            "re-run prepare_caseops_data.py")
+    else:
+        tb = token_bytes_from_luts(tokens, build_sentencepiece_luts(sp, cfg.vocab_size))
+    if cfg.val_token_limit:
+        tokens, tb = tokens[:cfg.val_token_limit + 1], tb[:cfg.val_token_limit + 1]
+    n_docs = int((tokens == cfg.bos_id).sum())
+    return ValidationData(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(tb), n_docs)
+
+
+def preflight(cfg: Config, log: Logger):
+    """Everything checkable before paying for training: tokenizer, vocab, shards, BOS, max ids."""
+    import sentencepiece as spm
+
+    if not os.path.isfile(cfg.tokenizer_path):
+        raise DataError(f"TOKENIZER_PATH={cfg.tokenizer_path} does not exist; download it with "
+                        "`python data/cached_challenge_fineweb.py` or set TOKENIZER_PATH")
+    sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+    if sp.get_piece_size() != cfg.vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={cfg.vocab_size} but {cfg.tokenizer_path} has {sp.get_piece_size()} "
+                          f"pieces; set VOCAB_SIZE={sp.get_piece_size()} or use the matching tokenizer")
+    if sp.bos_id() != cfg.bos_id:
+        raise ConfigError(f"BOS_ID={cfg.bos_id} but the tokenizer's BOS is {sp.bos_id()}; set BOS_ID={sp.bos_id()}")
+    if not os.path.isdir(cfg.data_path):
+        raise DataError(f"DATA_PATH={cfg.data_path} is not a directory; download or prepare the shards "
+                        "(see README) or set DATA_PATH")
+    train = shard_paths(cfg.data_path, "train")
+    val = shard_paths(cfg.data_path, "val")
+    if not train or not val:
+        raise DataError(f"DATA_PATH={cfg.data_path} has {len(train)} train and {len(val)} val shards; "
+                        "both are needed")
+    for p in train + val:
+        read_shard_header(p)
+    first = load_shard(train[0])
+    for name, toks in (("train", first), ("val", np.concatenate([load_shard(p) for p in val]))):
+        top = int(toks.max()) if toks.size else 0
+        if top >= cfg.vocab_size:
+            raise ConfigError(f"{name} data has token id {top} >= VOCAB_SIZE={cfg.vocab_size}; the shards were "
+                              "made with a larger tokenizer: set VOCAB_SIZE/TOKENIZER_PATH to match the data")
+        if cfg.caseops_enabled and not (toks == cfg.bos_id).any():
+            raise DataError(f"{name} shards contain no BOS ({cfg.bos_id}) markers; they were prepared without "
+                            "document boundaries: re-run prepare_caseops_data.py")
+    log(f"train_loader:dataset:{os.path.basename(cfg.data_path.rstrip('/'))} train_shards:{len(train)}")
+    return sp, train
+
+
+# =============================================================================================
+# Model: flat encoder -> crawler (shared blocks, looped) -> flat decoder, tied head
+# =============================================================================================
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rope_tables(T: int, rope_dims: int, base: float, scale: float, device, dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin for the first `rope_dims` dims of each head; `scale` divides the frequencies."""
+    inv = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims))
+    ang = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv / scale)
+    return ang.cos().to(dtype)[None, :, None, :], ang.sin().to(dtype)[None, :, None, :]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    rd = cos.size(-1) * 2
+    xr, xp = x[..., :rd], x[..., rd:]
+    a, b = xr[..., : rd // 2], xr[..., rd // 2:]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos, xp], dim=-1)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention on [B, T, H, D] tensors (k, v may have fewer heads: GQA)."""
+    if ATTN_BACKEND["name"] == "fa3":
+        return _fa3(q, k, v, causal=True)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+class Adapter(typing.Protocol):
+    """Low-rank deltas added to a block's linear outputs (test-time training)."""
+
+    def __call__(self, key: str, x: Tensor) -> Tensor | None: ...
+
+
+def lin(layer: nn.Linear, x: Tensor, adapter: Adapter | None, key: str) -> Tensor:
+    y = layer(x)
+    if adapter is not None:
+        d = adapter(key, x)
+        if d is not None:
+            y = y + d
+    return y
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, xsa: bool):
+        super().__init__()
+        self.h, self.hkv = cfg.num_heads, cfg.num_kv_heads
+        self.hd = cfg.model_dim // cfg.num_heads
+        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = nn.Linear(cfg.model_dim, self.hkv * self.hd, bias=False)
+        self.c_v = nn.Linear(cfg.model_dim, self.hkv * self.hd, bias=False)
+        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
+        self.xsa = xsa
+        # Gated attention (#1736): sigmoid(0)=0.5 at init, learned per head and position.
+        self.gate = nn.Linear(cfg.model_dim, self.h, bias=False) if cfg.gated_attn_enabled else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], adapter: Adapter | None, pfx: str) -> Tensor:
+        B, T, _ = x.shape
+        q = lin(self.c_q, x, adapter, pfx + "q").view(B, T, self.h, self.hd)
+        k = lin(self.c_k, x, adapter, pfx + "k").view(B, T, self.hkv, self.hd)
+        v = lin(self.c_v, x, adapter, pfx + "v").view(B, T, self.hkv, self.hd)
+        q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = attention(q, k, v)
+        if self.xsa:  # XSA: remove the component along the token's own value (GQA-aware)
+            yg = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
+            vn = F.normalize(v, dim=-1).unsqueeze(-2)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.h, self.hd)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x)).unsqueeze(-1)
+        return lin(self.proj, y.reshape(B, T, -1), adapter, pfx + "o")
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mult: float, slope: float):
+        super().__init__()
+        self.fc = nn.Linear(dim, int(mult * dim), bias=False)
+        self.proj = nn.Linear(int(mult * dim), dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.slope = slope
+
+    def forward(self, x: Tensor, adapter: Adapter | None, pfx: str) -> Tensor:
+        h = F.leaky_relu(lin(self.fc, x, adapter, pfx + "fc"), self.slope).square()
+        return lin(self.proj, h, adapter, pfx + "mlp_proj")
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, idx: int, mlp_mult: float, slope: float, xsa: bool, parallel: bool):
+        super().__init__()
+        self.idx = idx
+        self.attn = Attention(cfg, xsa)
+        self.mlp = MLP(cfg.model_dim, mlp_mult, slope)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.in_scale = 1.0 / math.sqrt(idx + 1) if cfg.ln_scale else 1.0
+        self.parallel = parallel
+
+    def forward(self, x: Tensor, rope, adapter: Adapter | None = None) -> Tensor:
+        pfx = f"{self.idx}."
+        a = self.attn(rms_norm(x) * self.in_scale, rope, adapter, pfx)
+        if self.parallel:  # parallel lanes: attention and MLP read the same input
+            return x + self.attn_scale * a + self.mlp_scale * self.mlp(rms_norm(x) * self.in_scale, adapter, pfx)
+        x = x + self.attn_scale * a
+        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.in_scale, adapter, pfx)
+
+
+class BigramHash(nn.Module):
+    """Hashed (previous, current) token pair embedding. Position 0 and every BOS get the reserved
+    'no predecessor' bucket, so nothing leaks across document boundaries."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
+        super().__init__()
+        self.buckets, self.bos_id = buckets, bos_id
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        nn.init.zeros_(self.embed.weight)
+        nn.init.zeros_(self.proj.weight)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        t = ids.to(torch.int64)
+        null = self.buckets - 1
+        h = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % null
+        h = torch.where(t[:, 1:] == self.bos_id, torch.full_like(h, null), h)
+        h = torch.cat([torch.full_like(t[:, :1], null), h], dim=1)
+        return self.proj(self.embed(h)) * self.scale
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1-g) x_t + g x_{t-1}; never mixes into position 0 or into a BOS (#1855 fix)."""
+
+    def __init__(self, dim: int, bos_id: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+        self.bos_id = bos_id
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        keep = (ids != self.bos_id).unsqueeze(-1).to(x.dtype)
+        return x + keep * g * (prev - x)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.model_dim
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, d, cfg.bos_id) if cfg.bigram_vocab_size else None
+        self.smear = SmearGate(d, cfg.bos_id) if cfg.smear_gate else None
+        n_enc, n_cr, n_dec = cfg.n_encoder, cfg.n_crawler, cfg.n_decoder
+        n_total = n_enc + n_cr + n_dec  # distinct blocks in execution order
+
+        def block(i: int, crawler: bool) -> Block:
+            return Block(cfg, i, cfg.crawler_mlp_mult if crawler else cfg.mlp_mult,
+                         cfg.crawler_mlp_leaky_slope if crawler else cfg.mlp_leaky_slope,
+                         xsa=i >= n_total - cfg.xsa_last_n,
+                         parallel=0 <= cfg.parallel_residual_start <= i)
+
+        self.encoder = nn.ModuleList(block(i, False) for i in range(n_enc))
+        self.crawler = nn.ModuleList(block(n_enc + i, True) for i in range(n_cr))
+        self.decoder = nn.ModuleList(block(n_enc + n_cr + i, False) for i in range(n_dec))
+        self.skip_weights = nn.Parameter(torch.ones(min(n_enc, n_dec), d))
+        loops = cfg.crawler_loops if n_cr else 0
+        # Flow instructions: one shared projection, a zero-initialised up-projection per loop.
+        self.inst_proj = nn.Linear(d, cfg.inst_dim, bias=False) if (loops and cfg.inst_dim) else None
+        self.inst_up = nn.ModuleList(nn.Linear(cfg.inst_dim, d, bias=False) for _ in range(loops)) \
+            if self.inst_proj is not None else None
+        if self.inst_up is not None:
+            for m in self.inst_up:
+                nn.init.zeros_(m.weight)
+        self.rope_scales = tuple(float(s) for s in cfg.crawler_loop_rope_scales[:loops])
+        self.active_loops = loops if cfg.crawler_start_frac == 0 else min(loops, 1)
+
+    def set_active_loops(self, n: int) -> None:
+        self.active_loops = n
+
+    def forward(self, ids: Tensor, adapter: Adapter | None = None) -> Tensor:
+        cfg = self.cfg
+        T = ids.size(1)
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        if self.smear is not None:
+            x = self.smear(x, ids)
+        x = rms_norm(x)
+        rope = rope_tables(T, cfg.rope_dims, cfg.rope_base, 1.0, ids.device, x.dtype)
+        skips = []
+        for blk in self.encoder:
+            x = blk(x, rope, adapter)
+            skips.append(x)
+        for k in range(self.active_loops):
+            if self.inst_proj is not None:
+                x = x + self.inst_up[k](self.inst_proj(x))
+            loop_rope = rope if self.rope_scales[k] == 1 else rope_tables(
+                T, cfg.rope_dims, cfg.rope_base, self.rope_scales[k], ids.device, x.dtype)
+            for blk in self.crawler:
+                x = blk(x, loop_rope, adapter)
+        for i, blk in enumerate(self.decoder):
+            if i < len(skips):  # U-Net: decoder i reads the mirrored encoder output
+                x = x + self.skip_weights[i].to(x.dtype) * skips[-1 - i]
+            x = blk(x, rope, adapter)
+        x = rms_norm(x)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        if adapter is not None:
+            d = adapter("head", x)
+            if d is not None:
+                logits = logits + d
+        c = cfg.logit_softcap
+        return c * torch.tanh(logits.float() / c)
+
+
+def token_losses(model: nn.Module, x: Tensor, y: Tensor, adapter: Adapter | None = None) -> Tensor:
+    logits = model(x, adapter)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
+
+
+# =============================================================================================
+# Optimizers: Muon (matrices, sharded across ranks) + AdamW (embeddings, scalars)
+# =============================================================================================
+
+
+def newton_schulz(g: Tensor, steps: int) -> Tensor:
+    """Approximately orthogonalise g (quintic Newton-Schulz, coefficients from modded-nanogpt)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        m = x @ x.T
+        x = a * x + (b * m + c * m @ m) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum + Newton-Schulz orthogonalised update. Each matrix is orthogonalised by one rank
+    (round-robin) and the updates are shared with a single all-reduce of a flat buffer."""
+
+    def __init__(self, params, lr: float, momentum: float, steps: int, wd: float, rank: int, world: int):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, steps=steps, wd=wd))
+        self.rank, self.world = rank, world
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            off = 0
+            for i, p in enumerate(params):
+                n = p.numel()
+                if i % self.world == self.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    u = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["steps"])
+                    flat[off:off + n] = (u * max(1.0, p.size(0) / p.size(1)) ** 0.5).flatten().float()
+                off += n
+            if self.world > 1:
+                all_reduce_(flat)
+            off = 0
+            for p in params:
+                n = p.numel()
+                p.mul_(1 - group["lr"] * group["wd"])
+                p.add_(flat[off:off + n].view_as(p).to(p.dtype), alpha=-group["lr"])
+                off += n
+
+
+def param_route(name: str, p: nn.Parameter) -> str:
+    """Optimizer routing table: embeddings -> AdamW(embed), block matrices -> Muon, rest -> AdamW(scalar)."""
+    if name in ("tok_emb.weight", "bigram.embed.weight"):
+        return "embed"
+    if p.ndim == 2 and name != "skip_weights":
+        return "matrix"
+    return "scalar"
+
+
+@dataclass
+class Optimizers:
+    muon: Muon
+    adam: torch.optim.AdamW
+
+    def all(self) -> list[torch.optim.Optimizer]:
+        return [self.muon, self.adam]
+
+
+def build_optimizers(model: nn.Module, cfg: Config, rt: Runtime) -> Optimizers:
+    groups: dict[str, list] = {"embed": [], "matrix": [], "scalar": []}
+    for name, p in model.named_parameters():
+        groups[param_route(name, p)].append(p)
+    muon = Muon(groups["matrix"], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps, cfg.muon_wd,
+                rt.rank, rt.world_size)
+    adam = torch.optim.AdamW(
+        [dict(params=groups["embed"], lr=cfg.embed_lr, weight_decay=cfg.adam_wd),
+         dict(params=groups["scalar"], lr=cfg.scalar_lr, weight_decay=0.0)],
+        betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.device.type == "cuda")
+    for opt in (muon, adam):
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return Optimizers(muon, adam)
+
+
+def lr_scale(progress: float, warmdown: float, min_lr: float, step: int, lr_warmup_steps: int) -> float:
+    """LR multiplier. `progress` in [0, 1] is the elapsed fraction of the budget (wallclock or steps);
+    the last `warmdown` of it decays linearly to MIN_LR, reached exactly when the budget ends."""
+    warm = min(1.0, (step + 1) / lr_warmup_steps) if lr_warmup_steps else 1.0
+    if warmdown <= 0 or progress < 1 - warmdown:
+        return warm
+    frac_left = min(1.0, max(0.0, (1 - progress) / warmdown))
+    return warm * (min_lr + (1 - min_lr) * frac_left)
+
+
+def warmdown_fraction(cfg: Config, step_ms: float, budget_ms: float) -> float:
+    """WARMDOWN_FRAC directly, or WARMDOWN_ITERS converted to a budget fraction using the measured
+    step time (so an iteration-based setting still fires under a wallclock cap, cf. PR #1681)."""
+    if cfg.warmdown_frac:
+        return cfg.warmdown_frac
+    if budget_ms > 0:
+        return min(1.0, cfg.warmdown_iters * step_ms / budget_ms)
+    return min(1.0, cfg.warmdown_iters / cfg.iterations)
+
+
+# =============================================================================================
+# Training
+# =============================================================================================
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_ms: float
+    stopped_early: bool
+    final_state: dict[str, Tensor]
+    peak_mem_mib: float
+
+
+class WeightAverager:
+    """EMA every step, or SWA snapshots every SWA_EVERY steps during the low-LR tail."""
+
+    SWA_LR_SCALE = 0.2  # start averaging once the LR has decayed below this multiplier
+
+    def __init__(self, model: nn.Module, cfg: Config):
+        self.cfg = cfg
+        self.ema = None if cfg.skip_ema else {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        self.swa, self.swa_n = None, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int, scale: float, log: Logger) -> None:
+        if self.ema is not None:
+            for k, v in model.state_dict().items():
+                self.ema[k].lerp_(v.float(), 1 - self.cfg.ema_decay)
+        if self.cfg.swa_every and scale < self.SWA_LR_SCALE and step % self.cfg.swa_every == 0:
+            if self.swa is None:
+                log(f"swa:start step:{step}")
+                self.swa = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in model.state_dict().items()}
+            for k, v in model.state_dict().items():
+                self.swa[k] += v.float()
+            self.swa_n += 1
+
+    def final(self, model: nn.Module) -> dict[str, Tensor]:
+        live = model.state_dict()
+        if self.swa_n:
+            src = {k: v / self.swa_n for k, v in self.swa.items()}
+        elif self.ema is not None:
+            src = self.ema
+        else:
+            src = live
+        return {k: src[k].to(live[k].dtype).detach().clone() for k in live}
+
+
+def evaluate_val(model: nn.Module, val: ValidationData, seq_len: int, batch_tokens: int, rt: Runtime) -> tuple[float, float]:
+    """Non-overlapping windows of seq_len split across ranks; exact all-reduced sums -> (loss, bpb)."""
+    n = (val.tokens.numel() - 1) // seq_len
+    rows_per_batch = max(1, batch_tokens // (seq_len * rt.world_size))
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
+    model.eval()
+    with torch.no_grad():
+        for start in range(rt.rank * rows_per_batch, n, rows_per_batch * rt.world_size):
+            rows = range(start, min(start + rows_per_batch, n))
+            idx = torch.tensor(rows)[:, None] * seq_len + torch.arange(seq_len + 1)[None]
+            chunk = val.tokens[idx]
+            x, y = chunk[:, :-1].to(rt.device), chunk[:, 1:].to(rt.device)
+            with rt.autocast():
+                nll = token_losses(model, x, y)
+            sums[0] += nll.double().sum()
+            sums[1] += y.numel()
+            sums[2] += val.token_bytes[idx[:, 1:]].double().sum().to(rt.device)
+    model.train()
+    all_reduce_(sums)
+    loss = (sums[0] / sums[1]).item()
+    return loss, (sums[0] / math.log(2) / sums[2]).item()
+
+
+def train_step(model: nn.Module, micro: list[tuple[Tensor, Tensor]], opts: Optimizers, cfg: Config,
+               rt: Runtime, params: list[nn.Parameter]) -> float:
+    total = 0.0
+    for x, y in micro:
+        with rt.autocast():
+            loss = token_losses(model, x, y).mean() / len(micro)
+        loss.backward()
+        total += loss.detach()
+    if rt.world_size > 1:  # one flat all-reduce of all gradients, averaged over ranks
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        all_reduce_(flat)
+        flat /= rt.world_size
+        off = 0
+        for g in grads:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+        total = all_reduce_(total.clone()) / rt.world_size
+    if cfg.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+    for opt in opts.all():
+        opt.step()
+    for opt in opts.all():
+        opt.zero_grad(set_to_none=False)
+    return float(total)
+
+
+def prime_compile(model: nn.Module, opts: Optimizers, loader_factory, cfg: Config, rt: Runtime,
+                  params, log: Logger) -> None:
+    """Run WARMUP_STEPS real steps so torch.compile is warm, then restore weights and optimizer
+    state: the timed run starts from the same initial state."""
+    if not rt.compile or not cfg.warmup_steps:
+        return
+    saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+             [copy.deepcopy(o.state_dict()) for o in opts.all()])
+    loader = loader_factory()
+    for s in range(cfg.warmup_steps):
+        train_step(model, loader.next_batch(), opts, cfg, rt, params)
+        log(f"warmup_step:{s + 1}/{cfg.warmup_steps}")
+    model.load_state_dict(saved[0])
+    for o, st in zip(opts.all(), saved[1]):
+        o.load_state_dict(st)
+
+
+def train(model: nn.Module, compiled: nn.Module, cfg: Config, rt: Runtime, loader_factory,
+          val: ValidationData, log: Logger) -> TrainResult:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opts = build_optimizers(model, cfg, rt)
+    prime_compile(compiled, opts, loader_factory, cfg, rt, params, log)
+    loader = loader_factory()
+    averager = WeightAverager(model, cfg)
+    budget_ms = max(0.0, cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) * 1000
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    train_ms, step, stopped = 0.0, 0, False
+    full_loops = cfg.crawler_loops if cfg.use_crawler else 0
+    sync(rt.device)
+    t0 = time.perf_counter()
+    while step < cfg.iterations:
+        last = step + 1 == cfg.iterations
+        # One tiny all-reduce shares rank 0's clock: LR and stop decisions are identical on all ranks.
+        clock = torch.tensor([train_ms + 1000 * (time.perf_counter() - t0) if rt.is_main else 0.0],
+                             dtype=torch.float64, device=rt.device)
+        elapsed = float(all_reduce_(clock)[0])
+        step_ms = elapsed / step if step else 0.0
+        progress = elapsed / budget_ms if budget_ms else step / cfg.iterations
+        if budget_ms and step and elapsed + step_ms > budget_ms:  # the next step would cross the cap
+            stopped = True
+            break
+        if full_loops and model.active_loops != full_loops and progress >= cfg.crawler_start_frac:
+            model.set_active_loops(full_loops)
+            log(f"crawler:loops_enabled loops:{full_loops} step:{step} progress:{progress:.3f}")
+        scale = lr_scale(progress, warmdown_fraction(cfg, step_ms, budget_ms), cfg.min_lr, step, cfg.lr_warmup_steps)
+        for opt in opts.all():
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+        mom_t = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps else 1.0
+        for g in opts.muon.param_groups:
+            g["momentum"] = (1 - mom_t) * cfg.muon_momentum_warmup_start + mom_t * cfg.muon_momentum
+        loss = train_step(compiled, loader.next_batch(), opts, cfg, rt, params)
+        step += 1
+        averager.update(model, step, scale, log)
+        if step <= 10 or step % cfg.train_log_every == 0 or last:
+            sync(rt.device)
+            now = train_ms + 1000 * (time.perf_counter() - t0)
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{now:.0f}ms "
+                f"step_avg:{now / step:.2f}ms tok_s:{cfg.train_batch_tokens * step / (now / 1000):.0f} "
+                f"lr_scale:{scale:.4f}")
+        if cfg.val_loss_every and step % cfg.val_loss_every == 0 and not last:
+            sync(rt.device)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            vl, vb = evaluate_val(compiled, val, cfg.train_seq_len, cfg.val_batch_tokens, rt)
+            log(f"step:{step}/{cfg.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / step:.2f}ms")
+            sync(rt.device)
+            t0 = time.perf_counter()
+    sync(rt.device)
+    train_ms += 1000 * (time.perf_counter() - t0)
+    final_state = averager.final(model)
+    model.load_state_dict(final_state)
+    vl, vb = evaluate_val(compiled, val, cfg.train_seq_len, cfg.val_batch_tokens, rt)
+    log(f"step:{step}/{cfg.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
+        f"step_avg:{train_ms / max(step, 1):.2f}ms")
+    if stopped:
+        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{cfg.iterations}")
+    log(f"ranks_in_sync:{int(ranks_in_sync(model, rt))}")
+    peak = peak_memory_mib(rt.device)
+    log(f"peak_memory_mib:{peak:.0f}")
+    return TrainResult(step, train_ms, stopped, final_state, peak)
+
+
+@torch.no_grad()
+def ranks_in_sync(model: nn.Module, rt: Runtime) -> bool:
+    """Every rank must hold bit-identical weights; compare per-tensor checksums across ranks."""
+    if rt.world_size == 1:
+        return True
+    h = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()]) for p in model.parameters()])
+    lo, hi = all_reduce_(h.clone(), dist.ReduceOp.MIN), all_reduce_(h.clone(), dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+
+
+def build_model(cfg: Config, rt: Runtime) -> tuple[GPT, nn.Module]:
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg).to(rt.device)
+    compiled = torch.compile(model, fullgraph=cfg.compile_fullgraph) if rt.compile else model
+    return model, compiled
+
+
+def log_header(cfg: Config, rt: Runtime, log: Logger, warnings: list[str]) -> None:
+    log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__}")
+    hw = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
+    log(f"hardware: device:{rt.device.type} name:{hw} world_size:{rt.world_size}")
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        log(f"config: {f.name.upper()}={','.join(map(str, v)) if isinstance(v, tuple) else v}")
+    for w in warnings:
+        log(f"WARNING: {w}")
+    log(f"attention_backend:{rt.attn_backend}" + ("" if rt.attn_backend == "fa3" else
+        " (FlashAttention 3 not importable: using PyTorch SDPA, slower on H100)" if rt.device.type == "cuda" else ""))
+    log(f"compile:enabled={int(rt.compile)} fullgraph={int(cfg.compile_fullgraph)}")
+
+
+def main() -> None:
+    try:
+        cfg, warnings = load_config()
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    rt = setup_runtime(cfg)
+    try:
+        accum = validate_world(cfg, rt.world_size)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    out = Path(cfg.output_dir)
+    log = Logger(str(out / "logs" / f"{cfg.run_id}.txt") if rt.is_main else None)
+    log_header(cfg, rt, log, warnings)
+    try:
+        sp, train_paths = preflight(cfg, log)
+        val = load_validation(cfg, sp)
+    except (ConfigError, DataError) as e:
+        sys.exit(f"preflight error: {e}")
+    log(f"val_loader:tokens:{val.tokens.numel() - 1} bytes:{int(val.token_bytes[1:].sum())} docs:{val.n_docs}")
+    model, compiled = build_model(cfg, rt)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    log(f"train_batch_tokens:{cfg.train_batch_tokens} grad_accum_steps:{accum} world_size:{rt.world_size}")
+    result = train(model, compiled, cfg, rt,
+                   lambda: TrainLoader(train_paths, cfg, cfg.bos_id, rt.rank, rt.world_size, accum, rt.device),
+                   val, log)
+    if rt.is_main:
+        torch.save({"config": dataclasses.asdict(cfg), "state_dict": result.final_state}, out / "final_model.pt")
+        log(f"saved:{out / 'final_model.pt'}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
