@@ -527,40 +527,153 @@ def load_validation(cfg: Config, sp) -> ValidationData:
     return ValidationData(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(tb), n_docs)
 
 
-def preflight(cfg: Config, log: Logger):
-    """Everything checkable before paying for training: tokenizer, vocab, shards, BOS, max ids."""
+def load_sentencepiece(path: str, lossless: bool = False):
+    """SentencePiece processor; `lossless` keeps the pieces and ids but turns off NFKC and whitespace
+    folding, so encode/decode round-trips any text (used for CaseOps data)."""
     import sentencepiece as spm
 
+    if not lossless:
+        return spm.SentencePieceProcessor(model_file=path)
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.precompiled_charsmap = b""
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+# Reviewers' fingerprints of the published validation splits (PR #2146).
+KNOWN_VAL_TOKENS = {"fineweb10B_sp1024": 62_021_632,
+                    "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved": 47_851_520}
+
+
+@dataclass
+class DataReport:
+    train_shards: int
+    val_shards: int
+    val_tokens: int
+    val_docs: int
+    val_bytes: int | None
+    train_docs_checked: int
+    overlap_docs: int
+
+
+def split_docs(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
+    starts = np.flatnonzero(tokens == bos_id)
+    return np.split(tokens, starts[1:]) if starts.size else []
+
+
+def check_dataset(cfg: Config, sp, need_bos: bool) -> DataReport:
+    """Everything about the data that can go wrong, checked in seconds before training. Raises
+    DataError/ConfigError with the command that fixes it."""
+    prep = "re-run prepare_caseops_data.py" if cfg.caseops_enabled else "re-download with data/cached_challenge_fineweb.py"
+    if not os.path.isdir(cfg.data_path):
+        raise DataError(f"DATA_PATH={cfg.data_path} is not a directory; download or prepare the shards "
+                        "(see README) or set DATA_PATH")
+    if "datasets/datasets" in cfg.data_path.replace(os.sep, "/"):
+        raise DataError(f"DATA_PATH={cfg.data_path} has a doubled datasets/datasets; point it at the shard folder")
+    train, val = shard_paths(cfg.data_path, "train"), shard_paths(cfg.data_path, "val")
+    if not train or not val:
+        raise DataError(f"DATA_PATH={cfg.data_path} has {len(train)} train and {len(val)} val shards; both are "
+                        f"needed: {prep}")
+    for p in train + val:
+        read_shard_header(p)
+    val_parts = [load_shard(p) for p in val]
+    vt, first = np.concatenate(val_parts), load_shard(train[0])
+    for name, toks in (("val", vt), ("train", first)):
+        top = int(toks.max()) if toks.size else 0
+        if top >= cfg.vocab_size:
+            raise ConfigError(f"{name} data has token id {top} >= VOCAB_SIZE={cfg.vocab_size}; the shards were made "
+                              "with a larger tokenizer: set VOCAB_SIZE/TOKENIZER_PATH to match the data")
+        if need_bos and not (toks == cfg.bos_id).any():
+            raise DataError(f"{name} shards contain no BOS ({cfg.bos_id}) markers, so documents cannot be split "
+                            f"(CaseOps data or TTT need them): {prep}")
+    expected = KNOWN_VAL_TOKENS.get(os.path.basename(cfg.data_path.rstrip("/")))
+    if expected and vt.size != expected and not cfg.val_token_limit:
+        raise DataError(f"val split has {vt.size} tokens but the published {os.path.basename(cfg.data_path)} has "
+                        f"{expected}: the validation split is wrong or incomplete: {prep} (default --val-docs)")
+    val_bytes = check_sidecar(cfg, val, val_parts) if cfg.caseops_enabled else None
+    docs = split_docs(vt, cfg.bos_id)
+    check_tokenizer_roundtrip(cfg, sp, docs, val_bytes is not None)
+    val_hashes = {hash(d.tobytes()) for d in docs if d.size >= 16}
+    train_docs = split_docs(first, cfg.bos_id)
+    overlap = sum(hash(d.tobytes()) in val_hashes for d in train_docs if d.size >= 16)
+    if overlap > 5 + len(docs) // 1000:  # exact duplicates are rare in FineWeb; thousands mean a bad split
+        raise DataError(f"{overlap} validation documents also appear in {os.path.basename(train[0])}: validation "
+                        f"data leaked into training: {prep} with the default --val-docs 50000")
+    return DataReport(len(train), len(val), int(vt.size), len(docs), val_bytes, len(train_docs), overlap)
+
+
+def check_sidecar(cfg: Config, val: list[str], val_parts: list[np.ndarray]) -> int:
+    side = sorted(glob.glob(os.path.join(cfg.data_path, "fineweb_val_bytes_[0-9]*.bin")))
+    if len(side) != len(val):
+        raise DataError(f"{len(side)} val byte sidecars for {len(val)} val shards in {cfg.data_path}; "
+                        "re-run prepare_caseops_data.py")
+    total = 0
+    for p, toks in zip(side, val_parts):
+        b = load_shard(p)
+        if b.size != toks.size:
+            raise DataError(f"{p} has {b.size} entries for {toks.size} val tokens (misaligned sidecar); "
+                            "re-run prepare_caseops_data.py")
+        if b[toks == cfg.bos_id].any():
+            raise DataError(f"{p} gives bytes to BOS tokens (misaligned sidecar); re-run prepare_caseops_data.py")
+        total += int(b.astype(np.int64).sum())
+    return total
+
+
+def check_tokenizer_roundtrip(cfg: Config, sp, docs: list[np.ndarray], caseops: bool, n: int = 16) -> None:
+    """Decoding the first val documents and encoding them again must give the same ids; with CaseOps the
+    sidecar's byte count of each document must equal its decoded text. A wrong tokenizer fails both."""
+    side = np.concatenate([load_shard(p) for p in sorted(glob.glob(
+        os.path.join(cfg.data_path, "fineweb_val_bytes_[0-9]*.bin")))]) if caseops else None
+    same, checked, pos = 0, 0, 0
+    for d in docs[:n]:
+        ids = d[1:].tolist()
+        checked += 1
+        text = sp.decode(ids)
+        same += sp.encode(text) == ids
+        if caseops:
+            import lossless_caps
+
+            try:
+                orig = len(lossless_caps.decode(text).encode("utf-8"))
+            except lossless_caps.CaseOpsError as e:
+                raise DataError(f"val tokens do not decode as CaseOps text with {cfg.tokenizer_path} ({e}); "
+                                "wrong TOKENIZER_PATH for this data") from None
+            if orig != int(side[pos:pos + d.size].astype(np.int64).sum()):
+                raise DataError(f"val document bytes disagree with the sidecar under {cfg.tokenizer_path}: "
+                                "wrong TOKENIZER_PATH for this data, or re-run prepare_caseops_data.py")
+        pos += d.size
+    if same < (checked + 1) // 2:
+        raise DataError(f"only {same}/{checked} val documents re-encode to the same ids with "
+                        f"{cfg.tokenizer_path}: the data was made with another tokenizer")
+
+
+def check_tokenizer(cfg: Config):
+    """Load the tokenizer and check it against VOCAB_SIZE and BOS_ID."""
     if not os.path.isfile(cfg.tokenizer_path):
         raise DataError(f"TOKENIZER_PATH={cfg.tokenizer_path} does not exist; download it with "
                         "`python data/cached_challenge_fineweb.py` or set TOKENIZER_PATH")
-    sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+    sp = load_sentencepiece(cfg.tokenizer_path, lossless=cfg.caseops_enabled)
     if sp.get_piece_size() != cfg.vocab_size:
         raise ConfigError(f"VOCAB_SIZE={cfg.vocab_size} but {cfg.tokenizer_path} has {sp.get_piece_size()} "
                           f"pieces; set VOCAB_SIZE={sp.get_piece_size()} or use the matching tokenizer")
     if sp.bos_id() != cfg.bos_id:
         raise ConfigError(f"BOS_ID={cfg.bos_id} but the tokenizer's BOS is {sp.bos_id()}; set BOS_ID={sp.bos_id()}")
-    if not os.path.isdir(cfg.data_path):
-        raise DataError(f"DATA_PATH={cfg.data_path} is not a directory; download or prepare the shards "
-                        "(see README) or set DATA_PATH")
-    train = shard_paths(cfg.data_path, "train")
-    val = shard_paths(cfg.data_path, "val")
-    if not train or not val:
-        raise DataError(f"DATA_PATH={cfg.data_path} has {len(train)} train and {len(val)} val shards; "
-                        "both are needed")
-    for p in train + val:
-        read_shard_header(p)
-    first = load_shard(train[0])
-    for name, toks in (("train", first), ("val", np.concatenate([load_shard(p) for p in val]))):
-        top = int(toks.max()) if toks.size else 0
-        if top >= cfg.vocab_size:
-            raise ConfigError(f"{name} data has token id {top} >= VOCAB_SIZE={cfg.vocab_size}; the shards were "
-                              "made with a larger tokenizer: set VOCAB_SIZE/TOKENIZER_PATH to match the data")
-        if cfg.caseops_enabled and not (toks == cfg.bos_id).any():
-            raise DataError(f"{name} shards contain no BOS ({cfg.bos_id}) markers; they were prepared without "
-                            "document boundaries: re-run prepare_caseops_data.py")
-    log(f"train_loader:dataset:{os.path.basename(cfg.data_path.rstrip('/'))} train_shards:{len(train)}")
-    return sp, train
+    return sp
+
+
+def preflight(cfg: Config, log: Logger):
+    """Everything checkable before paying for training: tokenizer, vocab, shards, BOS, split, overlap."""
+    sp = check_tokenizer(cfg)
+    t0 = time.perf_counter()
+    rep = check_dataset(cfg, sp, need_bos=cfg.caseops_enabled)
+    log(f"train_loader:dataset:{os.path.basename(cfg.data_path.rstrip('/'))} train_shards:{rep.train_shards}")
+    log(f"data_check: val_tokens:{rep.val_tokens} val_docs:{rep.val_docs} val_bytes:{rep.val_bytes} "
+        f"overlap_docs:{rep.overlap_docs}/{rep.train_docs_checked} time:{time.perf_counter() - t0:.1f}s")
+    return sp, shard_paths(cfg.data_path, "train")
 
 
 # =============================================================================================

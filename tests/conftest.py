@@ -81,3 +81,23 @@ def run_trainer(env: dict, out: Path, nproc: int = 1, timeout: int = 300) -> sub
 
 def tiny_env(plain_data: dict, **over) -> dict:
     return TINY | {"DATA_DIR": str(plain_data["data_dir"])} | {k: str(v) for k, v in over.items()}
+
+
+@pytest.fixture(scope="session")
+def caseops_data(tmp_path_factory) -> dict:
+    """A CaseOps tokenizer trained on generated docs and shards prepared from them (200 val docs)."""
+    import json
+
+    import prepare_caseops_data as prep
+
+    root = tmp_path_factory.mktemp("caseops")
+    docs = synthetic_corpus.generate_documents(1200, seed=3)
+    jsonl = root / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (root / "tokenizers").mkdir()
+    model = prep.train_tokenizer(str(jsonl), 400, str(root / "tokenizers" / "fineweb_400_bpe_lossless_caps_caseops_v1_reserved"),
+                                 skip_docs=200)
+    out = root / "datasets" / "fineweb10B_sp400_lossless_caps_caseops_v1_reserved"
+    manifest = prep.prepare_shards(str(jsonl), str(model), out, val_docs=200, shard_tokens=40_000, workers=1,
+                                   progress=False)
+    return {"root": root, "jsonl": jsonl, "docs": docs, "tokenizer": model, "data_path": out, "manifest": manifest}
