@@ -118,6 +118,20 @@ class Config:
     skip_ema: bool = _f(True, "do not keep an EMA of the weights")
     ema_decay: float = _f(0.997, "EMA decay when SKIP_EMA=0", 0, 1)
     swa_every: int = _f(0, "average weights every N steps once LR scale < 0.2 (0 = off)", 0)
+    # --- calibration, quantization, packing ---
+    skip_gptq: bool = _f(False, "round-to-nearest instead of GPTQ")
+    loop_aware_gptq: bool = _f(True, "re-collect crawler Hessians through the quantized flat layers")
+    gptq_cal_samples: int = _f(128, "calibration sequences (training data)", 1)
+    gptq_cal_seq_len: int = _f(2048, "calibration sequence length (0 = TRAIN_SEQ_LEN)", 0)
+    embed_bits: int = _f(8, "bits of the tied embedding", 7, 8)
+    mlp_clip_sigmas: float = _f(0.0, "MLP per-row clip at k std devs (0 = search the clip)", 0)
+    attn_clip_sigmas: float = _f(0.0, "attention per-row clip at k std devs (0 = search)", 0)
+    embed_clip_sigmas: float = _f(0.0, "embedding per-row clip at k std devs (0 = search)", 0)
+    gated_attn_quant_gate: bool = _f(False, "store attention gate rows as int8 instead of fp16 (#1736)")
+    compressor: str = _f("brotli", "artifact compressor", choices=("brotli", "zstd", "lzma"))
+    artifact_limit_bytes: int = _f(16_000_000, "cap on model + code bytes (decimal)", 1)
+    skip_train: bool = _f(False, "skip training: calibrate, quantize, pack and evaluate INIT_MODEL_PATH")
+    init_model_path: str = _f("", "float checkpoint for SKIP_TRAIN (default OUTPUT_DIR/final_model.pt)")
     # --- device ---
     compile_enabled: bool = _f(True, "torch.compile the model on CUDA")
     compile_fullgraph: bool = _f(True, "compile with fullgraph=True")
@@ -236,6 +250,8 @@ def validate_config(cfg: Config, explicit: set[str] = frozenset()) -> None:
             errs.append(f"{env}={v} is below its minimum {m['lo']}")
         if m.get("hi") is not None and v > m["hi"]:
             errs.append(f"{env}={v} is above its maximum {m['hi']}")
+        if m.get("choices") and v not in m["choices"]:
+            errs.append(f"{env}={v!r} is not one of {', '.join(m['choices'])}")
     if cfg.model_dim % cfg.num_heads:
         errs.append(f"MODEL_DIM={cfg.model_dim} is not divisible by NUM_HEADS={cfg.num_heads}; "
                     "pick NUM_HEADS dividing MODEL_DIM")
@@ -1209,6 +1225,325 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 # =============================================================================================
+# Calibration and quantization: loop-aware GPTQ int6 (#1283), int7/8 embedding, fp16 passthrough
+# =============================================================================================
+
+GPTQ_BITS, AUX_BITS = 6, 8
+GPTQ_BLOCK, GPTQ_DAMP = 128, 0.01
+AUX_MIN_NUMEL = 4096  # smaller tensors (gains, scales, skip weights) stay fp16
+CLIP_SEARCH = torch.linspace(0.5, 1.0, 11)
+
+
+@dataclass
+class QTensor:
+    """Symmetric per-row integer weights: W ~= q * scale[:, None]."""
+    q: Tensor  # int8, values in [-(2^(bits-1)-1), 2^(bits-1)-1]
+    scale: Tensor  # fp16 [rows]
+    bits: int
+
+    def dequant(self) -> Tensor:
+        return self.q.float() * self.scale.float()[:, None]
+
+
+def quant_plan(name: str, t: Tensor, cfg: Config) -> tuple[str, int, float]:
+    """(kind, bits, clip sigmas) for one state-dict entry; kind in gptq | rtn | fp16."""
+    parts = name.split(".")
+    if parts[0] in ("encoder", "crawler", "decoder") and parts[-2] in ("c_q", "c_k", "c_v", "proj", "fc"):
+        sig = cfg.mlp_clip_sigmas if parts[-3] == "mlp" else cfg.attn_clip_sigmas
+        return ("rtn" if cfg.skip_gptq else "gptq"), GPTQ_BITS, sig
+    if name == "tok_emb.weight":
+        return "rtn", cfg.embed_bits, cfg.embed_clip_sigmas
+    if parts[-2:] == ["gate", "weight"]:
+        return ("rtn", AUX_BITS, 0.0) if cfg.gated_attn_quant_gate else ("fp16", 16, 0.0)
+    if t.ndim == 2 and t.numel() >= AUX_MIN_NUMEL:
+        return "rtn", AUX_BITS, 0.0
+    return "fp16", 16, 0.0
+
+
+def row_scales(w: Tensor, bits: int, sigmas: float, hdiag: Tensor | None = None) -> Tensor:
+    """Per-row scale: clip at `sigmas` std devs, or the clip in CLIP_SEARCH x max|w| whose
+    round-to-nearest error (weighted by the input Hessian diagonal when known) is smallest."""
+    qmax = 2 ** (bits - 1) - 1
+    absmax = w.abs().amax(dim=1).clamp_min(1e-8)
+    if sigmas > 0:
+        return (torch.minimum(sigmas * w.std(dim=1), absmax) / qmax).clamp_min(1e-8)
+    wt = torch.ones(w.size(1), device=w.device) if hdiag is None else hdiag.clamp_min(1e-8)
+    best_err, best = None, None
+    for f in CLIP_SEARCH.tolist():
+        s = (absmax * f / qmax)[:, None]
+        err = ((w - (w / s).round().clamp(-qmax, qmax) * s) ** 2 * wt).sum(dim=1)
+        if best is None:
+            best_err, best = err, s[:, 0].clone()
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, s[:, 0], best)
+    return best
+
+
+def quantize_rtn(w: Tensor, bits: int, sigmas: float) -> QTensor:
+    w = w.float()
+    qmax = 2 ** (bits - 1) - 1
+    s = row_scales(w, bits, sigmas).half().float()
+    return QTensor((w / s[:, None]).round().clamp(-qmax, qmax).to(torch.int8), s.half(), bits)
+
+
+def quantize_gptq(w: Tensor, h: Tensor, bits: int, sigmas: float) -> QTensor:
+    """GPTQ (Frantar et al. 2022): quantize columns in order of decreasing Hessian diagonal and push
+    each column's rounding error onto the not-yet-quantized columns via the inverse Hessian."""
+    w, h = w.float().clone(), h.float().clone()
+    qmax = 2 ** (bits - 1) - 1
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    s = row_scales(w, bits, sigmas, torch.diag(h)).half().float()
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += GPTQ_DAMP * torch.diag(h).mean() * torch.eye(h.size(0), device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    for i0 in range(0, w.size(1), GPTQ_BLOCK):
+        i1 = min(i0 + GPTQ_BLOCK, w.size(1))
+        wb, err = w[:, i0:i1].clone(), torch.zeros(w.size(0), i1 - i0, device=w.device)
+        for j in range(i1 - i0):
+            col = wb[:, j]
+            qc = (col / s).round().clamp(-qmax, qmax)
+            q[:, i0 + j] = qc
+            e = (col - qc * s) / hinv[i0 + j, i0 + j]
+            wb[:, j:] -= e[:, None] * hinv[i0 + j, i0 + j:i1][None, :]
+            err[:, j] = e
+        w[:, i1:] -= err @ hinv[i0:i1, i1:]
+    q = q[:, torch.argsort(perm)]
+    return QTensor(q.to(torch.int8), s.half(), bits)
+
+
+def collect_hessians(model: GPT, batches: list[Tensor], names: set[str], rt: Runtime) -> dict[str, Tensor]:
+    """Sum of X^T X over every call of each named linear (a crawler linear sees every loop's input),
+    summed over ranks."""
+    hs: dict[str, Tensor] = {}
+    mods = {n: m for n, m in model.named_modules() if n + ".weight" in names}
+
+    def hook(name):
+        def fn(mod, inp, out):
+            x = inp[0].detach().float().reshape(-1, inp[0].size(-1))
+            if name not in hs:
+                hs[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
+            hs[name].addmm_(x.T, x)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        for x in batches:
+            model(x)
+    for h in handles:
+        h.remove()
+    for n in sorted(mods):  # a fixed order: every rank must issue the same collectives
+        if n not in hs:
+            hs[n] = torch.zeros(mods[n].in_features, mods[n].in_features, device=rt.device)
+        all_reduce_(hs[n])
+    return {n + ".weight": h for n, h in hs.items()}
+
+
+def calibration_batches(train_paths: list[str], cfg: Config, rt: Runtime) -> list[Tensor]:
+    """GPTQ_CAL_SAMPLES training sequences (never validation), this rank's share, 8 per batch."""
+    seq = cfg.gptq_cal_seq_len or cfg.train_seq_len
+    cal_cfg = dataclasses.replace(cfg, seed=cfg.seed + 1, train_seq_len=seq, train_batch_tokens=cfg.gptq_cal_samples * seq)
+    loader = TrainLoader(train_paths, cal_cfg, cfg.bos_id, rt.rank, rt.world_size, 1, rt.device)
+    (x, _), = loader.next_batch()
+    return list(x.split(8))
+
+
+def _quantize_names(model: GPT, sd: dict[str, Tensor], names: list[str], hs: dict[str, Tensor] | None,
+                    cfg: Config, rt: Runtime) -> dict[str, QTensor]:
+    """Quantize `names`; rank r does every world_size-th tensor, then each is broadcast from its owner."""
+    out = {}
+    for i, n in enumerate(names):
+        kind, bits, sig = quant_plan(n, sd[n], cfg)
+        w = sd[n].to(rt.device)
+        if i % rt.world_size == rt.rank:
+            qt = quantize_gptq(w, hs[n], bits, sig) if (kind == "gptq" and hs is not None) else quantize_rtn(w, bits, sig)
+        else:
+            qt = QTensor(torch.empty(w.shape, dtype=torch.int8, device=rt.device),
+                         torch.empty(w.size(0), dtype=torch.float16, device=rt.device), bits)
+        if rt.world_size > 1:
+            dist.broadcast(qt.q, src=i % rt.world_size)
+            dist.broadcast(qt.scale, src=i % rt.world_size)
+        out[n] = QTensor(qt.q.cpu(), qt.scale.cpu(), bits)
+    return out
+
+
+def quantize_model(model: GPT, cfg: Config, rt: Runtime, batches: list[Tensor], log: Logger) -> dict[str, QTensor | Tensor]:
+    """Quantize every tensor of the model. Loop-aware: flat layers first from phase-1 Hessians, patch
+    them in, then collect the crawler's Hessians through the quantized flat layers (phase 2)."""
+    model.set_active_loops(cfg.crawler_loops if cfg.use_crawler else 0)
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    plan = {n: quant_plan(n, t, cfg) for n, t in sd.items()}
+    gptq_names = sorted(n for n, p in plan.items() if p[0] == "gptq")
+    crawler = [n for n in gptq_names if n.startswith("crawler.")]
+    flat = [n for n in gptq_names if not n.startswith("crawler.")]
+    hs = collect_hessians(model, batches, set(gptq_names), rt) if gptq_names else None
+    two_phase = cfg.loop_aware_gptq and crawler and flat and hs is not None
+    log(f"gptq:phase1 hessians:{len(gptq_names)} samples:{cfg.gptq_cal_samples} loop_aware:{int(bool(two_phase))}")
+    out: dict[str, QTensor | Tensor] = dict(_quantize_names(model, sd, flat if two_phase else gptq_names, hs, cfg, rt))
+    if two_phase:
+        live = model.state_dict()
+        saved = {n: live[n].detach().clone() for n in flat}
+        with torch.no_grad():
+            for n in flat:
+                live[n].copy_(out[n].dequant().to(live[n].dtype))
+        hs2 = collect_hessians(model, batches, set(crawler), rt)
+        with torch.no_grad():
+            for n in flat:
+                live[n].copy_(saved[n])
+        shift = max((hs2[n] - hs[n]).norm().item() / hs[n].norm().clamp_min(1e-12).item() for n in crawler)
+        log(f"gptq:phase2 crawler_hessians:{len(crawler)} through quantized flat layers:{len(flat)} "
+            f"max_rel_change:{shift:.4f}")
+        out |= _quantize_names(model, sd, crawler, hs2, cfg, rt)
+    rest = sorted(n for n, p in plan.items() if p[0] == "rtn")
+    out |= _quantize_names(model, sd, rest, None, cfg, rt)
+    out |= {n: sd[n].half() for n, p in plan.items() if p[0] == "fp16"}
+    return out
+
+
+def dequantize_state(qm: dict[str, QTensor | Tensor]) -> dict[str, Tensor]:
+    return {n: (v.dequant() if isinstance(v, QTensor) else v.float()) for n, v in qm.items()}
+
+
+# =============================================================================================
+# Packing: one self-describing artifact, and the counted code wrapper
+# =============================================================================================
+
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGCRAWL\x00", 1
+COMPRESSORS = ("brotli", "zstd", "lzma")
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+def _compress(data: bytes, kind: str) -> bytes:
+    if kind == "brotli":
+        import brotli
+        return brotli.compress(data, quality=11, lgwin=24)
+    if kind == "zstd":
+        import zstandard
+        return zstandard.ZstdCompressor(level=22).compress(data)
+    import lzma
+    return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+
+
+def _decompress(data: bytes, kind: str) -> bytes:
+    if kind == "brotli":
+        import brotli
+        return brotli.decompress(data)
+    if kind == "zstd":
+        import zstandard
+        return zstandard.ZstdDecompressor().decompress(data)
+    import lzma
+    return lzma.decompress(data)
+
+
+def byte_shuffle(raw: bytes, width: int) -> bytes:
+    """Group the k-th byte of every element together (exponent bytes compress far better together)."""
+    a = np.frombuffer(raw, dtype=np.uint8)
+    return a.reshape(-1, width).T.copy().tobytes() if width > 1 else raw
+
+
+def byte_unshuffle(raw: bytes, width: int) -> bytes:
+    a = np.frombuffer(raw, dtype=np.uint8)
+    return a.reshape(width, -1).T.copy().tobytes() if width > 1 else raw
+
+
+def pack_artifact(qm: dict[str, QTensor | Tensor], cfg: Config, compressor: str) -> bytes:
+    """magic | u16 version | u8 compressor | u32 crc32 | u64 payload length | compressed payload.
+    Payload: u32 header length | JSON header (config, tensor table) | int8 region | shuffled fp16 region."""
+    import zlib
+
+    ints, halves, table = [], [], []
+    for name in sorted(qm):
+        v = qm[name]
+        if isinstance(v, QTensor):
+            ints.append(v.q.numpy().tobytes())
+            halves.append(v.scale.numpy().astype("<f2").tobytes())
+            table.append({"name": name, "kind": "q", "shape": list(v.q.shape), "bits": v.bits})
+        else:
+            halves.append(v.numpy().astype("<f2").tobytes())
+            table.append({"name": name, "kind": "f16", "shape": list(v.shape)})
+    header = json.dumps({"format": "parameter-golf flat+crawler int-quantized", "version": ARTIFACT_VERSION,
+                         "config": dataclasses.asdict(cfg), "tensors": table}, separators=(",", ":")).encode()
+    body = b"".join(ints) + byte_shuffle(b"".join(halves), 2)
+    payload = _compress(len(header).to_bytes(4, "little") + header + body, compressor)
+    return (ARTIFACT_MAGIC + ARTIFACT_VERSION.to_bytes(2, "little") + bytes([COMPRESSORS.index(compressor)])
+            + zlib.crc32(payload).to_bytes(4, "little") + len(payload).to_bytes(8, "little") + payload)
+
+
+def unpack_artifact(blob: bytes) -> tuple[Config, dict[str, QTensor | Tensor]]:
+    import zlib
+
+    if len(blob) < 23 or blob[:8] != ARTIFACT_MAGIC:
+        raise ArtifactError("not a flat+crawler artifact (bad magic)")
+    version = int.from_bytes(blob[8:10], "little")
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(f"artifact format version {version}; this script reads {ARTIFACT_VERSION}")
+    comp, crc, n = COMPRESSORS[blob[10]], int.from_bytes(blob[11:15], "little"), int.from_bytes(blob[15:23], "little")
+    payload = blob[23:]
+    if len(payload) != n:
+        raise ArtifactError(f"artifact truncated: payload is {len(payload)} bytes, header says {n}")
+    if zlib.crc32(payload) != crc:
+        raise ArtifactError("artifact corrupted: checksum mismatch")
+    raw = _decompress(payload, comp)
+    hlen = int.from_bytes(raw[:4], "little")
+    header = json.loads(raw[4:4 + hlen])
+    hints = typing.get_type_hints(Config)
+    cfg = Config(**{k: (tuple(v) if hints[k] is tuple else v) for k, v in header["config"].items()})
+    n_int = sum(math.prod(t["shape"]) for t in header["tensors"] if t["kind"] == "q")
+    ints = np.frombuffer(raw, dtype=np.int8, count=n_int, offset=4 + hlen)
+    halves = np.frombuffer(byte_unshuffle(raw[4 + hlen + n_int:], 2), dtype="<f2")
+    out, io, ho = {}, 0, 0
+    for t in header["tensors"]:
+        shape, k = t["shape"], math.prod(t["shape"])
+        if t["kind"] == "q":
+            q = torch.from_numpy(ints[io:io + k].copy()).view(shape)
+            out[t["name"]] = QTensor(q, torch.from_numpy(halves[ho:ho + shape[0]].copy()), t["bits"])
+            io, ho = io + k, ho + shape[0]
+        else:
+            out[t["name"]] = torch.from_numpy(halves[ho:ho + k].copy()).view(shape)
+            ho += k
+    return cfg, out
+
+
+def load_artifact_model(path: str | Path, rt: Runtime) -> tuple[Config, GPT]:
+    """Rebuild the model from the artifact alone, as a reviewer would."""
+    cfg, qm = unpack_artifact(Path(path).read_bytes())
+    model = GPT(cfg).to(rt.device)
+    sd = model.state_dict()
+    model.load_state_dict({k: v.to(sd[k].dtype) for k, v in dequantize_state(qm).items()})
+    return cfg, model
+
+
+def minify_source(src: str) -> str:
+    """Drop comments and docstrings (ast round trip); behaviour is unchanged."""
+    import ast
+
+    tree = ast.parse(src)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def counted_code(src: str) -> bytes:
+    """The script as it is counted and shipped: minified, lzma-compressed, base85, self-extracting."""
+    import base64
+    import lzma
+
+    packed = base64.b85encode(lzma.compress(minify_source(src).encode(), preset=9 | lzma.PRESET_EXTREME))
+    return b"import lzma,base64\nexec(lzma.decompress(base64.b85decode(b'" + packed + b"')))\n"
+
+
+# =============================================================================================
 # Main
 # =============================================================================================
 
@@ -1234,6 +1569,56 @@ def log_header(cfg: Config, rt: Runtime, log: Logger, warnings: list[str]) -> No
     log(f"compile:enabled={int(rt.compile)} fullgraph={int(cfg.compile_fullgraph)}")
 
 
+MODEL_FIELDS = ("vocab_size", "bos_id", "use_crawler", "num_layers", "num_flat_layers", "flat_encoder_layers",
+                "num_crawler_layers", "crawler_loops", "crawler_mlp_mult", "inst_dim", "model_dim", "num_heads",
+                "num_kv_heads", "mlp_mult", "bigram_vocab_size", "bigram_dim", "smear_gate", "gated_attn_enabled")
+
+
+def checkpoint_path(cfg: Config) -> Path:
+    return Path(cfg.init_model_path or Path(cfg.output_dir) / "final_model.pt")
+
+
+def check_pipeline_inputs(cfg: Config) -> None:
+    """Checks for the stages after training, made before training starts."""
+    try:
+        _compress(b"probe", cfg.compressor)
+    except ImportError:
+        pkg = {"brotli": "brotli", "zstd": "zstandard"}.get(cfg.compressor, cfg.compressor)
+        raise ConfigError(f"COMPRESSOR={cfg.compressor} but its package is missing: pip install {pkg} "
+                          "(or set COMPRESSOR=lzma)") from None
+    if cfg.skip_train:
+        path = checkpoint_path(cfg)
+        if not path.is_file():
+            raise ConfigError(f"SKIP_TRAIN=1 but INIT_MODEL_PATH={path} does not exist")
+        saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        diff = [f"{k.upper()}={getattr(cfg, k)} (checkpoint: {saved.get(k)})" for k in MODEL_FIELDS
+                if saved.get(k) != getattr(cfg, k)]
+        if diff:
+            raise ConfigError(f"{path} was trained with a different model; set " + ", ".join(diff))
+
+
+def write_outputs(qm: dict, cfg: Config, rt: Runtime, log: Logger) -> dict:
+    """Rank 0 writes the artifact and the counted code wrapper; sizes go to the log and the summary."""
+    out = Path(cfg.output_dir)
+    blob = pack_artifact(qm, cfg, cfg.compressor)
+    src = Path(__file__).read_text(encoding="utf-8")
+    code = src.encode() if src.startswith("import lzma,base64\nexec(") else counted_code(src)
+    sizes = {"bytes_model": len(blob), "bytes_code": len(code), "bytes_total": len(blob) + len(code)}
+    sizes["valid_size"] = sizes["bytes_total"] <= cfg.artifact_limit_bytes
+    if rt.is_main:
+        (out / "final_model.int6.ptz").write_bytes(blob)
+        (out / "train_gpt.counted.py").write_bytes(code)
+    log(f"Serialized model int6+{cfg.compressor}: {sizes['bytes_model']} bytes")
+    log(f"Code size: {sizes['bytes_code']} bytes")
+    log(f"Total submission size int6+{cfg.compressor}: {sizes['bytes_total']} bytes")
+    if not sizes["valid_size"]:
+        log(f"ERROR: ARTIFACT OVER LIMIT: {sizes['bytes_total']} > ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes}; "
+            "this run is NOT a valid submission (files are kept)")
+    else:
+        log(f"artifact_margin_bytes:{cfg.artifact_limit_bytes - sizes['bytes_total']}")
+    return sizes
+
+
 def main() -> None:
     try:
         cfg, warnings = load_config()
@@ -1245,10 +1630,12 @@ def main() -> None:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     log = Logger(str(out / "logs" / f"{cfg.run_id}.txt") if rt.is_main else None)
     log_header(cfg, rt, log, warnings)
     try:
         sp, train_paths = preflight(cfg, log)
+        check_pipeline_inputs(cfg)
         val = load_validation(cfg, sp)
     except (ConfigError, DataError) as e:
         sys.exit(f"preflight error: {e}")
@@ -1256,12 +1643,31 @@ def main() -> None:
     model, compiled = build_model(cfg, rt)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     log(f"train_batch_tokens:{cfg.train_batch_tokens} grad_accum_steps:{accum} world_size:{rt.world_size}")
-    result = train(model, compiled, cfg, rt,
-                   lambda: TrainLoader(train_paths, cfg, cfg.bos_id, rt.rank, rt.world_size, accum, rt.device),
-                   val, log)
-    if rt.is_main:
-        torch.save({"config": dataclasses.asdict(cfg), "state_dict": result.final_state}, out / "final_model.pt")
-        log(f"saved:{out / 'final_model.pt'}")
+    if cfg.skip_train:
+        model.load_state_dict(torch.load(checkpoint_path(cfg), map_location=rt.device, weights_only=True)["state_dict"])
+        log(f"skip_train: loaded {checkpoint_path(cfg)}")
+        train_ms = 0.0
+    else:
+        result = train(model, compiled, cfg, rt,
+                       lambda: TrainLoader(train_paths, cfg, cfg.bos_id, rt.rank, rt.world_size, accum, rt.device),
+                       val, log)
+        train_ms = result.train_ms
+        if rt.is_main:
+            torch.save({"config": dataclasses.asdict(cfg), "state_dict": result.final_state}, out / "final_model.pt")
+            log(f"saved:{out / 'final_model.pt'}")
+    t0 = time.perf_counter()
+    qm = quantize_model(model, cfg, rt, calibration_batches(train_paths, cfg, rt), log)
+    cal_s = time.perf_counter() - t0
+    log(f"gptq:calibrated_and_quantized time:{cal_s:.1f}s train+calibration:{train_ms / 1000 + cal_s:.1f}s")
+    if cfg.max_wallclock_seconds and train_ms / 1000 + cal_s > cfg.max_wallclock_seconds:
+        log(f"WARNING: training + calibration took {train_ms / 1000 + cal_s:.1f}s > MAX_WALLCLOCK_SECONDS="
+            f"{cfg.max_wallclock_seconds}; raise GPTQ_RESERVE_SECONDS above {cal_s:.0f}")
+    sizes = write_outputs(qm, cfg, rt, log)
+    if dist.is_initialized():
+        dist.barrier()
+    _, qmodel = load_artifact_model(out / "final_model.int6.ptz", rt)
+    vl, vb = evaluate_val(qmodel, val, cfg.train_seq_len, cfg.val_batch_tokens, rt)
+    log(f"final_int6_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

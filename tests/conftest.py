@@ -101,3 +101,21 @@ def caseops_data(tmp_path_factory) -> dict:
     manifest = prep.prepare_shards(str(jsonl), str(model), out, val_docs=200, shard_tokens=40_000, workers=1,
                                    progress=False)
     return {"root": root, "jsonl": jsonl, "docs": docs, "tokenizer": model, "data_path": out, "manifest": manifest}
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(plain_data, tmp_path_factory) -> dict:
+    """One real run of the whole pipeline on the tiny config (150 steps), shared by several tests."""
+    import time
+
+    out = tmp_path_factory.mktemp("trained")
+    env = tiny_env(plain_data, ITERATIONS=150, GPTQ_CAL_SAMPLES=32, GPTQ_CAL_SEQ_LEN=64)
+    t0 = time.time()
+    r = run_trainer(env, out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {"out": out, "env": env, "stdout": r.stdout, "seconds": time.time() - t0}
+
+
+def log_value(stdout: str, prefix: str, key: str) -> float:
+    line = [l for l in stdout.splitlines() if l.startswith(prefix)][-1]
+    return float(line.split(key)[1].split()[0].rstrip("ms"))
