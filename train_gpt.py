@@ -132,6 +132,21 @@ class Config:
     artifact_limit_bytes: int = _f(16_000_000, "cap on model + code bytes (decimal)", 1)
     skip_train: bool = _f(False, "skip training: calibrate, quantize, pack and evaluate INIT_MODEL_PATH")
     init_model_path: str = _f("", "float checkpoint for SKIP_TRAIN (default OUTPUT_DIR/final_model.pt)")
+    # --- evaluation and test-time training ---
+    eval_seq_len: int = _f(2048, "evaluation window length", 8)
+    eval_stride: int = _f(64, "sliding-window stride (tokens scored per window after the first)", 1)
+    eval_batch_tokens: int = _f(262_144, "tokens per evaluation forward on each rank", 1)
+    eval_budget_seconds: float = _f(600.0, "evaluation time budget; projected overruns are reported early", 1)
+    ttt_enabled: bool = _f(True, "phased score-first test-time training after the plain evaluations")
+    ttt_lora_rank: int = _f(64, "rank of the per-document LoRA on Q/K/V/O/MLP/head", 1)
+    ttt_chunk_size: int = _f(64, "tokens scored per chunk before each LoRA step", 1)
+    ttt_lr: float = _f(0.001, "LoRA learning rate", 0)
+    ttt_optimizer: str = _f("adam", "LoRA optimizer", choices=("adam", "sgd"))
+    ttt_weight_decay: float = _f(0.5, "decoupled weight decay on the LoRA", 0)
+    ttt_batch_docs: int = _f(64, "documents adapted in parallel per batch", 1)
+    phased_ttt_prefix_docs: int = _f(2000, "documents whose scored tokens feed the global SGD phases", 0)
+    phased_ttt_num_phases: int = _f(3, "global SGD phases over the prefix documents", 0)
+    ttt_global_lr: float = _f(0.001, "SGD learning rate of the global phases (momentum 0.9)", 0)
     # --- device ---
     compile_enabled: bool = _f(True, "torch.compile the model on CUDA")
     compile_fullgraph: bool = _f(True, "compile with fullgraph=True")
@@ -278,6 +293,8 @@ def validate_config(cfg: Config, explicit: set[str] = frozenset()) -> None:
     if cfg.max_wallclock_seconds and cfg.gptq_reserve_seconds >= cfg.max_wallclock_seconds:
         errs.append(f"GPTQ_RESERVE_SECONDS={cfg.gptq_reserve_seconds} leaves no training time under "
                     f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds}")
+    if cfg.eval_stride > cfg.eval_seq_len:
+        errs.append(f"EVAL_STRIDE={cfg.eval_stride} exceeds EVAL_SEQ_LEN={cfg.eval_seq_len}; tokens would be skipped")
     if cfg.bigram_vocab_size == 1:
         errs.append("BIGRAM_VOCAB_SIZE must be 0 (off) or at least 2")
     if errs:
@@ -685,7 +702,7 @@ def preflight(cfg: Config, log: Logger):
     """Everything checkable before paying for training: tokenizer, vocab, shards, BOS, split, overlap."""
     sp = check_tokenizer(cfg)
     t0 = time.perf_counter()
-    rep = check_dataset(cfg, sp, need_bos=cfg.caseops_enabled)
+    rep = check_dataset(cfg, sp, need_bos=cfg.caseops_enabled or cfg.ttt_enabled)
     log(f"train_loader:dataset:{os.path.basename(cfg.data_path.rstrip('/'))} train_shards:{rep.train_shards}")
     log(f"data_check: val_tokens:{rep.val_tokens} val_docs:{rep.val_docs} val_bytes:{rep.val_bytes} "
         f"overlap_docs:{rep.overlap_docs}/{rep.train_docs_checked} time:{time.perf_counter() - t0:.1f}s")
@@ -1072,29 +1089,6 @@ class WeightAverager:
         else:
             src = live
         return {k: src[k].to(live[k].dtype).detach().clone() for k in live}
-
-
-def evaluate_val(model: nn.Module, val: ValidationData, seq_len: int, batch_tokens: int, rt: Runtime) -> tuple[float, float]:
-    """Non-overlapping windows of seq_len split across ranks; exact all-reduced sums -> (loss, bpb)."""
-    n = (val.tokens.numel() - 1) // seq_len
-    rows_per_batch = max(1, batch_tokens // (seq_len * rt.world_size))
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
-    model.eval()
-    with torch.no_grad():
-        for start in range(rt.rank * rows_per_batch, n, rows_per_batch * rt.world_size):
-            rows = range(start, min(start + rows_per_batch, n))
-            idx = torch.tensor(rows)[:, None] * seq_len + torch.arange(seq_len + 1)[None]
-            chunk = val.tokens[idx]
-            x, y = chunk[:, :-1].to(rt.device), chunk[:, 1:].to(rt.device)
-            with rt.autocast():
-                nll = token_losses(model, x, y)
-            sums[0] += nll.double().sum()
-            sums[1] += y.numel()
-            sums[2] += val.token_bytes[idx[:, 1:]].double().sum().to(rt.device)
-    model.train()
-    all_reduce_(sums)
-    loss = (sums[0] / sums[1]).item()
-    return loss, (sums[0] / math.log(2) / sums[2]).item()
 
 
 def train_step(model: nn.Module, micro: list[tuple[Tensor, Tensor]], opts: Optimizers, cfg: Config,
@@ -1544,6 +1538,265 @@ def counted_code(src: str) -> bytes:
 
 
 # =============================================================================================
+# Evaluation: exact BPB from the artifact, windowed scoring, phased score-first TTT
+# =============================================================================================
+
+ScoreHook = typing.Callable[[Tensor, Tensor], None]  # (absolute target indices, nll) of scored tokens
+
+
+@dataclass
+class EvalSums:
+    nll: float = 0.0
+    tokens: int = 0
+    bytes: int = 0
+
+    def add(self, nll: Tensor, nbytes: Tensor) -> None:
+        self.nll += float(nll.double().sum())
+        self.tokens += nll.numel()
+        self.bytes += int(nbytes.long().sum())
+
+    def reduce(self, rt: Runtime) -> "EvalSums":
+        t = torch.tensor([self.nll, self.tokens, self.bytes], dtype=torch.float64, device=rt.device)
+        all_reduce_(t)
+        return EvalSums(float(t[0]), int(t[1]), int(t[2]))
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def bpb(self) -> float:
+        return self.nll / math.log(2) / max(self.bytes, 1)
+
+
+def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, length, score_from) per window: inputs tokens[start:start+length], targets shifted by one,
+    scoring window positions >= score_from. Every target is scored exactly once, with the longest left
+    context the window allows. stride == seq_len gives plain non-overlapping evaluation."""
+    out, start, scored_to = [], 0, 0
+    while scored_to < n_targets:
+        length = min(seq_len, n_targets - start)
+        out.append((start, length, scored_to - start))
+        scored_to = start + length
+        start += stride
+    return out
+
+
+def eval_windows(model: nn.Module, val: ValidationData, seq_len: int, stride: int, batch_tokens: int, rt: Runtime,
+                 hook: ScoreHook | None = None) -> EvalSums:
+    """Windowed scoring split across ranks; exact sums all-reduced."""
+    wins = sliding_windows(val.tokens.numel() - 1, seq_len, stride)[rt.rank::rt.world_size]
+    per_batch = max(1, batch_tokens // seq_len)
+    sums = EvalSums()
+    model.eval()
+    with torch.no_grad():
+        i = 0
+        while i < len(wins):
+            group = [w for w in wins[i:i + per_batch] if w[1] == wins[i][1]]  # equal lengths stack
+            i += len(group)
+            length = group[0][1]
+            idx = torch.tensor([w[0] for w in group])[:, None] + torch.arange(length + 1)[None]
+            chunk = val.tokens[idx].to(rt.device)
+            with rt.autocast():
+                nll = token_losses(model, chunk[:, :-1], chunk[:, 1:]).float().cpu()
+            keep = torch.arange(length)[None] >= torch.tensor([w[2] for w in group])[:, None]
+            tgt = idx[:, 1:][keep]
+            sums.add(nll[keep], val.token_bytes[tgt])
+            if hook:
+                hook(tgt, nll[keep])
+    model.train()
+    return sums.reduce(rt)
+
+
+def evaluate_val(model: nn.Module, val: ValidationData, seq_len: int, batch_tokens: int, rt: Runtime) -> tuple[float, float]:
+    s = eval_windows(model, val, seq_len, seq_len, batch_tokens, rt)
+    return s.loss, s.bpb
+
+
+class BatchedLoRA(nn.Module):
+    """One low-rank adapter per document of a batch, on every Q/K/V/O/MLP linear and the head. A starts
+    from a fixed random draw (the same for every document), B from zero, so the model starts unchanged."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], batch: int, rank: int, device: torch.device, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.keys = {k: k.replace(".", "_") for k in shapes}
+        self.a = nn.ParameterDict({self.keys[k]: nn.Parameter(
+            (torch.randn(i, rank, generator=g) / math.sqrt(i)).expand(batch, i, rank).contiguous().to(device))
+            for k, (i, o) in shapes.items()})
+        self.b = nn.ParameterDict({self.keys[k]: nn.Parameter(torch.zeros(batch, rank, o, device=device))
+                                   for k, (i, o) in shapes.items()})
+
+    def forward(self, key: str, x: Tensor) -> Tensor | None:
+        k = self.keys.get(key)
+        if k is None:
+            return None
+        return (x @ self.a[k].to(x.dtype)) @ self.b[k].to(x.dtype)
+
+
+def lora_shapes(model: GPT) -> dict[str, tuple[int, int]]:
+    shapes = {"head": (model.cfg.model_dim, model.cfg.vocab_size)}
+    for blk in [*model.encoder, *model.crawler, *model.decoder]:
+        a, m = blk.attn, blk.mlp
+        for name, lin_ in (("q", a.c_q), ("k", a.c_k), ("v", a.c_v), ("o", a.proj), ("fc", m.fc), ("mlp_proj", m.proj)):
+            shapes[f"{blk.idx}.{name}"] = (lin_.in_features, lin_.out_features)
+    return shapes
+
+
+def document_spans(tokens: Tensor, bos_id: int) -> list[tuple[int, int]]:
+    """(start, end) of each document: tokens[start] is BOS, targets are tokens[start+1:end]."""
+    starts = torch.nonzero(tokens == bos_id).flatten().tolist()
+    ends = starts[1:] + [tokens.numel()]
+    return [(s, e) for s, e in zip(starts, ends) if e - s >= 2]
+
+
+def ttt_score_batch(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg: Config, rt: Runtime,
+                    adapt: bool, hook: ScoreHook | None) -> EvalSums:
+    """Score a batch of documents chunk by chunk; after a chunk is scored, one optimizer step on that
+    chunk adapts the document's own LoRA for the chunks after it (score first, then adapt)."""
+    B, C, L = len(docs), cfg.ttt_chunk_size, cfg.eval_seq_len
+    n = [e - s - 1 for s, e in docs]  # targets per document
+    lora = BatchedLoRA(lora_shapes(model), B, cfg.ttt_lora_rank, rt.device, cfg.seed)
+    if cfg.ttt_optimizer == "adam":
+        opt = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lr, betas=(0.0, 0.999), weight_decay=cfg.ttt_weight_decay)
+    else:
+        opt = torch.optim.SGD(lora.parameters(), lr=cfg.ttt_lr, weight_decay=cfg.ttt_weight_decay)
+    sums = EvalSums()
+    n_chunks = math.ceil(max(n) / C)
+    for c in range(n_chunks):
+        p1 = [min((c + 1) * C, k) for k in n]
+        w0 = [max(0, p - L) for p in p1]
+        T = max(p - w for p, w in zip(p1, w0))
+        x = torch.zeros(B, T, dtype=torch.long)
+        y = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        tgt = torch.zeros(B, T, dtype=torch.long)
+        for i, (s, _) in enumerate(docs):
+            if n[i] <= c * C:
+                continue
+            span = torch.arange(s + w0[i], s + p1[i])
+            x[i, :span.numel()] = val.tokens[span]
+            y[i, :span.numel()] = val.tokens[span + 1]
+            tgt[i, :span.numel()] = span + 1
+            mask[i, c * C - w0[i]:p1[i] - w0[i]] = True
+        with rt.autocast():
+            nll = token_losses(model, x.to(rt.device), y.to(rt.device), lora).float()
+        scored = nll.detach().cpu()[mask]
+        sums.add(scored, val.token_bytes[tgt[mask]])
+        if hook:
+            hook(tgt[mask], scored)
+        if adapt and c + 1 < n_chunks:
+            m = mask.to(rt.device)
+            per_doc = (nll * m).sum(1) / m.sum(1).clamp_min(1)
+            per_doc.sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return sums
+
+
+def global_sgd(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg: Config, rt: Runtime) -> None:
+    """One SGD pass of the base model over documents that have all been scored already."""
+    L, rows_per_step = cfg.eval_seq_len, 32
+    stream = torch.cat([val.tokens[s:e] for s, e in docs])
+    rows = [stream[i:i + L + 1] for i in range(0, stream.numel() - 1, L)]
+    params = [p for p in model.parameters()]
+    opt = torch.optim.SGD(params, lr=cfg.ttt_global_lr, momentum=0.9)
+    model.requires_grad_(True)
+    for k in range(0, len(rows), rows_per_step):
+        step_rows = rows[k:k + rows_per_step]
+        total = sum(r.numel() - 1 for r in step_rows)
+        for r in step_rows[rt.rank::rt.world_size]:
+            r = r.to(rt.device)
+            with rt.autocast():
+                loss = token_losses(model, r[None, :-1], r[None, 1:]).sum() / total
+            loss.backward()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_reduce_(p.grad)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+
+
+def balance(batches: list[list[tuple[int, int]]], world: int) -> list[list[int]]:
+    """Greedy longest-first assignment of batches to ranks by token cost (same on every rank)."""
+    cost = [sum((e - s) ** 2 for s, e in b) for b in batches]
+    load, out = [0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(batches)), key=lambda j: -cost[j]):
+        r = load.index(min(load))
+        out[r].append(i)
+        load[r] += cost[i]
+    return [sorted(o) for o in out]
+
+
+def ttt_eval(model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Logger, adapt: bool = True,
+             hook: ScoreHook | None = None, budget_left: float = float("inf")) -> EvalSums:
+    """Phased score-first TTT (#1736 lineage): the first PHASED_TTT_PREFIX_DOCS documents are scored in
+    PHASED_TTT_NUM_PHASES groups; after each group the base model takes one SGD pass over that group's
+    (already scored) tokens. The remaining documents are then scored. Every document gets a fresh LoRA."""
+    docs = document_spans(val.tokens, cfg.bos_id)
+    if not docs:
+        raise DataError("validation has no BOS-delimited documents; TTT needs BOS markers")
+    prefix = min(cfg.phased_ttt_prefix_docs, len(docs)) if cfg.phased_ttt_num_phases else 0
+    cuts = np.linspace(0, prefix, cfg.phased_ttt_num_phases + 1).astype(int).tolist() if prefix else [0]
+    groups = [docs[a:b] for a, b in zip(cuts, cuts[1:])] + [docs[prefix:]]
+    model.requires_grad_(False)
+    sums, t0, done_cost = EvalSums(), time.perf_counter(), 0
+    total_cost, projected = sum((e - s) ** 2 for s, e in docs), False
+    for gi, group in enumerate(groups):
+        order = sorted(group, key=lambda d: d[1] - d[0], reverse=True)  # similar lengths share a batch
+        batches = [order[i:i + cfg.ttt_batch_docs] for i in range(0, len(order), cfg.ttt_batch_docs)]
+        for bi in balance(batches, rt.world_size)[rt.rank]:
+            s = ttt_score_batch(model, val, batches[bi], cfg, rt, adapt, hook)
+            sums.nll, sums.tokens, sums.bytes = sums.nll + s.nll, sums.tokens + s.tokens, sums.bytes + s.bytes
+            done_cost += sum((e - s_) ** 2 for s_, e in batches[bi]) * rt.world_size
+            if not projected and done_cost >= 0.02 * total_cost:
+                projected = True
+                est = (time.perf_counter() - t0) * total_cost / done_cost
+                log(f"ttt:projected_time:{est:.0f}s budget_left:{budget_left:.0f}s")
+                if est > budget_left:
+                    log(f"WARNING: phased TTT is projected to take {est:.0f}s but only {budget_left:.0f}s of "
+                        f"EVAL_BUDGET_SECONDS remain; lower PHASED_TTT_PREFIX_DOCS/TTT_CHUNK_SIZE cost or disable TTT")
+        if adapt and gi < len(groups) - 1 and cfg.ttt_global_lr > 0:
+            global_sgd(model, val, group, cfg, rt)
+            log(f"ttt:phase:{gi + 1}/{len(groups) - 1} docs:{len(group)} global_sgd_done "
+                f"elapsed:{time.perf_counter() - t0:.1f}s")
+    return sums.reduce(rt)
+
+
+def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime, log: Logger) -> dict:
+    """All evaluations, each from a fresh load of the packed artifact, timed against EVAL_BUDGET_SECONDS."""
+    results, t_all = {}, time.perf_counter()
+    stages = [("roundtrip", "final_int6_roundtrip_exact", cfg.eval_seq_len),
+              ("sliding", "final_int6_sliding_window_exact", cfg.eval_stride)]
+    for key, line, stride in stages:
+        t0 = time.perf_counter()
+        _, model = load_artifact_model(artifact, rt)
+        s = eval_windows(model, val, cfg.eval_seq_len, stride, cfg.eval_batch_tokens, rt)
+        ms = 1000 * (time.perf_counter() - t0)
+        log(f"{line} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} stride:{stride} eval_time:{ms:.0f}ms")
+        results[key] = {"val_loss": s.loss, "val_bpb": s.bpb, "eval_ms": ms, "tokens": s.tokens, "bytes": s.bytes}
+    if cfg.ttt_enabled:
+        t0 = time.perf_counter()
+        _, model = load_artifact_model(artifact, rt)
+        left = cfg.eval_budget_seconds - (time.perf_counter() - t_all)
+        s = ttt_eval(model, val, cfg, rt, log, budget_left=left)
+        ms = 1000 * (time.perf_counter() - t0)
+        log(f"quantized_ttt_phased val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms")
+        results["ttt"] = {"val_loss": s.loss, "val_bpb": s.bpb, "eval_ms": ms, "tokens": s.tokens, "bytes": s.bytes}
+    total = time.perf_counter() - t_all
+    results["eval_total_s"] = total
+    results["eval_within_budget"] = total <= cfg.eval_budget_seconds
+    log(f"eval_total_time:{total:.1f}s budget:{cfg.eval_budget_seconds:.0f}s")
+    if total > cfg.eval_budget_seconds:
+        log(f"WARNING: evaluation took {total:.1f}s > EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:.0f}; "
+            "this run is NOT a valid submission")
+    return results
+
+
+# =============================================================================================
 # Main
 # =============================================================================================
 
@@ -1665,9 +1918,24 @@ def main() -> None:
     sizes = write_outputs(qm, cfg, rt, log)
     if dist.is_initialized():
         dist.barrier()
-    _, qmodel = load_artifact_model(out / "final_model.int6.ptz", rt)
-    vl, vb = evaluate_val(qmodel, val, cfg.train_seq_len, cfg.val_batch_tokens, rt)
-    log(f"final_int6_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+    evals = run_evaluation(out / "final_model.int6.ptz", val, cfg, rt, log)
+    summary = {
+        "run_id": cfg.run_id, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "hardware": {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
+                     "world_size": rt.world_size},
+        "val": {"tokens": val.tokens.numel() - 1, "bytes": int(val.token_bytes[1:].sum()), "docs": val.n_docs},
+        "train": {"steps": None if cfg.skip_train else result.steps, "train_ms": train_ms,
+                  "stopped_early": None if cfg.skip_train else result.stopped_early,
+                  "peak_memory_mib": None if cfg.skip_train else result.peak_mem_mib},
+        "calibration_s": cal_s, "sizes": sizes, "eval": evals,
+        "valid": bool(sizes["valid_size"] and evals["eval_within_budget"] and (
+            not cfg.max_wallclock_seconds or train_ms / 1000 + cal_s <= cfg.max_wallclock_seconds)),
+    }
+    if rt.is_main:
+        path = out / "logs" / f"{cfg.run_id}.summary.json"
+        path.write_text(json.dumps(summary, indent=1))
+        log(f"summary:{path} valid:{int(summary['valid'])}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

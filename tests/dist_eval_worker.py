@@ -1,0 +1,27 @@
+"""Run every eval mode on an artifact under torchrun and print the exact sums (used by test_eval)."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+art, env = sys.argv[1], json.loads(sys.argv[2])
+cfg, _ = tg.load_config(env)
+rt = tg.setup_runtime(cfg)
+sp = tg.load_sentencepiece(cfg.tokenizer_path)
+val = tg.load_validation(cfg, sp)
+out = {}
+for name, stride in (("roundtrip", cfg.eval_seq_len), ("sliding", cfg.eval_stride)):
+    _, m = tg.load_artifact_model(art, rt)
+    s = tg.eval_windows(m, val, cfg.eval_seq_len, stride, cfg.eval_batch_tokens, rt)
+    out[name] = [s.nll, s.tokens, s.bytes]
+_, m = tg.load_artifact_model(art, rt)
+s = tg.ttt_eval(m, val, cfg, rt, lambda msg: None)
+out["ttt"] = [s.nll, s.tokens, s.bytes]
+if rt.is_main:
+    print("RESULT " + json.dumps(out))
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
