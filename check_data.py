@@ -21,7 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer")
     ap.add_argument("--vocab-size", type=int)
     ap.add_argument("--caseops", action="store_true")
-    ap.add_argument("--need-bos", action="store_true", help="require BOS markers even for plain data")
     a = ap.parse_args(argv)
     env = dict(os.environ)
     for key, val in (("DATA_PATH", a.data_path), ("TOKENIZER_PATH", a.tokenizer), ("VOCAB_SIZE", a.vocab_size)):
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, _ = train_gpt.load_config(env)
         sp = train_gpt.check_tokenizer(cfg)
-        rep = train_gpt.check_dataset(cfg, sp, need_bos=cfg.caseops_enabled or a.need_bos)
+        rep = train_gpt.check_dataset(cfg, sp, need_bos=cfg.caseops_enabled or cfg.ttt_enabled)
     except (train_gpt.ConfigError, train_gpt.DataError) as e:
         print(f"data check failed: {e}", file=sys.stderr)
         return 1

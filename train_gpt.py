@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -183,9 +184,10 @@ RETIRED_ENV = {
     "CRAWLER_TAP_LAYERS", "ANCHOR_DIM", "FLAT_WEIGHT_SHARE", "MLP_ACT", "VE_ENABLED", "QAT_ENABLED",
     "DDP_FIND_UNUSED_PARAMETERS", "SWA_ENABLED", "TIE_EMBEDDINGS", "HEAD_LR", "TIED_EMBED_LR",
 }
-# Variables owned by the launcher, Python or libraries; never ours.
+# Variables owned by run.sh, the launcher, Python or libraries; never ours.
 FOREIGN_PREFIXES = ("TORCH", "NCCL", "CUDA", "OMP_", "PYTHON", "MASTER_", "GROUP_", "ROLE_", "LOCAL_",
-                    "TRITON", "HF_", "PYTEST", "NPROC", "RANK", "WORLD_SIZE", "LC_", "XDG_")
+                    "TRITON", "HF_", "PYTEST", "NPROC", "RANK", "WORLD_SIZE", "LC_", "XDG_", "DEVICE", "RECORD_DIR",
+                    "RUN_DIR", "MIN_FREE_GB")
 OUR_PREFIXES = {n.split("_")[0] for n in ENV_NAMES} - {"MAX", "MIN", "USE", "NUM", "RUN", "DATA", "OUTPUT"}
 
 
@@ -1863,6 +1865,7 @@ def write_outputs(qm: dict, cfg: Config, rt: Runtime, log: Logger) -> dict:
         (out / "train_gpt.counted.py").write_bytes(code)
     log(f"Serialized model int6+{cfg.compressor}: {sizes['bytes_model']} bytes")
     log(f"Code size: {sizes['bytes_code']} bytes")
+    log(f"code_sha256:{hashlib.sha256(code).hexdigest()}")
     log(f"Total submission size int6+{cfg.compressor}: {sizes['bytes_total']} bytes")
     if not sizes["valid_size"]:
         log(f"ERROR: ARTIFACT OVER LIMIT: {sizes['bytes_total']} > ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes}; "

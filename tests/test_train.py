@@ -235,3 +235,9 @@ def test_config_reference_lists_every_field():
     ref = tg.config_reference_markdown()
     for name in tg.ENV_NAMES:
         assert f"`{name}`" in ref
+
+
+def test_readme_config_table_is_current():
+    from conftest import ROOT
+
+    assert tg.config_reference_markdown() in (ROOT / "README.md").read_text()

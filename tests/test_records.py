@@ -1,0 +1,145 @@
+"""Issue 6: run.sh preflight, the record tool (statistics, refusals, outputs) and the CPU pipeline."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, clean_env, tiny_env
+from tools import make_record as mr
+
+
+def test_t_distribution_matches_tables():
+    assert mr.t_sf(2.0, 10) == pytest.approx(0.036694, abs=2e-6)
+    assert mr.t_sf(1.0, 5) == pytest.approx(0.181609, abs=2e-6)
+    assert mr.t_sf(-1.0, 5) == pytest.approx(1 - 0.181609, abs=2e-6)
+    assert mr.t_sf(2.764, 10) == pytest.approx(0.01, abs=5e-5)  # one-sided 1% critical value, df 10
+    assert mr.t_sf(3.747, 4) == pytest.approx(0.01, abs=5e-5)
+    assert mr.t_sf(0.0, 7) == pytest.approx(0.5)
+
+
+def test_welch_matches_hand_computation():
+    new, prev = [1.900, 1.902, 1.898], [1.910, 1.915, 1.905]
+    m1, m2 = 1.9, 1.91
+    s1, s2 = math.sqrt((0.002 ** 2 * 2) / 2), math.sqrt((0.005 ** 2 * 2) / 2)
+    assert mr.mean_std(new) == pytest.approx((m1, s1))
+    v1, v2 = s1 ** 2 / 3, s2 ** 2 / 3
+    t = (m2 - 0.005 - m1) / math.sqrt(v1 + v2)
+    df = (v1 + v2) ** 2 / (v1 ** 2 / 2 + v2 ** 2 / 2)
+    res = mr.welch_one_sided(new, prev, 0.005)
+    assert res["t"] == pytest.approx(t) and res["df"] == pytest.approx(df)
+    assert res["p_value"] == pytest.approx(mr.t_sf(t, df)) and res["improvement_nats"] == pytest.approx(0.01)
+    assert res["significant_p_lt_0_01"] is False  # 0.01 nats better, but 3 noisy seeds do not prove a 0.005 margin
+    strong = mr.welch_one_sided([1.8000, 1.8001, 1.7999], prev, 0.005)
+    assert strong["significant_p_lt_0_01"] is True
+    with pytest.raises(mr.RecordError, match="at least 2 seeds"):
+        mr.welch_one_sided([1.9], prev, 0.005)
+
+
+def _seed_logs(trained_tiny, tmp_path, seeds=(1, 2), edit=None):
+    src = (trained_tiny["out"] / "logs" / "seed1337.txt").read_text()
+    paths = []
+    for i, s in enumerate(seeds):
+        text = src.replace("config: SEED=1337", f"config: SEED={s}")
+        if i == 1:  # the second seed scored a little differently
+            text = re.sub(r"quantized_ttt_phased val_loss:([0-9.]+)",
+                          lambda m: f"quantized_ttt_phased val_loss:{float(m[1]) + 0.01:.8f}", text)
+            if edit:
+                text = edit(text)
+        p = tmp_path / f"train_seed{s}.log"
+        p.write_text(text)
+        paths.append(p)
+    return paths
+
+
+def test_record_folder_contents_and_table(trained_tiny, tmp_path):
+    logs = _seed_logs(trained_tiny, tmp_path)
+    folder = mr.build_record(logs, "Tiny", "A. Person", "aperson", tmp_path / "records", prev_losses=[9.0, 9.1, 9.05],
+                             date="2026-11-23")
+    assert folder == tmp_path / "records" / "track_10min_16mb" / "2026-11-23_Tiny"
+    names = {p.name for p in folder.iterdir()}
+    assert {"train_gpt.py", "train_seed1.log", "train_seed2.log", "submission.json", "README.md",
+            "train_curves.png", "requirements.txt"} <= names
+    assert (folder / "train_gpt.py").read_bytes() == (trained_tiny["out"] / "train_gpt.counted.py").read_bytes()
+    sub = json.loads((folder / "submission.json").read_text())
+    runs = [mr.parse_log(p) for p in logs]
+    losses = [r.values["ttt_loss"] for r in runs]
+    assert sub["val_loss"] == pytest.approx(sum(losses) / 2)
+    assert sub["val_loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / math.sqrt(2))
+    assert sub["seeds"] == [1, 2] and sub["significance"]["significant_p_lt_0_01"] is True
+    for k in ("author", "github_id", "name", "date", "val_bpb", "bytes_total", "bytes_code", "per_seed", "hardware",
+              "versions", "compliance"):
+        assert k in sub
+    readme = (folder / "README.md").read_text()
+    for r in runs:  # the table shows exactly what the logs say
+        row = [l for l in readme.splitlines() if l.startswith(f"| {r.seed} |")][0]
+        assert f"{r.values['ttt_bpb']:.5f}" in row and f"{r.values['sliding_bpb']:.5f}" in row
+        assert str(int(r.values["bytes_total"])) in row
+    assert (folder / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t: t.split("final_int6_sliding_window_exact")[0], "incomplete"),
+    (lambda t: re.sub(r"Total submission size (\S+): \d+", r"Total submission size \1: 16000001", t), "cap"),
+    (lambda t: re.sub(r"train\+calibration:[0-9.]+s", "train+calibration:601.0s", t), "training \\+ calibration"),
+    (lambda t: re.sub(r"eval_total_time:[0-9.]+s", "eval_total_time:700.0s", t), "evaluation took"),
+    (lambda t: t.replace("config: MATRIX_LR=0.02", "config: MATRIX_LR=0.03"), "disagree on configuration: MATRIX_LR"),
+    (lambda t: re.sub(r"code_sha256:\w+", "code_sha256:" + "0" * 64, t), "different code"),
+])
+def test_record_refusals(trained_tiny, tmp_path, edit, needle):
+    logs = _seed_logs(trained_tiny, tmp_path, edit=edit)
+    with pytest.raises(mr.RecordError, match=needle):
+        mr.build_record(logs, "Tiny", "a", "b", tmp_path / "records")
+    assert not (tmp_path / "records").exists() or not any((tmp_path / "records").rglob("submission.json"))
+
+
+def test_record_refuses_duplicate_seeds_and_cli_reports(trained_tiny, tmp_path, capsys):
+    logs = _seed_logs(trained_tiny, tmp_path, seeds=(3, 3))
+    assert mr.main(["--log", *map(str, logs), "--name", "x", "--author", "a", "--github-id", "b",
+                    "--out-root", str(tmp_path / "r")]) == 1
+    assert "duplicate seeds" in capsys.readouterr().err
+
+
+def _run_sh(env, timeout=60):
+    t0 = time.time()
+    r = subprocess.run(["bash", str(ROOT / "run.sh")], env=clean_env() | env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    return r, time.time() - t0
+
+
+def test_run_sh_preflight_failures(plain_data, tmp_path):
+    base = tiny_env(plain_data) | {"RECORD_DIR": str(tmp_path / "rec"), "RUN_DIR": str(tmp_path / "run")}
+    r, secs = _run_sh(base | {"DATA_PATH": str(tmp_path / "missing")})
+    assert r.returncode == 2 and "DATA_PATH" in r.stderr and "cached_challenge_fineweb.py" in r.stderr and secs < 30
+    r, _ = _run_sh(base | {"TOKENIZER_PATH": str(tmp_path / "none.model")})
+    assert r.returncode == 2 and "TOKENIZER_PATH" in r.stderr
+    r, _ = _run_sh(base)  # data is fine; this machine has no GPU
+    assert r.returncode == 2 and "found 0 CUDA GPUs" in r.stderr and "NPROC" in r.stderr
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "brotli.py").write_text("raise ImportError('simulated missing brotli')\n")
+    r, _ = _run_sh(base | {"PYTHONPATH": str(shadow)})
+    assert r.returncode == 2 and "pip install -r requirements.txt" in r.stderr
+    assert not (tmp_path / "rec" / "train_seed1337.log").exists()
+
+
+def test_cpu_pipeline_end_to_end(tmp_path):
+    """The README's CPU pipeline command, as written, in a scratch directory."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "cpu_pipeline.py"), "--work", str(tmp_path / "w")],
+                       env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(f"cpu pipeline wall time: {time.time() - t0:.0f}s")
+    folder = next((tmp_path / "w" / "records" / "track_10min_16mb").iterdir())
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["seeds"] == [1, 2] and sub["score"] == "ttt" and sub["bytes_total"] < 16_000_000
+    assert sub["val_bpb"] < 1.2  # the tiny model really learned the corpus (untrained: ~log2(512)*tokens/bytes)
+    env_file = (tmp_path / "w" / "records" / "logs" / "train_seed1.env").read_text()
+    assert "command:" in env_file and "CASEOPS_ENABLED=1" in env_file
+    assert time.time() - t0 < 300
