@@ -737,7 +737,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention on [B, T, H, D] tensors (k, v may have fewer heads: GQA)."""
     if ATTN_BACKEND["name"] == "fa3":
-        return _fa3(q, k, v, causal=True)
+        dt = q.dtype
+        if dt not in (torch.bfloat16, torch.float16):  # RMSNorm/RoPE run in fp32 under autocast; FA3 needs bf16
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        y = _fa3(q, k, v, causal=True)
+        return (y[0] if isinstance(y, tuple) else y).to(dt)  # some FA3 builds also return the LSE
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
@@ -1102,6 +1106,9 @@ def train_step(model: nn.Module, micro: list[tuple[Tensor, Tensor]], opts: Optim
         loss.backward()
         total += loss.detach()
     if rt.world_size > 1:  # one flat all-reduce of all gradients, averaged over ranks
+        for p in params:  # e.g. a not-yet-active crawler loop's instruction projection has no gradient
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
         flat = torch.cat([g.flatten() for g in grads])
         all_reduce_(flat)

@@ -144,6 +144,15 @@ def test_two_rank_training_matches_single_process(plain_data, tmp_path):
         torch.testing.assert_close(s1[k], s2[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
+def test_two_ranks_with_delayed_loops(plain_data, tmp_path):
+    """Before CRAWLER_START_FRAC the second loop's parameters get no gradient; ranks must still agree."""
+    env = tiny_env(plain_data, ITERATIONS=6, CRAWLER_START_FRAC=0.5, TRAIN_LOG_EVERY=1, TTT_ENABLED=0,
+                   GRAD_ACCUM_STEPS=1)
+    r = run_trainer(env, tmp_path, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "crawler:loops_enabled loops:2 step:3" in r.stdout and "ranks_in_sync:1" in r.stdout
+
+
 def test_wallclock_cap_stops_and_schedule_hits_floor(plain_data, tmp_path):
     env = tiny_env(plain_data, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=5, GPTQ_RESERVE_SECONDS=1,
                    TRAIN_LOG_EVERY=1, WARMDOWN_FRAC=0.5, MIN_LR=0.05)
