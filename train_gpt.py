@@ -131,6 +131,7 @@ class Config:
     gated_attn_quant_gate: bool = _f(False, "store attention gate rows as int8 instead of fp16 (#1736)")
     compressor: str = _f("brotli", "artifact compressor", choices=("brotli", "zstd", "lzma"))
     artifact_limit_bytes: int = _f(16_000_000, "cap on model + code bytes (decimal)", 1)
+    artifact_fit: bool = _f(True, "widen the int6 steps just enough that the estimated artifact fits the cap")
     skip_train: bool = _f(False, "skip training: calibrate, quantize, pack and evaluate INIT_MODEL_PATH")
     init_model_path: str = _f("", "float checkpoint for SKIP_TRAIN (default OUTPUT_DIR/final_model.pt)")
     # --- evaluation and test-time training ---
@@ -1283,14 +1284,14 @@ def row_scales(w: Tensor, bits: int, sigmas: float, hdiag: Tensor | None = None)
     return best
 
 
-def quantize_rtn(w: Tensor, bits: int, sigmas: float) -> QTensor:
+def quantize_rtn(w: Tensor, bits: int, sigmas: float, step: float = 1.0) -> QTensor:
     w = w.float()
     qmax = 2 ** (bits - 1) - 1
-    s = row_scales(w, bits, sigmas).half().float()
+    s = (row_scales(w, bits, sigmas) * step).half().float()
     return QTensor((w / s[:, None]).round().clamp(-qmax, qmax).to(torch.int8), s.half(), bits)
 
 
-def quantize_gptq(w: Tensor, h: Tensor, bits: int, sigmas: float) -> QTensor:
+def quantize_gptq(w: Tensor, h: Tensor, bits: int, sigmas: float, step: float = 1.0) -> QTensor:
     """GPTQ (Frantar et al. 2022): quantize columns in order of decreasing Hessian diagonal and push
     each column's rounding error onto the not-yet-quantized columns via the inverse Hessian."""
     w, h = w.float().clone(), h.float().clone()
@@ -1298,7 +1299,7 @@ def quantize_gptq(w: Tensor, h: Tensor, bits: int, sigmas: float) -> QTensor:
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    s = row_scales(w, bits, sigmas, torch.diag(h)).half().float()
+    s = (row_scales(w, bits, sigmas, torch.diag(h)) * step).half().float()
     perm = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, perm], h[perm][:, perm]
     h += GPTQ_DAMP * torch.diag(h).mean() * torch.eye(h.size(0), device=h.device)
@@ -1357,14 +1358,15 @@ def calibration_batches(train_paths: list[str], cfg: Config, rt: Runtime) -> lis
 
 
 def _quantize_names(model: GPT, sd: dict[str, Tensor], names: list[str], hs: dict[str, Tensor] | None,
-                    cfg: Config, rt: Runtime) -> dict[str, QTensor]:
+                    cfg: Config, rt: Runtime, step: float = 1.0) -> dict[str, QTensor]:
     """Quantize `names`; rank r does every world_size-th tensor, then each is broadcast from its owner."""
     out = {}
     for i, n in enumerate(names):
         kind, bits, sig = quant_plan(n, sd[n], cfg)
         w = sd[n].to(rt.device)
+        k = step if bits == GPTQ_BITS else 1.0
         if i % rt.world_size == rt.rank:
-            qt = quantize_gptq(w, hs[n], bits, sig) if (kind == "gptq" and hs is not None) else quantize_rtn(w, bits, sig)
+            qt = quantize_gptq(w, hs[n], bits, sig, k) if (kind == "gptq" and hs is not None) else quantize_rtn(w, bits, sig, k)
         else:
             qt = QTensor(torch.empty(w.shape, dtype=torch.int8, device=rt.device),
                          torch.empty(w.size(0), dtype=torch.float16, device=rt.device), bits)
@@ -1375,7 +1377,66 @@ def _quantize_names(model: GPT, sd: dict[str, Tensor], names: list[str], hs: dic
     return out
 
 
-def quantize_model(model: GPT, cfg: Config, rt: Runtime, batches: list[Tensor], log: Logger) -> dict[str, QTensor | Tensor]:
+ARTIFACT_MARGIN = 0.01  # compressed sizes vary by a few KB run to run (PR #1978): aim 1% under the cap
+HEADER_ALLOWANCE = 16_384  # JSON header and container bytes
+
+
+def entropy_bytes(q: Tensor) -> float:
+    """Order-0 entropy of integer symbols in bytes. With fp16 counted at 2 bytes this bounds the packed size
+    from above: 0.1% over brotli on the full-size model, ~7% over on tiny ones where fp16 tensors dominate."""
+    counts = torch.bincount(q.flatten().long() + 128)
+    p = counts[counts > 0].double() / q.numel()
+    return float(-(p * p.log2()).sum()) * q.numel() / 8
+
+
+def fit_step(mats: list[tuple[Tensor, Tensor]], bits: int, budget: float) -> float | None:
+    """Smallest common multiplier k >= 1 of the per-row steps whose symbol entropy fits `budget` bytes
+    (None if even 64x steps do not). Wider steps cost accuracy, so k = 1 whenever it already fits."""
+    qmax = 2 ** (bits - 1) - 1
+
+    def size(k: float) -> float:
+        return sum(entropy_bytes((w / (s * k)[:, None]).round().clamp(-qmax, qmax)) for w, s in mats)
+
+    if size(1.0) <= budget:
+        return 1.0
+    lo, hi = 1.0, 2.0
+    while size(hi) > budget:
+        lo, hi = hi, hi * 2
+        if hi > 64:
+            return None
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if size(mid) <= budget else (mid, hi)
+    return hi
+
+
+def choose_step(sd: dict[str, Tensor], plan: dict, hs: dict[str, Tensor] | None, other: dict, cfg: Config,
+                code_bytes: int, rt: Runtime, log: Logger) -> float:
+    """Rate control: estimate the artifact from symbol entropies; if it would exceed the cap, widen the
+    int6 steps of every 6-bit matrix by one common factor so that it fits."""
+    six = [n for n, p in plan.items() if p[1] == GPTQ_BITS]
+    if not cfg.artifact_fit or not six:
+        return 1.0
+    mats = []
+    for n in six:
+        w = sd[n].to(rt.device)
+        hd = torch.diag(hs[n]) if (hs is not None and n in hs) else None
+        mats.append((w, row_scales(w, GPTQ_BITS, plan[n][2], hd)))
+    fixed = sum(entropy_bytes(v.q) + 2 * v.scale.numel() if isinstance(v, QTensor) else 2 * v.numel()
+                for v in other.values()) + sum(2 * sd[n].size(0) for n in six) + HEADER_ALLOWANCE
+    budget = cfg.artifact_limit_bytes * (1 - ARTIFACT_MARGIN) - code_bytes - fixed
+    step = fit_step(mats, GPTQ_BITS, budget) if budget > 0 else None
+    if step is None:
+        log(f"artifact_fit: cannot fit {cfg.artifact_limit_bytes} bytes (code {code_bytes}, other tensors "
+            f"{fixed:.0f}); keeping the native int6 steps")
+        return 1.0
+    log(f"artifact_fit: int6 step multiplier {step:.4f} (1.0 = native) for an estimated "
+        f"{budget + fixed + code_bytes:.0f}-byte budget")
+    return step
+
+
+def quantize_model(model: GPT, cfg: Config, rt: Runtime, batches: list[Tensor], log: Logger,
+                   code_bytes: int = 0) -> dict[str, QTensor | Tensor]:
     """Quantize every tensor of the model. Loop-aware: flat layers first from phase-1 Hessians, patch
     them in, then collect the crawler's Hessians through the quantized flat layers (phase 2)."""
     model.set_active_loops(cfg.crawler_loops if cfg.use_crawler else 0)
@@ -1387,7 +1448,13 @@ def quantize_model(model: GPT, cfg: Config, rt: Runtime, batches: list[Tensor], 
     hs = collect_hessians(model, batches, set(gptq_names), rt) if gptq_names else None
     two_phase = cfg.loop_aware_gptq and crawler and flat and hs is not None
     log(f"gptq:phase1 hessians:{len(gptq_names)} samples:{cfg.gptq_cal_samples} loop_aware:{int(bool(two_phase))}")
-    out: dict[str, QTensor | Tensor] = dict(_quantize_names(model, sd, flat if two_phase else gptq_names, hs, cfg, rt))
+    rest = sorted(n for n, p in plan.items() if p[0] == "rtn" and p[1] != GPTQ_BITS)
+    out: dict[str, QTensor | Tensor] = dict(_quantize_names(model, sd, rest, None, cfg, rt))
+    out |= {n: sd[n].half() for n, p in plan.items() if p[0] == "fp16"}
+    step = choose_step(sd, plan, hs, out, cfg, code_bytes, rt, log)
+    six_rtn = sorted(n for n, p in plan.items() if p[0] == "rtn" and p[1] == GPTQ_BITS)  # SKIP_GPTQ=1
+    out |= _quantize_names(model, sd, six_rtn, None, cfg, rt, step)
+    out |= _quantize_names(model, sd, flat if two_phase else gptq_names, hs, cfg, rt, step)
     if two_phase:
         live = model.state_dict()
         saved = {n: live[n].detach().clone() for n in flat}
@@ -1401,10 +1468,7 @@ def quantize_model(model: GPT, cfg: Config, rt: Runtime, batches: list[Tensor], 
         shift = max((hs2[n] - hs[n]).norm().item() / hs[n].norm().clamp_min(1e-12).item() for n in crawler)
         log(f"gptq:phase2 crawler_hessians:{len(crawler)} through quantized flat layers:{len(flat)} "
             f"max_rel_change:{shift:.4f}")
-        out |= _quantize_names(model, sd, crawler, hs2, cfg, rt)
-    rest = sorted(n for n, p in plan.items() if p[0] == "rtn")
-    out |= _quantize_names(model, sd, rest, None, cfg, rt)
-    out |= {n: sd[n].half() for n, p in plan.items() if p[0] == "fp16"}
+        out |= _quantize_names(model, sd, crawler, hs2, cfg, rt, step)
     return out
 
 
@@ -1859,12 +1923,16 @@ def check_pipeline_inputs(cfg: Config) -> None:
             raise ConfigError(f"{path} was trained with a different model; set " + ", ".join(diff))
 
 
-def write_outputs(qm: dict, cfg: Config, rt: Runtime, log: Logger) -> dict:
+def shipped_code() -> bytes:
+    """The counted code of this run: this file's wrapper, or the file itself when it is the wrapper."""
+    src = Path(__file__).read_text(encoding="utf-8")
+    return src.encode() if src.startswith("import lzma,base64\nexec(") else counted_code(src)
+
+
+def write_outputs(qm: dict, code: bytes, cfg: Config, rt: Runtime, log: Logger) -> dict:
     """Rank 0 writes the artifact and the counted code wrapper; sizes go to the log and the summary."""
     out = Path(cfg.output_dir)
     blob = pack_artifact(qm, cfg, cfg.compressor)
-    src = Path(__file__).read_text(encoding="utf-8")
-    code = src.encode() if src.startswith("import lzma,base64\nexec(") else counted_code(src)
     sizes = {"bytes_model": len(blob), "bytes_code": len(code), "bytes_total": len(blob) + len(code)}
     sizes["valid_size"] = sizes["bytes_total"] <= cfg.artifact_limit_bytes
     if rt.is_main:
@@ -1919,13 +1987,14 @@ def main() -> None:
             torch.save({"config": dataclasses.asdict(cfg), "state_dict": result.final_state}, out / "final_model.pt")
             log(f"saved:{out / 'final_model.pt'}")
     t0 = time.perf_counter()
-    qm = quantize_model(model, cfg, rt, calibration_batches(train_paths, cfg, rt), log)
+    code = shipped_code()
+    qm = quantize_model(model, cfg, rt, calibration_batches(train_paths, cfg, rt), log, len(code))
     cal_s = time.perf_counter() - t0
     log(f"gptq:calibrated_and_quantized time:{cal_s:.1f}s train+calibration:{train_ms / 1000 + cal_s:.1f}s")
     if cfg.max_wallclock_seconds and train_ms / 1000 + cal_s > cfg.max_wallclock_seconds:
         log(f"WARNING: training + calibration took {train_ms / 1000 + cal_s:.1f}s > MAX_WALLCLOCK_SECONDS="
             f"{cfg.max_wallclock_seconds}; raise GPTQ_RESERVE_SECONDS above {cal_s:.0f}")
-    sizes = write_outputs(qm, cfg, rt, log)
+    sizes = write_outputs(qm, code, cfg, rt, log)
     if dist.is_initialized():
         dist.barrier()
     evals = run_evaluation(out / "final_model.int6.ptz", val, cfg, rt, log)

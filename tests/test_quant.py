@@ -174,3 +174,40 @@ def test_minified_source_is_equivalent():
     mini = tg.minify_source(src)
     assert '"""' not in mini.split("\n", 3)[0] and len(mini) < len(src)
     compile(mini, "train_gpt_min", "exec")
+
+
+def test_entropy_estimate_tracks_the_compressor(trained_tiny):
+    cfg, qm = tg.unpack_artifact((trained_tiny["out"] / "final_model.int6.ptz").read_bytes())
+    est = sum(tg.entropy_bytes(v.q) + 2 * v.scale.numel() if isinstance(v, tg.QTensor) else 2 * v.numel()
+              for v in qm.values())
+    actual = len(tg.pack_artifact(qm, cfg, "brotli"))
+    # an upper bound (so the fit errs towards fitting), and not a loose one
+    assert actual <= est < 1.10 * actual, (est, actual)
+
+
+def test_fit_step_is_minimal_and_fits():
+    g = torch.Generator().manual_seed(0)
+    mats = [(w, tg.row_scales(w, 6, 0.0)) for w in (torch.randn(64, 256, generator=g), torch.randn(128, 64, generator=g))]
+
+    def size(k):
+        return sum(tg.entropy_bytes((w / (s * k)[:, None]).round().clamp(-31, 31)) for w, s in mats)
+
+    assert tg.fit_step(mats, 6, size(1.0) + 1) == 1.0
+    budget = 0.8 * size(1.0)
+    k = tg.fit_step(mats, 6, budget)
+    assert k > 1 and size(k) <= budget and size(k * 0.995) > budget
+    assert tg.fit_step(mats, 6, 10.0) is None
+
+
+def test_artifact_fit_brings_a_run_under_the_cap(trained_tiny, tmp_path):
+    total = int(log_value(trained_tiny["stdout"], "Total submission size", "brotli:"))
+    limit = int(total * 0.9)
+    env = trained_tiny["env"] | {"SKIP_TRAIN": "1", "INIT_MODEL_PATH": str(trained_tiny["out"] / "final_model.pt"),
+                                 "ARTIFACT_LIMIT_BYTES": str(limit), "TTT_ENABLED": "0"}
+    r = run_trainer(env, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mult = float(r.stdout.split("int6 step multiplier ")[1].split()[0])
+    assert mult > 1.0
+    assert log_value(r.stdout, "Total submission size", "brotli:") <= limit
+    assert "ARTIFACT OVER LIMIT" not in r.stdout
+    assert "int6 step multiplier 1.0000" in trained_tiny["stdout"]  # the default cap needed no widening

@@ -44,6 +44,15 @@ def main() -> None:
         blob = tg.pack_artifact(qm, cfg, comp)
         print(f"compressor:{comp} bytes_model:{len(blob)} bytes_code:{code} bytes_total:{len(blob) + code} "
               f"time:{time.perf_counter() - t0:.1f}s")
+    # what ARTIFACT_FIT does to this model under the cap
+    plan = {n: tg.quant_plan(n, t, cfg) for n, t in sd.items()}
+    other = {n: v for n, v in qm.items() if plan[n][1] != tg.GPTQ_BITS}
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), None, False, "sdpa")
+    step = tg.choose_step(sd, plan, None, other, cfg, code, rt, print)
+    fitted = other | {n: tg.quantize_rtn(sd[n], p[1], p[2], step) for n, p in plan.items() if p[1] == tg.GPTQ_BITS}
+    blob = tg.pack_artifact(fitted, cfg, cfg.compressor)
+    print(f"fitted: step_multiplier:{step:.4f} compressor:{cfg.compressor} bytes_total:{len(blob) + code} "
+          f"limit:{cfg.artifact_limit_bytes}")
 
 
 if __name__ == "__main__":
