@@ -24,10 +24,6 @@ class CaseOpsError(ValueError):
     """A string that is not a valid CaseOps encoding; the message says where and why."""
 
 
-def _is_letter(c: str) -> bool:
-    return ("a" <= c <= "z") or ("A" <= c <= "Z")
-
-
 def _encode_word(w: str) -> str:
     low = w.lower()
     if w == low:

@@ -1128,18 +1128,23 @@ def train_step(model: nn.Module, micro: list[tuple[Tensor, Tensor]], opts: Optim
     return float(total)
 
 
-def prime_compile(model: nn.Module, opts: Optimizers, loader_factory, cfg: Config, rt: Runtime,
+def prime_compile(model: GPT, compiled: nn.Module, opts: Optimizers, loader_factory, cfg: Config, rt: Runtime,
                   params, log: Logger) -> None:
     """Run WARMUP_STEPS real steps so torch.compile is warm, then restore weights and optimizer
-    state: the timed run starts from the same initial state."""
+    state: the timed run starts from the same initial state. With delayed crawler loops both depths
+    are compiled here, so enabling the loops mid-run costs no recompilation on the clock."""
     if not rt.compile or not cfg.warmup_steps:
         return
     saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
              [copy.deepcopy(o.state_dict()) for o in opts.all()])
+    start_loops, full_loops = model.active_loops, (cfg.crawler_loops if cfg.use_crawler else 0)
     loader = loader_factory()
     for s in range(cfg.warmup_steps):
-        train_step(model, loader.next_batch(), opts, cfg, rt, params)
+        if s == cfg.warmup_steps // 2 and start_loops != full_loops:
+            model.set_active_loops(full_loops)
+        train_step(compiled, loader.next_batch(), opts, cfg, rt, params)
         log(f"warmup_step:{s + 1}/{cfg.warmup_steps}")
+    model.set_active_loops(start_loops)
     model.load_state_dict(saved[0])
     for o, st in zip(opts.all(), saved[1]):
         o.load_state_dict(st)
@@ -1149,7 +1154,7 @@ def train(model: nn.Module, compiled: nn.Module, cfg: Config, rt: Runtime, loade
           val: ValidationData, log: Logger) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     opts = build_optimizers(model, cfg, rt)
-    prime_compile(compiled, opts, loader_factory, cfg, rt, params, log)
+    prime_compile(model, compiled, opts, loader_factory, cfg, rt, params, log)
     loader = loader_factory()
     averager = WeightAverager(model, cfg)
     budget_ms = max(0.0, cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) * 1000

@@ -250,3 +250,22 @@ def test_readme_config_table_is_current():
     from conftest import ROOT
 
     assert tg.config_reference_markdown() in (ROOT / "README.md").read_text()
+
+
+def test_compile_priming_warms_both_depths_and_restores_state(plain_data, monkeypatch):
+    from conftest import TINY
+
+    cfg, _ = tg.load_config(TINY | {"CRAWLER_START_FRAC": "0.5", "WARMUP_STEPS": "4",
+                                    "DATA_PATH": str(plain_data["data_path"])})
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), None, True, "sdpa")  # as if compiled: priming runs
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opts, params, seen = tg.build_optimizers(model, cfg, rt), list(model.parameters()), []
+    real = tg.train_step
+    monkeypatch.setattr(tg, "train_step", lambda c, *a: (seen.append(model.active_loops), real(c, *a))[1])
+    loader = lambda: tg.TrainLoader(tg.shard_paths(cfg.data_path, "train"), cfg, 1, 0, 1, 1, rt.device)  # noqa: E731
+    tg.prime_compile(model, model, opts, loader, cfg, rt, params, lambda s: None)
+    assert seen == [1, 1, 2, 2] and model.active_loops == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not opts.muon.state, "optimizer state must be restored to empty"
