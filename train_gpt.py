@@ -458,6 +458,11 @@ def shard_paths(data_path: str, split: str) -> list[str]:
     return sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")))
 
 
+def sidecar_paths(data_path: str) -> list[str]:
+    """The CaseOps val byte sidecar, one file per val shard."""
+    return sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_[0-9]*.bin")))
+
+
 class TrainLoader:
     """Each optimizer step reads one contiguous global chunk of TRAIN_BATCH_TOKENS(+1) tokens that
     starts at a document boundary; rank r takes micro-batch rows r, r+W, r+2W, ... so the global
@@ -547,7 +552,7 @@ def load_validation(cfg: Config, sp) -> ValidationData:
         raise DataError(f"no fineweb_val_*.bin in {cfg.data_path}; run the data download or prep script")
     tokens = np.concatenate([load_shard(p) for p in paths])
     if cfg.caseops_enabled:
-        side = sorted(glob.glob(os.path.join(cfg.data_path, "fineweb_val_bytes_[0-9]*.bin")))
+        side = sidecar_paths(cfg.data_path)
         if not side:
             raise DataError(f"CASEOPS_ENABLED=1 but no fineweb_val_bytes_*.bin sidecar in {cfg.data_path}; "
                             "re-run prepare_caseops_data.py")
@@ -630,9 +635,10 @@ def check_dataset(cfg: Config, sp, need_bos: bool) -> DataReport:
     if expected and vt.size != expected and not cfg.val_token_limit:
         raise DataError(f"val split has {vt.size} tokens but the published {os.path.basename(cfg.data_path)} has "
                         f"{expected}: the validation split is wrong or incomplete: {prep} (default --val-docs)")
-    val_bytes = check_sidecar(cfg, val, val_parts) if cfg.caseops_enabled else None
+    side = check_sidecar(cfg, val, val_parts) if cfg.caseops_enabled else None
+    val_bytes = int(side.astype(np.int64).sum()) if side is not None else None
     docs = split_docs(vt, cfg.bos_id)
-    check_tokenizer_roundtrip(cfg, sp, docs, val_bytes is not None)
+    check_tokenizer_roundtrip(cfg, sp, docs, side)
     val_hashes = {hash(d.tobytes()) for d in docs if d.size >= 16}
     train_docs = split_docs(first, cfg.bos_id)
     overlap = sum(hash(d.tobytes()) in val_hashes for d in train_docs if d.size >= 16)
@@ -642,12 +648,13 @@ def check_dataset(cfg: Config, sp, need_bos: bool) -> DataReport:
     return DataReport(len(train), len(val), int(vt.size), len(docs), val_bytes, len(train_docs), overlap)
 
 
-def check_sidecar(cfg: Config, val: list[str], val_parts: list[np.ndarray]) -> int:
-    side = sorted(glob.glob(os.path.join(cfg.data_path, "fineweb_val_bytes_[0-9]*.bin")))
+def check_sidecar(cfg: Config, val: list[str], val_parts: list[np.ndarray]) -> np.ndarray:
+    """Check the sidecar against the val shards; return it, concatenated like the val tokens."""
+    side = sidecar_paths(cfg.data_path)
     if len(side) != len(val):
         raise DataError(f"{len(side)} val byte sidecars for {len(val)} val shards in {cfg.data_path}; "
                         "re-run prepare_caseops_data.py")
-    total = 0
+    parts = []
     for p, toks in zip(side, val_parts):
         b = load_shard(p)
         if b.size != toks.size:
@@ -655,22 +662,20 @@ def check_sidecar(cfg: Config, val: list[str], val_parts: list[np.ndarray]) -> i
                             "re-run prepare_caseops_data.py")
         if b[toks == cfg.bos_id].any():
             raise DataError(f"{p} gives bytes to BOS tokens (misaligned sidecar); re-run prepare_caseops_data.py")
-        total += int(b.astype(np.int64).sum())
-    return total
+        parts.append(b)
+    return np.concatenate(parts)
 
 
-def check_tokenizer_roundtrip(cfg: Config, sp, docs: list[np.ndarray], caseops: bool, n: int = 16) -> None:
-    """Decoding the first val documents and encoding them again must give the same ids; with CaseOps the
-    sidecar's byte count of each document must equal its decoded text. A wrong tokenizer fails both."""
-    side = np.concatenate([load_shard(p) for p in sorted(glob.glob(
-        os.path.join(cfg.data_path, "fineweb_val_bytes_[0-9]*.bin")))]) if caseops else None
-    same, checked, pos = 0, 0, 0
-    for d in docs[:n]:
+def check_tokenizer_roundtrip(cfg: Config, sp, docs: list[np.ndarray], side: np.ndarray | None, n: int = 16) -> None:
+    """Decoding the first val documents and encoding them again must give the same ids; with CaseOps
+    (`side` = the byte sidecar) each document's sidecar bytes must equal its decoded text. A wrong
+    tokenizer fails both."""
+    same, pos, sample = 0, 0, docs[:n]
+    for d in sample:
         ids = d[1:].tolist()
-        checked += 1
         text = sp.decode(ids)
         same += sp.encode(text) == ids
-        if caseops:
+        if side is not None:
             import lossless_caps
 
             try:
@@ -682,8 +687,8 @@ def check_tokenizer_roundtrip(cfg: Config, sp, docs: list[np.ndarray], caseops: 
                 raise DataError(f"val document bytes disagree with the sidecar under {cfg.tokenizer_path}: "
                                 "wrong TOKENIZER_PATH for this data, or re-run prepare_caseops_data.py")
         pos += d.size
-    if same < (checked + 1) // 2:
-        raise DataError(f"only {same}/{checked} val documents re-encode to the same ids with "
+    if same < (len(sample) + 1) // 2:
+        raise DataError(f"only {same}/{len(sample)} val documents re-encode to the same ids with "
                         f"{cfg.tokenizer_path}: the data was made with another tokenizer")
 
 
