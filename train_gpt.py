@@ -759,13 +759,14 @@ class Adapter(typing.Protocol):
     def __call__(self, key: str, x: Tensor) -> Tensor | None: ...
 
 
+def with_delta(y: Tensor, x: Tensor, adapter: Adapter | None, key: str) -> Tensor:
+    """y plus the adapter's low-rank delta for input x, when there is one for `key`."""
+    d = adapter(key, x) if adapter is not None else None
+    return y if d is None else y + d
+
+
 def lin(layer: nn.Linear, x: Tensor, adapter: Adapter | None, key: str) -> Tensor:
-    y = layer(x)
-    if adapter is not None:
-        d = adapter(key, x)
-        if d is not None:
-            y = y + d
-    return y
+    return with_delta(layer(x), x, adapter, key)
 
 
 class Attention(nn.Module):
@@ -934,11 +935,7 @@ class GPT(nn.Module):
                 x = x + self.skip_weights[i].to(x.dtype) * skips[-1 - i]
             x = blk(x, rope, adapter)
         x = rms_norm(x)
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
-        if adapter is not None:
-            d = adapter("head", x)
-            if d is not None:
-                logits = logits + d
+        logits = with_delta(F.linear(x, self.tok_emb.weight.to(x.dtype)), x, adapter, "head")
         c = cfg.logit_softcap
         return c * torch.tanh(logits.float() / c)
 
@@ -1638,6 +1635,9 @@ class EvalSums:
         self.tokens += nll.numel()
         self.bytes += int(nbytes.long().sum())
 
+    def merge(self, other: "EvalSums") -> None:
+        self.nll, self.tokens, self.bytes = self.nll + other.nll, self.tokens + other.tokens, self.bytes + other.bytes
+
     def reduce(self, rt: Runtime) -> "EvalSums":
         t = torch.tensor([self.nll, self.tokens, self.bytes], dtype=torch.float64, device=rt.device)
         all_reduce_(t)
@@ -1832,8 +1832,7 @@ def ttt_eval(model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Log
         order = sorted(group, key=lambda d: d[1] - d[0], reverse=True)  # similar lengths share a batch
         batches = [order[i:i + cfg.ttt_batch_docs] for i in range(0, len(order), cfg.ttt_batch_docs)]
         for bi in balance(batches, rt.world_size)[rt.rank]:
-            s = ttt_score_batch(model, val, batches[bi], cfg, rt, adapt, hook)
-            sums.nll, sums.tokens, sums.bytes = sums.nll + s.nll, sums.tokens + s.tokens, sums.bytes + s.bytes
+            sums.merge(ttt_score_batch(model, val, batches[bi], cfg, rt, adapt, hook))
             done_cost += sum((e - s_) ** 2 for s_, e in batches[bi]) * rt.world_size
             if not projected and done_cost >= 0.02 * total_cost:
                 projected = True
