@@ -49,31 +49,27 @@ def fake_hub(tmp_path):
             p = root / self.path[len(pre):].split("?")[0]
             return p if p.is_file() else None
 
-        def _headers(self, p):
+        def _respond(self, with_body: bool):
+            p = self._file()
+            if p is None:
+                self.send_response(404)
+                self.end_headers()
+                return
             body = p.read_bytes()
             self.send_response(200)
             self.send_header("X-Repo-Commit", "a" * 40)
             self.send_header("ETag", '"' + hashlib.sha256(body).hexdigest() + '"')
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            return body
+            if with_body:
+                gets[p.name] += 1
+                self.wfile.write(body)
 
         def do_HEAD(self):  # noqa: N802
-            p = self._file()
-            if p is None:
-                self.send_response(404)
-                self.end_headers()
-                return
-            self._headers(p)
+            self._respond(with_body=False)
 
         def do_GET(self):  # noqa: N802
-            p = self._file()
-            if p is None:
-                self.send_response(404)
-                self.end_headers()
-                return
-            gets[p.name] += 1
-            self.wfile.write(self._headers(p))
+            self._respond(with_body=True)
 
         def log_message(self, *args):
             pass
