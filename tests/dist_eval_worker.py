@@ -24,4 +24,5 @@ out["ttt"] = [s.nll, s.tokens, s.bytes]
 if rt.is_main:
     print("RESULT " + json.dumps(out))
 if torch.distributed.is_initialized():
+    torch.distributed.barrier()  # as train_gpt.main: no rank tears gloo down while another still talks
     torch.distributed.destroy_process_group()
