@@ -9,6 +9,7 @@ All configuration comes from environment variables named after the `Config` fiel
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import difflib
@@ -37,8 +38,13 @@ from torch import Tensor
 # =============================================================================================
 
 
-def _f(default, help: str, lo: float | None = None, hi: float | None = None, choices: tuple = ()):
-    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices})
+def _f(default, help: str, lo: float | None = None, hi: float | None = None, choices: tuple = (), model=False):
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices, "model": model})
+
+
+def _m(default, help: str, lo: float | None = None, hi: float | None = None, choices: tuple = ()):
+    """A model field: it shapes the weights or the forward pass, so a checkpoint or an artifact carries it."""
+    return _f(default, help, lo, hi, choices, model=True)
 
 
 @dataclass(frozen=True)
@@ -53,9 +59,9 @@ class Config:
     data_dir: str = _f("./data", "root holding datasets/ and tokenizers/")
     data_path: str = _f("", "shard folder; default: DATA_DIR/datasets/<variant>")
     tokenizer_path: str = _f("", "SentencePiece model; default: DATA_DIR/tokenizers/<variant>.model")
-    vocab_size: int = _f(1024, "must equal the tokenizer's piece count", 2, 65536)
+    vocab_size: int = _m(1024, "must equal the tokenizer's piece count", 2, 65536)
     caseops_enabled: bool = _f(False, "CaseOps data: byte counts come from the val byte sidecar")
-    bos_id: int = _f(1, "document separator id; checked against the tokenizer", 0)
+    bos_id: int = _m(1, "document separator id; checked against the tokenizer", 0)
     val_token_limit: int = _f(0, "score only the first N val tokens (0 = all; smoke tests only)", 0)
     allow_unknown_env: bool = _f(False, "continue despite env vars that look like ours but are not read")
     # --- schedule and batch ---
@@ -66,7 +72,6 @@ class Config:
     train_seq_len: int = _f(2048, "training sequence length", 8)
     grad_accum_steps: int = _f(0, "micro-batches per rank per step (0 = 8 // world size)", 0)
     warmup_steps: int = _f(20, "compile priming steps whose updates are discarded (CUDA only)", 0)
-    lr_warmup_steps: int = _f(0, "linear LR warmup steps", 0)
     warmdown_iters: int = _f(2000, "warmdown length in steps, converted to time under a cap", 0)
     warmdown_frac: float = _f(0.0, "warmdown as a fraction of the budget (overrides WARMDOWN_ITERS)", 0, 1)
     min_lr: float = _f(0.0, "LR floor as a fraction of each group's peak LR", 0, 1)
@@ -74,34 +79,34 @@ class Config:
     val_loss_every: int = _f(4000, "validate every N steps (0 = only at the end)", 0)
     val_batch_tokens: int = _f(524_288, "tokens per validation forward across all ranks", 1)
     # --- model ---
-    use_crawler: bool = _f(True, "flat + crawler model; 0 gives a plain GPT of NUM_LAYERS blocks")
-    num_layers: int = _f(11, "blocks of the plain GPT (USE_CRAWLER=0)", 1)
-    num_flat_layers: int = _f(9, "unique blocks around the crawler", 0)
-    flat_encoder_layers: int = _f(-1, "flat blocks before the crawler (-1 = NUM_FLAT_LAYERS // 2)", -1)
-    num_crawler_layers: int = _f(1, "shared blocks in the crawler", 1)
-    crawler_loops: int = _f(2, "passes through the shared blocks", 1)
+    use_crawler: bool = _m(True, "flat + crawler model; 0 gives a plain GPT of NUM_LAYERS blocks")
+    num_layers: int = _m(11, "blocks of the plain GPT (USE_CRAWLER=0)", 1)
+    num_flat_layers: int = _m(9, "unique blocks around the crawler", 0)
+    flat_encoder_layers: int = _m(-1, "flat blocks before the crawler (-1 = NUM_FLAT_LAYERS // 2)", -1)
+    num_crawler_layers: int = _m(1, "shared blocks in the crawler", 1)
+    crawler_loops: int = _m(2, "passes through the shared blocks", 1)
     crawler_start_frac: float = _f(0.0, "training fraction before which the crawler runs once", 0, 1)
-    crawler_mlp_mult: float = _f(6.0, "crawler MLP hidden = mult * MODEL_DIM", 0.25)
-    crawler_mlp_leaky_slope: float = _f(0.5, "crawler LeakyReLU slope (0 = ReLU^2)", 0, 1)
-    crawler_loop_rope_scales: tuple = _f((9, 1, 1), "per-loop RoPE frequency divisors, comma list")
-    inst_dim: int = _f(32, "flow-instruction bottleneck width (0 = off)", 0)
-    model_dim: int = _f(512, "residual width", 16)
-    num_heads: int = _f(8, "query heads", 1)
-    num_kv_heads: int = _f(4, "key/value heads (GQA)", 1)
-    mlp_mult: float = _f(3.0, "flat MLP hidden = mult * MODEL_DIM", 0.25)
-    mlp_leaky_slope: float = _f(0.5, "flat LeakyReLU slope (0 = ReLU^2)", 0, 1)
-    rope_base: float = _f(10000.0, "RoPE base", 1)
-    rope_dims: int = _f(16, "rotated dims per head (partial RoPE)", 2)
-    qk_gain_init: float = _f(4.0, "initial per-head query gain", 0)
-    xsa_last_n: int = _f(11, "exclusive self-attention on the last N distinct blocks", 0)
-    gated_attn_enabled: bool = _f(False, "per-head sigmoid output gate (#1736)")
-    parallel_residual_start: int = _f(-1, "blocks from this index run attn and MLP in parallel (-1 = off)", -1)
-    bigram_vocab_size: int = _f(2048, "BigramHash buckets (0 = off)", 0)
-    bigram_dim: int = _f(128, "BigramHash embedding width", 1)
-    smear_gate: bool = _f(True, "SmearGate: blend each position with the previous one (never across BOS)")
-    ln_scale: bool = _f(True, "scale block inputs by 1/sqrt(layer+1)")
-    logit_softcap: float = _f(30.0, "tanh soft cap on logits", 1)
-    tied_embed_init_std: float = _f(0.005, "init std of the tied embedding", 0)
+    crawler_mlp_mult: float = _m(6.0, "crawler MLP hidden = mult * MODEL_DIM", 0.25)
+    crawler_mlp_leaky_slope: float = _m(0.5, "crawler LeakyReLU slope (0 = ReLU^2)", 0, 1)
+    crawler_loop_rope_scales: tuple = _m((9, 1, 1), "per-loop RoPE frequency divisors, comma list")
+    inst_dim: int = _m(32, "flow-instruction bottleneck width (0 = off)", 0)
+    model_dim: int = _m(512, "residual width", 16)
+    num_heads: int = _m(8, "query heads", 1)
+    num_kv_heads: int = _m(4, "key/value heads (GQA)", 1)
+    mlp_mult: float = _m(3.0, "flat MLP hidden = mult * MODEL_DIM", 0.25)
+    mlp_leaky_slope: float = _m(0.5, "flat LeakyReLU slope (0 = ReLU^2)", 0, 1)
+    rope_base: float = _m(10000.0, "RoPE base", 1)
+    rope_dims: int = _m(16, "rotated dims per head (partial RoPE)", 2)
+    qk_gain_init: float = _m(4.0, "initial per-head query gain", 0)
+    xsa_last_n: int = _m(11, "exclusive self-attention on the last N distinct blocks", 0)
+    gated_attn_enabled: bool = _m(False, "per-head sigmoid output gate (#1736)")
+    parallel_residual_start: int = _m(-1, "blocks from this index run attn and MLP in parallel (-1 = off)", -1)
+    bigram_vocab_size: int = _m(2048, "BigramHash buckets (0 = off)", 0)
+    bigram_dim: int = _m(128, "BigramHash embedding width", 1)
+    smear_gate: bool = _m(True, "SmearGate: blend each position with the previous one (never across BOS)")
+    ln_scale: bool = _m(True, "scale block inputs by 1/sqrt(layer+1)")
+    logit_softcap: float = _m(30.0, "tanh soft cap on logits", 1)
+    tied_embed_init_std: float = _m(0.005, "init std of the tied embedding", 0)
     # --- optimizers ---
     matrix_lr: float = _f(0.03, "Muon LR for 2-D block matrices", 0)
     embed_lr: float = _f(0.035, "AdamW LR for embeddings (tied head included)", 0)
@@ -116,9 +121,9 @@ class Config:
     beta2: float = _f(0.95, "AdamW beta2", 0, 1)
     adam_eps: float = _f(1e-8, "AdamW epsilon", 0)
     grad_clip_norm: float = _f(0.3, "global grad-norm clip (0 = off)", 0)
-    skip_ema: bool = _f(True, "do not keep an EMA of the weights")
-    ema_decay: float = _f(0.997, "EMA decay when SKIP_EMA=0", 0, 1)
-    swa_every: int = _f(0, "average weights every N steps once LR scale < 0.2 (0 = off)", 0)
+    skip_ema: bool = _f(False, "turn off the EMA of the weights (on by default, #1855)")
+    ema_decay: float = _f(0.9965, "EMA decay (#1855)", 0, 1)
+    swa_every: int = _f(0, "SWA instead of EMA: average every N steps once LR scale < 0.2 (0 = off)", 0)
     # --- calibration, quantization, packing ---
     skip_gptq: bool = _f(False, "round-to-nearest instead of GPTQ")
     loop_aware_gptq: bool = _f(True, "re-collect crawler Hessians through the quantized flat layers")
@@ -143,7 +148,6 @@ class Config:
     ttt_lora_rank: int = _f(64, "rank of the per-document LoRA on Q/K/V/O/MLP/head", 1)
     ttt_chunk_size: int = _f(64, "tokens scored per chunk before each LoRA step", 1)
     ttt_lr: float = _f(0.001, "LoRA learning rate", 0)
-    ttt_optimizer: str = _f("adam", "LoRA optimizer", choices=("adam", "sgd"))
     ttt_weight_decay: float = _f(0.5, "decoupled weight decay on the LoRA", 0)
     ttt_batch_docs: int = _f(64, "documents adapted in parallel per batch", 1)
     phased_ttt_prefix_docs: int = _f(2000, "documents whose scored tokens feed the global SGD phases", 0)
@@ -152,7 +156,6 @@ class Config:
     # --- device ---
     compile_enabled: bool = _f(True, "torch.compile the model on CUDA")
     compile_fullgraph: bool = _f(True, "compile with fullgraph=True")
-    cpu_bf16: bool = _f(False, "bf16 autocast on CPU (CUDA always uses bf16)")
 
     # ---------------------------------------------------------------- derived properties
     @property
@@ -175,8 +178,21 @@ class Config:
     def n_crawler(self) -> int:
         return self.num_crawler_layers if self.use_crawler else 0
 
+    @property
+    def n_loops(self) -> int:
+        """Passes through the crawler at full depth (0 without a crawler)."""
+        return self.crawler_loops if self.use_crawler else 0
+
+    @property
+    def train_budget_ms(self) -> float:
+        """Wallclock for the training loop: the cap minus the calibration reserve (0 = step budget)."""
+        if not self.max_wallclock_seconds:
+            return 0.0
+        return (self.max_wallclock_seconds - self.gptq_reserve_seconds) * 1000
+
 
 ENV_NAMES = {f.name.upper(): f for f in dataclasses.fields(Config)}
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["model"])
 # Names exported by the seeds' run scripts that this trainer deliberately does not read.
 RETIRED_ENV = {
     "COMPLEMENT_ALPHA", "MTP_NUM_HEADS", "LATE_QAT_THRESHOLD", "NGRAM_EVAL_ORDER", "DELTA_NET_HEADS",
@@ -236,6 +252,18 @@ def unknown_env_report(environ: typing.Mapping[str, str]) -> list[str]:
 
 def load_config(environ: typing.Mapping[str, str] | None = None) -> tuple[Config, list[str]]:
     """Build and validate the config. Returns (config, warnings); raises ConfigError."""
+    cfg, warnings, _ = load_config_explicit(environ)
+    return cfg, warnings
+
+
+def config_from_dict(d: dict) -> Config:
+    """A Config saved as a dict (checkpoint, artifact header); JSON turns tuples into lists."""
+    hints = typing.get_type_hints(Config)
+    return Config(**{k: (tuple(v) if hints[k] is tuple else v) for k, v in d.items()})
+
+
+def load_config_explicit(environ: typing.Mapping[str, str] | None = None) -> tuple[Config, list[str], set[str]]:
+    """load_config, plus the names of the variables the environment set explicitly."""
     environ = os.environ if environ is None else environ
     hints = typing.get_type_hints(Config)
     values, explicit = {}, set()
@@ -257,7 +285,7 @@ def load_config(environ: typing.Mapping[str, str] | None = None) -> tuple[Config
                else f"fineweb_{cfg.vocab_size}_bpe.model")
         cfg = dataclasses.replace(cfg, tokenizer_path=os.path.join(cfg.data_dir, "tokenizers", tok))
     validate_config(cfg, explicit)
-    return cfg, unknown
+    return cfg, unknown, explicit
 
 
 def validate_config(cfg: Config, explicit: set[str] = frozenset()) -> None:
@@ -291,8 +319,6 @@ def validate_config(cfg: Config, explicit: set[str] = frozenset()) -> None:
                     f"TRAIN_SEQ_LEN={cfg.train_seq_len}")
     if "WARMDOWN_FRAC" in explicit and "WARMDOWN_ITERS" in explicit:
         errs.append("WARMDOWN_FRAC and WARMDOWN_ITERS are both set; keep one (FRAC is the budget fraction)")
-    if not cfg.skip_ema and cfg.swa_every:
-        errs.append("EMA (SKIP_EMA=0) and SWA (SWA_EVERY>0) are both on; choose one weight average")
     if cfg.max_wallclock_seconds and cfg.gptq_reserve_seconds >= cfg.max_wallclock_seconds:
         errs.append(f"GPTQ_RESERVE_SECONDS={cfg.gptq_reserve_seconds} leaves no training time under "
                     f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds}")
@@ -331,6 +357,38 @@ def config_reference_markdown() -> str:
 # =============================================================================================
 
 
+class AttentionBackend:
+    """Causal attention on [B, T, H, D] tensors (k, v may have fewer heads: GQA). Chosen once by
+    `setup_runtime` and handed to the model: FlashAttention 3 on Hopper when importable, PyTorch SDPA
+    otherwise (said in the log)."""
+
+    def __init__(self, name: str, fa3=None):
+        self.name, self.fa3 = name, fa3
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.fa3 is not None:
+            dt = q.dtype
+            if dt not in (torch.bfloat16, torch.float16):  # RMSNorm/RoPE run in fp32 under autocast; FA3 needs bf16
+                q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+            y = self.fa3(q, k, v, causal=True)
+            return (y[0] if isinstance(y, tuple) else y).to(dt)  # some FA3 builds also return the LSE
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=q.size(2) != k.size(2))
+        return y.transpose(1, 2)
+
+
+SDPA = AttentionBackend("sdpa")
+
+
+def load_fa3():
+    """FlashAttention 3's function, or None when it is not importable."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return flash_attn_func
+
+
 @dataclass(frozen=True)
 class Runtime:
     rank: int
@@ -339,7 +397,8 @@ class Runtime:
     device: torch.device
     autocast_dtype: torch.dtype | None
     compile: bool
-    attn_backend: str
+    attn: AttentionBackend = SDPA
+    hardware: str = "cpu"
 
     @property
     def is_main(self) -> bool:
@@ -350,13 +409,10 @@ class Runtime:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-
-try:  # FlashAttention 3 (Hopper). Chosen once; SDPA otherwise, said in the log.
-    from flash_attn_interface import flash_attn_func as _fa3
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _fa3 = None
-
-ATTN_BACKEND = {"name": "sdpa"}
+    @classmethod
+    def cpu(cls, rank: int = 0, world_size: int = 1) -> "Runtime":
+        """One CPU process in fp32, uncompiled: what the tools and tests run on."""
+        return cls(rank, world_size, 0, torch.device("cpu"), None, False)
 
 
 def setup_runtime(cfg: Config) -> Runtime:
@@ -371,10 +427,11 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    ATTN_BACKEND["name"] = "fa3" if (cuda and _fa3 is not None) else "sdpa"
-    autocast = torch.bfloat16 if (cuda or cfg.cpu_bf16) else None
-    return Runtime(rank, world_size, local_rank, device, autocast, cuda and cfg.compile_enabled,
-                   ATTN_BACKEND["name"])
+    fa3 = load_fa3() if cuda else None
+    attn = AttentionBackend("fa3", fa3) if fa3 is not None else SDPA
+    hardware = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
+    return Runtime(rank, world_size, local_rank, device, torch.bfloat16 if cuda else None,
+                   cuda and cfg.compile_enabled, attn, hardware)
 
 
 class Logger:
@@ -399,9 +456,50 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
     return t
 
 
+def all_reduce_flat_(tensors: list[Tensor], rt: Runtime, average: bool) -> None:
+    """Sum (or average) a list of tensors over ranks in place with one flat all-reduce: the single
+    place gradients and shared updates cross ranks."""
+    if rt.world_size == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    all_reduce_(flat)
+    if average:
+        flat /= rt.world_size
+    off = 0
+    for t in tensors:
+        t.copy_(flat[off:off + t.numel()].view_as(t))
+        off += t.numel()
+
+
+def sync_grads_(params: list[nn.Parameter], rt: Runtime, average: bool = True) -> None:
+    """Average (or sum) gradients over ranks. A parameter without a gradient on this step (a crawler loop's
+    instruction before the loops start) contributes zeros, so every rank sends the same layout."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_flat_([p.grad for p in params], rt, average)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Every rank waits for the others before the process group goes (gloo tears down noisily otherwise)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 # =============================================================================================
@@ -507,6 +605,27 @@ class TrainLoader:
         for part in mine.chunk(self.accum):
             out.append((x[part].to(self.device, non_blocking=True), y[part].to(self.device, non_blocking=True)))
         return out
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The training shards and how this rank reads them; calibration draws from here too, never from val."""
+    paths: list[str]
+    cfg: Config
+    rt: Runtime
+    accum: int
+
+    def loader(self) -> TrainLoader:
+        return TrainLoader(self.paths, self.cfg, self.cfg.bos_id, self.rt.rank, self.rt.world_size, self.accum,
+                           self.rt.device)
+
+    def calibration_batches(self) -> list[Tensor]:
+        """GPTQ_CAL_SAMPLES training sequences, this rank's share, 8 per batch (a seed of their own)."""
+        cfg = self.cfg
+        seq = cfg.gptq_cal_seq_len or cfg.train_seq_len
+        cal = dataclasses.replace(cfg, seed=cfg.seed + 1, train_seq_len=seq, train_batch_tokens=cfg.gptq_cal_samples * seq)
+        (x, _), = TrainLoader(self.paths, cal, cfg.bos_id, self.rt.rank, self.rt.world_size, 1, self.rt.device).next_batch()
+        return list(x.split(8))
 
 
 @dataclass
@@ -740,19 +859,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([a * cos - b * sin, a * sin + b * cos, xp], dim=-1)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention on [B, T, H, D] tensors (k, v may have fewer heads: GQA)."""
-    if ATTN_BACKEND["name"] == "fa3":
-        dt = q.dtype
-        if dt not in (torch.bfloat16, torch.float16):  # RMSNorm/RoPE run in fp32 under autocast; FA3 needs bf16
-            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
-        y = _fa3(q, k, v, causal=True)
-        return (y[0] if isinstance(y, tuple) else y).to(dt)  # some FA3 builds also return the LSE
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
-    return y.transpose(1, 2)
-
-
 class Adapter(typing.Protocol):
     """Low-rank deltas added to a block's linear outputs (test-time training)."""
 
@@ -770,8 +876,9 @@ def lin(layer: nn.Linear, x: Tensor, adapter: Adapter | None, key: str) -> Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, xsa: bool):
+    def __init__(self, cfg: Config, xsa: bool, backend: AttentionBackend):
         super().__init__()
+        self.backend = backend
         self.h, self.hkv = cfg.num_heads, cfg.num_kv_heads
         self.hd = cfg.model_dim // cfg.num_heads
         self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
@@ -793,7 +900,7 @@ class Attention(nn.Module):
         v = lin(self.c_v, x, adapter, pfx + "v").view(B, T, self.hkv, self.hd)
         q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = attention(q, k, v)
+        y = self.backend(q, k, v)
         if self.xsa:  # XSA: remove the component along the token's own value (GQA-aware)
             yg = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
             vn = F.normalize(v, dim=-1).unsqueeze(-2)
@@ -817,10 +924,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, idx: int, mlp_mult: float, slope: float, xsa: bool, parallel: bool):
+    def __init__(self, cfg: Config, idx: int, mlp_mult: float, slope: float, xsa: bool, parallel: bool,
+                 backend: AttentionBackend):
         super().__init__()
         self.idx = idx
-        self.attn = Attention(cfg, xsa)
+        self.attn = Attention(cfg, xsa, backend)
         self.mlp = MLP(cfg.model_dim, mlp_mult, slope)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
@@ -874,7 +982,7 @@ class SmearGate(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, backend: AttentionBackend = SDPA):
         super().__init__()
         self.cfg = cfg
         d = cfg.model_dim
@@ -889,7 +997,7 @@ class GPT(nn.Module):
             return Block(cfg, i, cfg.crawler_mlp_mult if crawler else cfg.mlp_mult,
                          cfg.crawler_mlp_leaky_slope if crawler else cfg.mlp_leaky_slope,
                          xsa=i >= n_total - cfg.xsa_last_n,
-                         parallel=0 <= cfg.parallel_residual_start <= i)
+                         parallel=0 <= cfg.parallel_residual_start <= i, backend=backend)
 
         self.encoder = nn.ModuleList(block(i, False) for i in range(n_enc))
         self.crawler = nn.ModuleList(block(n_enc + i, True) for i in range(n_cr))
@@ -968,9 +1076,9 @@ class Muon(torch.optim.Optimizer):
     """Momentum + Newton-Schulz orthogonalised update. Each matrix is orthogonalised by one rank
     (round-robin) and the updates are shared with a single all-reduce of a flat buffer."""
 
-    def __init__(self, params, lr: float, momentum: float, steps: int, wd: float, rank: int, world: int):
+    def __init__(self, params, lr: float, momentum: float, steps: int, wd: float, rt: Runtime):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, steps=steps, wd=wd))
-        self.rank, self.world = rank, world
+        self.rt = rt
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -978,24 +1086,17 @@ class Muon(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            off = 0
-            for i, p in enumerate(params):
-                n = p.numel()
-                if i % self.world == self.rank and p.grad is not None:
+            updates = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+            for i, (p, u) in enumerate(zip(params, updates)):
+                if i % self.rt.world_size == self.rt.rank and p.grad is not None:
                     buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
-                    u = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["steps"])
-                    flat[off:off + n] = (u * max(1.0, p.size(0) / p.size(1)) ** 0.5).flatten().float()
-                off += n
-            if self.world > 1:
-                all_reduce_(flat)
-            off = 0
-            for p in params:
-                n = p.numel()
+                    o = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["steps"])
+                    u.copy_(o * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+            all_reduce_flat_(updates, self.rt, average=False)  # each rank filled only its own matrices
+            for p, u in zip(params, updates):
                 p.mul_(1 - group["lr"] * group["wd"])
-                p.add_(flat[off:off + n].view_as(p).to(p.dtype), alpha=-group["lr"])
-                off += n
+                p.add_(u.to(p.dtype), alpha=-group["lr"])
 
 
 def param_route(name: str, p: nn.Parameter) -> str:
@@ -1011,6 +1112,7 @@ def param_route(name: str, p: nn.Parameter) -> str:
 class Optimizers:
     muon: Muon
     adam: torch.optim.AdamW
+    params: list[nn.Parameter]
 
     def all(self) -> list[torch.optim.Optimizer]:
         return [self.muon, self.adam]
@@ -1020,8 +1122,7 @@ def build_optimizers(model: nn.Module, cfg: Config, rt: Runtime) -> Optimizers:
     groups: dict[str, list] = {"embed": [], "matrix": [], "scalar": []}
     for name, p in model.named_parameters():
         groups[param_route(name, p)].append(p)
-    muon = Muon(groups["matrix"], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps, cfg.muon_wd,
-                rt.rank, rt.world_size)
+    muon = Muon(groups["matrix"], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps, cfg.muon_wd, rt)
     adam = torch.optim.AdamW(
         [dict(params=groups["embed"], lr=cfg.embed_lr, weight_decay=cfg.adam_wd),
          dict(params=groups["scalar"], lr=cfg.scalar_lr, weight_decay=0.0)],
@@ -1029,32 +1130,89 @@ def build_optimizers(model: nn.Module, cfg: Config, rt: Runtime) -> Optimizers:
     for opt in (muon, adam):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
-    return Optimizers(muon, adam)
+    return Optimizers(muon, adam, [p for p in model.parameters() if p.requires_grad])
 
 
-def lr_scale(progress: float, warmdown: float, min_lr: float, step: int, lr_warmup_steps: int) -> float:
-    """LR multiplier. `progress` in [0, 1] is the elapsed fraction of the budget (wallclock or steps);
-    the last `warmdown` of it decays linearly to MIN_LR, reached exactly when the budget ends."""
-    warm = min(1.0, (step + 1) / lr_warmup_steps) if lr_warmup_steps else 1.0
-    if warmdown <= 0 or progress < 1 - warmdown:
-        return warm
-    frac_left = min(1.0, max(0.0, (1 - progress) / warmdown))
-    return warm * (min_lr + (1 - min_lr) * frac_left)
+# =============================================================================================
+# Training: one pure schedule of the (injected) clock, a step, a loop that only calls these
+# =============================================================================================
 
 
-def warmdown_fraction(cfg: Config, step_ms: float, budget_ms: float) -> float:
+@dataclass(frozen=True)
+class StepPlan:
+    """What the next optimizer step does. Decided by `plan_step` from the clock alone, so every rank
+    (which shares rank 0's clock) makes the same decision, and tests drive it with a fake clock."""
+    lr_scale: float
+    momentum: float
+    loops: int
+
+
+def warmdown_fraction(cfg: Config, mean_step_ms: float, budget_ms: float) -> float:
     """WARMDOWN_FRAC directly, or WARMDOWN_ITERS converted to a budget fraction using the measured
     step time (so an iteration-based setting still fires under a wallclock cap, cf. PR #1681)."""
     if cfg.warmdown_frac:
         return cfg.warmdown_frac
     if budget_ms > 0:
-        return min(1.0, cfg.warmdown_iters * step_ms / budget_ms)
+        return min(1.0, cfg.warmdown_iters * mean_step_ms / budget_ms)
     return min(1.0, cfg.warmdown_iters / cfg.iterations)
 
 
-# =============================================================================================
-# Training
-# =============================================================================================
+def lr_multiplier(left: float, warmdown: float, min_lr: float) -> float:
+    """`left` is the fraction of the budget still to run after this step starts; the last `warmdown`
+    of the budget decays linearly to MIN_LR, which is reached by the last step."""
+    if warmdown <= 0 or left >= warmdown:
+        return 1.0
+    return min_lr + (1 - min_lr) * max(0.0, left) / warmdown
+
+
+def plan_step(cfg: Config, step: int, elapsed_ms: float, next_step_ms: float, budget_ms: float) -> StepPlan | None:
+    """The plan for step `step` (0-based), or None when training stops before it. Under a wallclock
+    budget a step starts only if it will end inside the budget by the honest estimate `next_step_ms`,
+    and the warmdown counts towards that predicted stop, so the LR meets its floor on the last step."""
+    if step >= cfg.iterations:
+        return None
+    if budget_ms:
+        if step and elapsed_ms + next_step_ms > budget_ms:
+            return None
+        progress = elapsed_ms / budget_ms
+        left = (budget_ms - next_step_ms - elapsed_ms) / budget_ms
+        mean_ms = elapsed_ms / step if step else 0.0
+    else:
+        progress, left, mean_ms = step / cfg.iterations, (cfg.iterations - 1 - step) / cfg.iterations, 0.0
+    scale = lr_multiplier(left, warmdown_fraction(cfg, mean_ms, budget_ms), cfg.min_lr)
+    mom_t = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps else 1.0
+    momentum = (1 - mom_t) * cfg.muon_momentum_warmup_start + mom_t * cfg.muon_momentum
+    loops = cfg.n_loops if progress >= cfg.crawler_start_frac else min(cfg.n_loops, 1)
+    return StepPlan(scale, momentum, loops)
+
+
+class StepClock:
+    """Training time in ms, paused around validation. The estimate of the next step is the longest of
+    the last WINDOW steps, not the mean since the start: on a noisy machine a spike that happened
+    recently is assumed to happen again, so the run never starts a step it cannot finish."""
+
+    WINDOW = 32
+
+    def __init__(self, now: typing.Callable[[], float]):
+        self.now, self.base_ms, self.t0 = now, 0.0, now()
+        self.last_ms, self.recent = 0.0, collections.deque(maxlen=self.WINDOW)
+
+    def elapsed_ms(self) -> float:
+        return self.base_ms + 1000 * (self.now() - self.t0)
+
+    def observe(self, elapsed_ms: float) -> None:
+        """Record the step that ended at `elapsed_ms` (rank 0's clock, shared by all ranks)."""
+        self.recent.append(elapsed_ms - self.last_ms)
+        self.last_ms = elapsed_ms
+
+    def next_step_ms(self) -> float:
+        return max(self.recent, default=0.0)
+
+    def pause(self) -> None:
+        self.base_ms = self.elapsed_ms()
+
+    def resume(self) -> None:
+        self.t0 = self.now()
 
 
 @dataclass
@@ -1067,21 +1225,23 @@ class TrainResult:
 
 
 class WeightAverager:
-    """EMA every step, or SWA snapshots every SWA_EVERY steps during the low-LR tail."""
+    """EMA of the weights every step (on by default, EMA_DECAY 0.9965 as in #1855), or SWA snapshots
+    every SWA_EVERY steps once the LR has decayed below SWA_LR_SCALE (Ouroboros lineage)."""
 
-    SWA_LR_SCALE = 0.2  # start averaging once the LR has decayed below this multiplier
+    SWA_LR_SCALE = 0.2
 
     def __init__(self, model: nn.Module, cfg: Config):
         self.cfg = cfg
-        self.ema = None if cfg.skip_ema else {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        use_ema = not cfg.skip_ema and not cfg.swa_every
+        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if use_ema else None
         self.swa, self.swa_n = None, 0
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int, scale: float, log: Logger) -> None:
+    def update(self, model: nn.Module, step: int, lr_scale: float, log: Logger) -> None:
         if self.ema is not None:
             for k, v in model.state_dict().items():
                 self.ema[k].lerp_(v.float(), 1 - self.cfg.ema_decay)
-        if self.cfg.swa_every and scale < self.SWA_LR_SCALE and step % self.cfg.swa_every == 0:
+        if self.cfg.swa_every and lr_scale < self.SWA_LR_SCALE and step % self.cfg.swa_every == 0:
             if self.swa is None:
                 log(f"swa:start step:{step}")
                 self.swa = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in model.state_dict().items()}
@@ -1093,58 +1253,56 @@ class WeightAverager:
         live = model.state_dict()
         if self.swa_n:
             src = {k: v / self.swa_n for k, v in self.swa.items()}
-        elif self.ema is not None:
-            src = self.ema
         else:
-            src = live
+            src = self.ema if self.ema is not None else live
         return {k: src[k].to(live[k].dtype).detach().clone() for k in live}
 
 
 def train_step(model: nn.Module, micro: list[tuple[Tensor, Tensor]], opts: Optimizers, cfg: Config,
-               rt: Runtime, params: list[nn.Parameter]) -> float:
-    total = 0.0
+               rt: Runtime) -> Tensor:
+    """One optimizer step; returns this rank's mean loss as a tensor (no host sync here)."""
+    params = opts.params
+    total = torch.zeros((), device=rt.device)
     for x, y in micro:
         with rt.autocast():
             loss = token_losses(model, x, y).mean() / len(micro)
         loss.backward()
         total += loss.detach()
-    if rt.world_size > 1:  # one flat all-reduce of all gradients, averaged over ranks
-        for p in params:  # e.g. a not-yet-active crawler loop's instruction projection has no gradient
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        flat = torch.cat([g.flatten() for g in grads])
-        all_reduce_(flat)
-        flat /= rt.world_size
-        off = 0
-        for g in grads:
-            g.copy_(flat[off:off + g.numel()].view_as(g))
-            off += g.numel()
-        total = all_reduce_(total.clone()) / rt.world_size
+    sync_grads_(params, rt)
     if cfg.grad_clip_norm:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
     for opt in opts.all():
         opt.step()
     for opt in opts.all():
         opt.zero_grad(set_to_none=False)
-    return float(total)
+    return total
 
 
-def prime_compile(model: GPT, compiled: nn.Module, opts: Optimizers, loader_factory, cfg: Config, rt: Runtime,
-                  params, log: Logger) -> None:
-    """Run WARMUP_STEPS real steps so torch.compile is warm, then restore weights and optimizer
-    state: the timed run starts from the same initial state. With delayed crawler loops both depths
-    are compiled here, so enabling the loops mid-run costs no recompilation on the clock."""
+def apply_plan(model: GPT, opts: Optimizers, plan: StepPlan, step: int, log: Logger) -> None:
+    for opt in opts.all():
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * plan.lr_scale
+    for g in opts.muon.param_groups:
+        g["momentum"] = plan.momentum
+    if plan.loops != model.active_loops:
+        model.set_active_loops(plan.loops)
+        log(f"crawler:loops_enabled loops:{plan.loops} step:{step}")
+
+
+def prime_compile(model: GPT, compiled: nn.Module, opts: Optimizers, data: "TrainData", cfg: Config, rt: Runtime,
+                  log: Logger) -> None:
+    """Run WARMUP_STEPS real steps on training data so torch.compile is warm, then restore weights and
+    optimizer state: the timed run starts from the same initial state. With delayed crawler loops both
+    depths are compiled here, so enabling the loops mid-run costs no recompilation on the clock."""
     if not rt.compile or not cfg.warmup_steps:
         return
     saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
              [copy.deepcopy(o.state_dict()) for o in opts.all()])
-    start_loops, full_loops = model.active_loops, (cfg.crawler_loops if cfg.use_crawler else 0)
-    loader = loader_factory()
+    start_loops, loader = model.active_loops, data.loader()
     for s in range(cfg.warmup_steps):
-        if s == cfg.warmup_steps // 2 and start_loops != full_loops:
-            model.set_active_loops(full_loops)
-        train_step(compiled, loader.next_batch(), opts, cfg, rt, params)
+        if s == cfg.warmup_steps // 2:
+            model.set_active_loops(cfg.n_loops)
+        train_step(compiled, loader.next_batch(), opts, cfg, rt)
         log(f"warmup_step:{s + 1}/{cfg.warmup_steps}")
     model.set_active_loops(start_loops)
     model.load_state_dict(saved[0])
@@ -1152,71 +1310,69 @@ def prime_compile(model: GPT, compiled: nn.Module, opts: Optimizers, loader_fact
         o.load_state_dict(st)
 
 
-def train(model: nn.Module, compiled: nn.Module, cfg: Config, rt: Runtime, loader_factory,
-          val: ValidationData, log: Logger) -> TrainResult:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opts = build_optimizers(model, cfg, rt)
-    prime_compile(model, compiled, opts, loader_factory, cfg, rt, params, log)
-    loader = loader_factory()
-    averager = WeightAverager(model, cfg)
-    budget_ms = max(0.0, cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) * 1000
-    if rt.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
-    train_ms, step, stopped = 0.0, 0, False
-    full_loops = cfg.crawler_loops if cfg.use_crawler else 0
-    sync(rt.device)
-    t0 = time.perf_counter()
-    while step < cfg.iterations:
-        last = step + 1 == cfg.iterations
-        # One tiny all-reduce shares rank 0's clock: LR and stop decisions are identical on all ranks.
-        clock = torch.tensor([train_ms + 1000 * (time.perf_counter() - t0) if rt.is_main else 0.0],
-                             dtype=torch.float64, device=rt.device)
-        elapsed = float(all_reduce_(clock)[0])
-        step_ms = elapsed / step if step else 0.0
-        progress = elapsed / budget_ms if budget_ms else step / cfg.iterations
-        if budget_ms and step and elapsed + step_ms > budget_ms:  # the next step would cross the cap
-            stopped = True
-            break
-        if full_loops and model.active_loops != full_loops and progress >= cfg.crawler_start_frac:
-            model.set_active_loops(full_loops)
-            log(f"crawler:loops_enabled loops:{full_loops} step:{step} progress:{progress:.3f}")
-        scale = lr_scale(progress, warmdown_fraction(cfg, step_ms, budget_ms), cfg.min_lr, step, cfg.lr_warmup_steps)
-        for opt in opts.all():
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * scale
-        mom_t = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps else 1.0
-        for g in opts.muon.param_groups:
-            g["momentum"] = (1 - mom_t) * cfg.muon_momentum_warmup_start + mom_t * cfg.muon_momentum
-        loss = train_step(compiled, loader.next_batch(), opts, cfg, rt, params)
-        step += 1
-        averager.update(model, step, scale, log)
-        if step <= 10 or step % cfg.train_log_every == 0 or last:
-            sync(rt.device)
-            now = train_ms + 1000 * (time.perf_counter() - t0)
-            log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{now:.0f}ms "
-                f"step_avg:{now / step:.2f}ms tok_s:{cfg.train_batch_tokens * step / (now / 1000):.0f} "
-                f"lr_scale:{scale:.4f}")
-        if cfg.val_loss_every and step % cfg.val_loss_every == 0 and not last:
-            sync(rt.device)
-            train_ms += 1000 * (time.perf_counter() - t0)
-            vl, vb = evaluate_val(compiled, val, cfg.train_seq_len, cfg.val_batch_tokens, rt)
-            log(f"step:{step}/{cfg.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{train_ms / step:.2f}ms")
-            sync(rt.device)
-            t0 = time.perf_counter()
-    sync(rt.device)
-    train_ms += 1000 * (time.perf_counter() - t0)
-    final_state = averager.final(model)
-    model.load_state_dict(final_state)
+def shared_elapsed(clock: StepClock, rt: Runtime) -> float:
+    """Rank 0's training time, on every rank (one tiny all-reduce): stop and LR decisions agree."""
+    t = torch.tensor([clock.elapsed_ms() if rt.is_main else 0.0], dtype=torch.float64, device=rt.device)
+    return float(all_reduce_(t)[0])
+
+
+def log_train_step(cfg: Config, rt: Runtime, step: int, loss: Tensor, ms: float, plan: StepPlan, log: Logger) -> None:
+    """Every rank takes part (the loss is averaged over ranks); rank 0 writes the line."""
+    mean = float(all_reduce_(loss.detach().clone()) / rt.world_size)
+    log(f"step:{step}/{cfg.iterations} train_loss:{mean:.4f} train_time:{ms:.0f}ms step_avg:{ms / step:.2f}ms "
+        f"tok_s:{cfg.train_batch_tokens * step / max(ms / 1000, 1e-9):.0f} lr_scale:{plan.lr_scale:.4f}")
+
+
+def validate_and_log(compiled: nn.Module, val: ValidationData, cfg: Config, rt: Runtime, step: int, train_ms: float,
+                     log: Logger) -> None:
     vl, vb = evaluate_val(compiled, val, cfg.train_seq_len, cfg.val_batch_tokens, rt)
     log(f"step:{step}/{cfg.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
         f"step_avg:{train_ms / max(step, 1):.2f}ms")
+
+
+def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: "TrainData", val: ValidationData,
+          log: Logger, now: typing.Callable[[], float] = time.perf_counter) -> TrainResult:
+    """The training loop. Time is read only through `now`, so tests inject a clock."""
+    opts = build_optimizers(model, cfg, rt)
+    prime_compile(model, compiled, opts, data, cfg, rt, log)
+    loader, averager = data.loader(), WeightAverager(model, cfg)
+    reset_peak_memory(rt.device)
+    sync(rt.device)
+    clock, step, plan = StepClock(now), 0, None
+    while True:
+        elapsed = shared_elapsed(clock, rt)
+        if step:
+            clock.observe(elapsed)
+        plan = plan_step(cfg, step, elapsed, clock.next_step_ms(), cfg.train_budget_ms)
+        if plan is None:
+            break
+        apply_plan(model, opts, plan, step, log)
+        loss = train_step(compiled, loader.next_batch(), opts, cfg, rt)
+        step += 1
+        averager.update(model, step, plan.lr_scale, log)
+        if step <= 10 or step % cfg.train_log_every == 0:
+            log_train_step(cfg, rt, step, loss, clock.elapsed_ms(), plan, log)
+        if cfg.val_loss_every and step % cfg.val_loss_every == 0:
+            clock.pause()
+            validate_and_log(compiled, val, cfg, rt, step, clock.base_ms, log)
+            clock.resume()
+    return finish_training(model, compiled, averager, cfg, rt, val, step, shared_elapsed(clock, rt), log)
+
+
+def finish_training(model: GPT, compiled: nn.Module, averager: WeightAverager, cfg: Config, rt: Runtime,
+                    val: ValidationData, steps: int, train_ms: float, log: Logger) -> TrainResult:
+    """Load the averaged weights, log the final validation and the stop reason."""
+    final_state = averager.final(model)
+    model.load_state_dict(final_state)
+    model.set_active_loops(cfg.n_loops)
+    validate_and_log(compiled, val, cfg, rt, steps, train_ms, log)
+    stopped = steps < cfg.iterations
     if stopped:
-        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{cfg.iterations}")
+        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{steps}/{cfg.iterations}")
     log(f"ranks_in_sync:{int(ranks_in_sync(model, rt))}")
     peak = peak_memory_mib(rt.device)
     log(f"peak_memory_mib:{peak:.0f}")
-    return TrainResult(step, train_ms, stopped, final_state, peak)
+    return TrainResult(steps, train_ms, stopped, final_state, peak)
 
 
 @torch.no_grad()
@@ -1256,19 +1412,29 @@ class QTensor:
         return self.q.float() * self.scale.float()[:, None]
 
 
-def quant_plan(name: str, t: Tensor, cfg: Config) -> tuple[str, int, float]:
-    """(kind, bits, clip sigmas) for one state-dict entry; kind in gptq | rtn | fp16."""
+@dataclass(frozen=True)
+class QuantPlan:
+    """How one state-dict entry is stored: method gptq | rtn | fp16, bits, clip (k std devs, 0 = search)."""
+    method: str
+    bits: int
+    clip_sigmas: float = 0.0
+
+
+FP16 = QuantPlan("fp16", 16)
+
+
+def quant_plan(name: str, t: Tensor, cfg: Config) -> QuantPlan:
     parts = name.split(".")
     if parts[0] in ("encoder", "crawler", "decoder") and parts[-2] in ("c_q", "c_k", "c_v", "proj", "fc"):
         sig = cfg.mlp_clip_sigmas if parts[-3] == "mlp" else cfg.attn_clip_sigmas
-        return ("rtn" if cfg.skip_gptq else "gptq"), GPTQ_BITS, sig
+        return QuantPlan("rtn" if cfg.skip_gptq else "gptq", GPTQ_BITS, sig)
     if name == "tok_emb.weight":
-        return "rtn", cfg.embed_bits, cfg.embed_clip_sigmas
+        return QuantPlan("rtn", cfg.embed_bits, cfg.embed_clip_sigmas)
     if parts[-2:] == ["gate", "weight"]:
-        return ("rtn", AUX_BITS, 0.0) if cfg.gated_attn_quant_gate else ("fp16", 16, 0.0)
+        return QuantPlan("rtn", AUX_BITS) if cfg.gated_attn_quant_gate else FP16
     if t.ndim == 2 and t.numel() >= AUX_MIN_NUMEL:
-        return "rtn", AUX_BITS, 0.0
-    return "fp16", 16, 0.0
+        return QuantPlan("rtn", AUX_BITS)
+    return FP16
 
 
 def row_scales(w: Tensor, bits: int, sigmas: float, hdiag: Tensor | None = None) -> Tensor:
@@ -1355,25 +1521,17 @@ def collect_hessians(model: GPT, batches: list[Tensor], names: set[str], rt: Run
     return {n + ".weight": h for n, h in hs.items()}
 
 
-def calibration_batches(train_paths: list[str], cfg: Config, rt: Runtime) -> list[Tensor]:
-    """GPTQ_CAL_SAMPLES training sequences (never validation), this rank's share, 8 per batch."""
-    seq = cfg.gptq_cal_seq_len or cfg.train_seq_len
-    cal_cfg = dataclasses.replace(cfg, seed=cfg.seed + 1, train_seq_len=seq, train_batch_tokens=cfg.gptq_cal_samples * seq)
-    loader = TrainLoader(train_paths, cal_cfg, cfg.bos_id, rt.rank, rt.world_size, 1, rt.device)
-    (x, _), = loader.next_batch()
-    return list(x.split(8))
-
-
 def _quantize_names(model: GPT, sd: dict[str, Tensor], names: list[str], hs: dict[str, Tensor] | None,
                     cfg: Config, rt: Runtime, step: float = 1.0) -> dict[str, QTensor]:
     """Quantize `names`; rank r does every world_size-th tensor, then each is broadcast from its owner."""
     out = {}
     for i, n in enumerate(names):
-        kind, bits, sig = quant_plan(n, sd[n], cfg)
-        w = sd[n].to(rt.device)
+        p = quant_plan(n, sd[n], cfg)
+        bits, w = p.bits, sd[n].to(rt.device)
         k = step if bits == GPTQ_BITS else 1.0
         if i % rt.world_size == rt.rank:
-            qt = quantize_gptq(w, hs[n], bits, sig, k) if (kind == "gptq" and hs is not None) else quantize_rtn(w, bits, sig, k)
+            qt = (quantize_gptq(w, hs[n], bits, p.clip_sigmas, k) if (p.method == "gptq" and hs is not None)
+                  else quantize_rtn(w, bits, p.clip_sigmas, k))
         else:
             qt = QTensor(torch.empty(w.shape, dtype=torch.int8, device=rt.device),
                          torch.empty(w.size(0), dtype=torch.float16, device=rt.device), bits)
@@ -1421,14 +1579,14 @@ def choose_step(sd: dict[str, Tensor], plan: dict, hs: dict[str, Tensor] | None,
                 code_bytes: int, rt: Runtime, log: Logger) -> float:
     """Rate control: estimate the artifact from symbol entropies; if it would exceed the cap, widen the
     int6 steps of every 6-bit matrix by one common factor so that it fits."""
-    six = [n for n, p in plan.items() if p[1] == GPTQ_BITS]
+    six = [n for n, p in plan.items() if p.bits == GPTQ_BITS]
     if not cfg.artifact_fit or not six:
         return 1.0
     mats = []
     for n in six:
         w = sd[n].to(rt.device)
         hd = torch.diag(hs[n]) if (hs is not None and n in hs) else None
-        mats.append((w, row_scales(w, GPTQ_BITS, plan[n][2], hd)))
+        mats.append((w, row_scales(w, GPTQ_BITS, plan[n].clip_sigmas, hd)))
     fixed = sum(entropy_bytes(v.q) + 2 * v.scale.numel() if isinstance(v, QTensor) else 2 * v.numel()
                 for v in other.values()) + sum(2 * sd[n].size(0) for n in six) + HEADER_ALLOWANCE
     budget = cfg.artifact_limit_bytes * (1 - ARTIFACT_MARGIN) - code_bytes - fixed
@@ -1446,37 +1604,47 @@ def quantize_model(model: GPT, cfg: Config, rt: Runtime, batches: list[Tensor], 
                    code_bytes: int = 0) -> dict[str, QTensor | Tensor]:
     """Quantize every tensor of the model. Loop-aware: flat layers first from phase-1 Hessians, patch
     them in, then collect the crawler's Hessians through the quantized flat layers (phase 2)."""
-    model.set_active_loops(cfg.crawler_loops if cfg.use_crawler else 0)
+    model.set_active_loops(cfg.n_loops)
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     plan = {n: quant_plan(n, t, cfg) for n, t in sd.items()}
-    gptq_names = sorted(n for n, p in plan.items() if p[0] == "gptq")
+    gptq_names = sorted(n for n, p in plan.items() if p.method == "gptq")
     crawler = [n for n in gptq_names if n.startswith("crawler.")]
     flat = [n for n in gptq_names if not n.startswith("crawler.")]
     hs = collect_hessians(model, batches, set(gptq_names), rt) if gptq_names else None
     two_phase = cfg.loop_aware_gptq and crawler and flat and hs is not None
     log(f"gptq:phase1 hessians:{len(gptq_names)} samples:{cfg.gptq_cal_samples} loop_aware:{int(bool(two_phase))}")
-    rest = sorted(n for n, p in plan.items() if p[0] == "rtn" and p[1] != GPTQ_BITS)
+    rest = sorted(n for n, p in plan.items() if p.method == "rtn" and p.bits != GPTQ_BITS)
     out: dict[str, QTensor | Tensor] = dict(_quantize_names(model, sd, rest, None, cfg, rt))
-    out |= {n: sd[n].half() for n, p in plan.items() if p[0] == "fp16"}
+    out |= {n: sd[n].half() for n, p in plan.items() if p.method == "fp16"}
     step = choose_step(sd, plan, hs, out, cfg, code_bytes, rt, log)
-    six_rtn = sorted(n for n, p in plan.items() if p[0] == "rtn" and p[1] == GPTQ_BITS)  # SKIP_GPTQ=1
+    six_rtn = sorted(n for n, p in plan.items() if p.method == "rtn" and p.bits == GPTQ_BITS)  # SKIP_GPTQ=1
     out |= _quantize_names(model, sd, six_rtn, None, cfg, rt, step)
     out |= _quantize_names(model, sd, flat if two_phase else gptq_names, hs, cfg, rt, step)
     if two_phase:
-        live = model.state_dict()
-        saved = {n: live[n].detach().clone() for n in flat}
-        with torch.no_grad():
-            for n in flat:
-                live[n].copy_(out[n].dequant().to(live[n].dtype))
-        hs2 = collect_hessians(model, batches, set(crawler), rt)
-        with torch.no_grad():
-            for n in flat:
-                live[n].copy_(saved[n])
-        shift = max((hs2[n] - hs[n]).norm().item() / hs[n].norm().clamp_min(1e-12).item() for n in crawler)
-        log(f"gptq:phase2 crawler_hessians:{len(crawler)} through quantized flat layers:{len(flat)} "
-            f"max_rel_change:{shift:.4f}")
+        hs2 = crawler_hessians_through_quantized_flat(model, out, flat, crawler, hs, batches, rt, log)
         out |= _quantize_names(model, sd, crawler, hs2, cfg, rt, step)
     return out
+
+
+def crawler_hessians_through_quantized_flat(model: GPT, out: dict, flat: list[str], crawler: list[str],
+                                            hs: dict[str, Tensor], batches: list[Tensor], rt: Runtime,
+                                            log: Logger) -> dict[str, Tensor]:
+    """Loop-aware phase 2 (#1283): with the flat layers temporarily replaced by their quantized weights,
+    the shared crawler block's Hessians are collected again, so it is quantized for the activations it
+    will really see. The model's own weights are restored afterwards."""
+    live = model.state_dict()
+    saved = {n: live[n].detach().clone() for n in flat}
+    with torch.no_grad():
+        for n in flat:
+            live[n].copy_(out[n].dequant().to(live[n].dtype))
+    hs2 = collect_hessians(model, batches, set(crawler), rt)
+    with torch.no_grad():
+        for n in flat:
+            live[n].copy_(saved[n])
+    shift = max((hs2[n] - hs[n]).norm().item() / hs[n].norm().clamp_min(1e-12).item() for n in crawler)
+    log(f"gptq:phase2 crawler_hessians:{len(crawler)} through quantized flat layers:{len(flat)} "
+        f"max_rel_change:{shift:.4f}")
+    return hs2
 
 
 def dequantize_state(qm: dict[str, QTensor | Tensor]) -> dict[str, Tensor]:
@@ -1568,8 +1736,7 @@ def unpack_artifact(blob: bytes) -> tuple[Config, dict[str, QTensor | Tensor]]:
     raw = _decompress(payload, comp)
     hlen = int.from_bytes(raw[:4], "little")
     header = json.loads(raw[4:4 + hlen])
-    hints = typing.get_type_hints(Config)
-    cfg = Config(**{k: (tuple(v) if hints[k] is tuple else v) for k, v in header["config"].items()})
+    cfg = config_from_dict(header["config"])
     n_int = sum(math.prod(t["shape"]) for t in header["tensors"] if t["kind"] == "q")
     ints = np.frombuffer(raw, dtype=np.int8, count=n_int, offset=4 + hlen)
     halves = np.frombuffer(byte_unshuffle(raw[4 + hlen + n_int:], 2), dtype="<f2")
@@ -1589,7 +1756,7 @@ def unpack_artifact(blob: bytes) -> tuple[Config, dict[str, QTensor | Tensor]]:
 def load_artifact_model(path: str | Path, rt: Runtime) -> tuple[Config, GPT]:
     """Rebuild the model from the artifact alone, as a reviewer would."""
     cfg, qm = unpack_artifact(Path(path).read_bytes())
-    model = GPT(cfg).to(rt.device)
+    model = GPT(cfg, rt.attn).to(rt.device)
     sd = model.state_dict()
     model.load_state_dict({k: v.to(sd[k].dtype) for k, v in dequantize_state(qm).items()})
     return cfg, model
@@ -1740,10 +1907,7 @@ def ttt_score_batch(model: GPT, val: ValidationData, docs: list[tuple[int, int]]
     B, C, L = len(docs), cfg.ttt_chunk_size, cfg.eval_seq_len
     n = [e - s - 1 for s, e in docs]  # targets per document
     lora = BatchedLoRA(lora_shapes(model), B, cfg.ttt_lora_rank, rt.device, cfg.seed)
-    if cfg.ttt_optimizer == "adam":
-        opt = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lr, betas=(0.0, 0.999), weight_decay=cfg.ttt_weight_decay)
-    else:
-        opt = torch.optim.SGD(lora.parameters(), lr=cfg.ttt_lr, weight_decay=cfg.ttt_weight_decay)
+    opt = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lr, betas=(0.0, 0.999), weight_decay=cfg.ttt_weight_decay)
     sums = EvalSums()
     n_chunks = math.ceil(max(n) / C)
     for c in range(n_chunks):
@@ -1793,10 +1957,7 @@ def global_sgd(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg
             with rt.autocast():
                 loss = token_losses(model, r[None, :-1], r[None, 1:]).sum() / total
             loss.backward()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            all_reduce_(p.grad)
+        sync_grads_(params, rt, average=False)  # each rank's loss is already divided by the global token count
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -1879,57 +2040,65 @@ def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime
 
 
 # =============================================================================================
-# Main
+# Main: the pipeline, one stage per call
 # =============================================================================================
+
+
+@dataclass
+class RunInputs:
+    """What preflight hands to the stages: the tokenizer, the training data and the validation set."""
+    sp: typing.Any
+    train: TrainData
+    val: ValidationData
 
 
 def build_model(cfg: Config, rt: Runtime) -> tuple[GPT, nn.Module]:
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg).to(rt.device)
+    model = GPT(cfg, rt.attn).to(rt.device)
     compiled = torch.compile(model, fullgraph=cfg.compile_fullgraph) if rt.compile else model
     return model, compiled
 
 
 def log_header(cfg: Config, rt: Runtime, log: Logger, warnings: list[str]) -> None:
     log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__}")
-    hw = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
-    log(f"hardware: device:{rt.device.type} name:{hw} world_size:{rt.world_size}")
+    log(f"hardware: device:{rt.device.type} name:{rt.hardware} world_size:{rt.world_size}")
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         log(f"config: {f.name.upper()}={','.join(map(str, v)) if isinstance(v, tuple) else v}")
     for w in warnings:
         log(f"WARNING: {w}")
-    log(f"attention_backend:{rt.attn_backend}" + ("" if rt.attn_backend == "fa3" else
-        " (FlashAttention 3 not importable: using PyTorch SDPA, slower on H100)" if rt.device.type == "cuda" else ""))
+    slow = rt.device.type == "cuda" and rt.attn.name != "fa3"
+    log(f"attention_backend:{rt.attn.name}"
+        + (" (FlashAttention 3 not importable: using PyTorch SDPA, slower on H100)" if slow else ""))
     log(f"compile:enabled={int(rt.compile)} fullgraph={int(cfg.compile_fullgraph)}")
-
-
-MODEL_FIELDS = ("vocab_size", "bos_id", "use_crawler", "num_layers", "num_flat_layers", "flat_encoder_layers",
-                "num_crawler_layers", "crawler_loops", "crawler_mlp_mult", "inst_dim", "model_dim", "num_heads",
-                "num_kv_heads", "mlp_mult", "bigram_vocab_size", "bigram_dim", "smear_gate", "gated_attn_enabled")
 
 
 def checkpoint_path(cfg: Config) -> Path:
     return Path(cfg.init_model_path or Path(cfg.output_dir) / "final_model.pt")
 
 
-def check_pipeline_inputs(cfg: Config) -> None:
-    """Checks for the stages after training, made before training starts."""
+def config_from_checkpoint(cfg: Config, explicit: set[str]) -> Config:
+    """SKIP_TRAIN: the model is rebuilt from the architecture saved in the checkpoint (every field
+    marked `model`), as the artifact loader does. A model variable set in the environment that
+    disagrees with the checkpoint is an error, never a silent mismatch."""
+    path = checkpoint_path(cfg)
+    if not path.is_file():
+        raise ConfigError(f"SKIP_TRAIN=1 but INIT_MODEL_PATH={path} does not exist")
+    saved = config_from_dict(torch.load(path, map_location="cpu", weights_only=True)["config"])
+    diff = [f"{n.upper()}={getattr(cfg, n)} (checkpoint: {getattr(saved, n)})" for n in MODEL_FIELDS
+            if n.upper() in explicit and getattr(cfg, n) != getattr(saved, n)]
+    if diff:
+        raise ConfigError(f"{path} was trained with a different model; unset or set " + ", ".join(diff))
+    return dataclasses.replace(cfg, **{n: getattr(saved, n) for n in MODEL_FIELDS})
+
+
+def check_compressor(cfg: Config) -> None:
     try:
         _compress(b"probe", cfg.compressor)
     except ImportError:
         pkg = {"brotli": "brotli", "zstd": "zstandard"}.get(cfg.compressor, cfg.compressor)
         raise ConfigError(f"COMPRESSOR={cfg.compressor} but its package is missing: pip install {pkg} "
                           "(or set COMPRESSOR=lzma)") from None
-    if cfg.skip_train:
-        path = checkpoint_path(cfg)
-        if not path.is_file():
-            raise ConfigError(f"SKIP_TRAIN=1 but INIT_MODEL_PATH={path} does not exist")
-        saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
-        diff = [f"{k.upper()}={getattr(cfg, k)} (checkpoint: {saved.get(k)})" for k in MODEL_FIELDS
-                if saved.get(k) != getattr(cfg, k)]
-        if diff:
-            raise ConfigError(f"{path} was trained with a different model; set " + ", ".join(diff))
 
 
 def shipped_code() -> bytes:
@@ -1959,74 +2128,100 @@ def write_outputs(qm: dict, code: bytes, cfg: Config, rt: Runtime, log: Logger) 
     return sizes
 
 
-def main() -> None:
+def configure() -> tuple[Config, Runtime, Logger, list[str]]:
+    """Config from the environment, the runtime and the logger; a config error exits before any work."""
     try:
-        cfg, warnings = load_config()
+        cfg, warnings, explicit = load_config_explicit()
+        if cfg.skip_train:
+            cfg = config_from_checkpoint(cfg, explicit)
+        check_compressor(cfg)
+        rt = setup_runtime(cfg)
+        validate_world(cfg, rt.world_size)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    rt = setup_runtime(cfg)
-    try:
-        accum = validate_world(cfg, rt.world_size)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = Logger(str(out / "logs" / f"{cfg.run_id}.txt") if rt.is_main else None)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    log = Logger(str(Path(cfg.output_dir) / "logs" / f"{cfg.run_id}.txt") if rt.is_main else None)
     log_header(cfg, rt, log, warnings)
+    return cfg, rt, log, warnings
+
+
+def prepare_inputs(cfg: Config, rt: Runtime, log: Logger) -> RunInputs:
+    """Preflight (every data check before anything is paid for), then the validation set."""
     try:
         sp, train_paths = preflight(cfg, log)
-        check_pipeline_inputs(cfg)
         val = load_validation(cfg, sp)
     except (ConfigError, DataError) as e:
         sys.exit(f"preflight error: {e}")
     log(f"val_loader:tokens:{val.tokens.numel() - 1} bytes:{int(val.token_bytes[1:].sum())} docs:{val.n_docs}")
-    model, compiled = build_model(cfg, rt)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    log(f"train_batch_tokens:{cfg.train_batch_tokens} grad_accum_steps:{accum} world_size:{rt.world_size}")
+    data = TrainData(train_paths, cfg, rt, validate_world(cfg, rt.world_size))
+    log(f"train_batch_tokens:{cfg.train_batch_tokens} grad_accum_steps:{data.accum} world_size:{rt.world_size}")
+    return RunInputs(sp, data, val)
+
+
+def train_or_load(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, inputs: RunInputs,
+                  log: Logger) -> TrainResult:
+    """Train and save the float checkpoint, or (SKIP_TRAIN) load it: both give a TrainResult."""
     if cfg.skip_train:
-        model.load_state_dict(torch.load(checkpoint_path(cfg), map_location=rt.device, weights_only=True)["state_dict"])
+        state = torch.load(checkpoint_path(cfg), map_location=rt.device, weights_only=True)["state_dict"]
+        model.load_state_dict(state)
+        model.set_active_loops(cfg.n_loops)
         log(f"skip_train: loaded {checkpoint_path(cfg)}")
-        train_ms = 0.0
-    else:
-        result = train(model, compiled, cfg, rt,
-                       lambda: TrainLoader(train_paths, cfg, cfg.bos_id, rt.rank, rt.world_size, accum, rt.device),
-                       val, log)
-        train_ms = result.train_ms
-        if rt.is_main:
-            torch.save({"config": dataclasses.asdict(cfg), "state_dict": result.final_state}, out / "final_model.pt")
-            log(f"saved:{out / 'final_model.pt'}")
+        return TrainResult(0, 0.0, False, state, 0.0)
+    result = train(model, compiled, cfg, rt, inputs.train, inputs.val, log)
+    if rt.is_main:
+        path = Path(cfg.output_dir) / "final_model.pt"
+        torch.save({"config": dataclasses.asdict(cfg), "state_dict": result.final_state}, path)
+        log(f"saved:{path}")
+    return result
+
+
+def calibrate_and_pack(model: GPT, cfg: Config, rt: Runtime, inputs: RunInputs, result: TrainResult,
+                       log: Logger) -> tuple[dict, float]:
+    """GPTQ calibration on training data (inside the training budget), quantization and packing."""
     t0 = time.perf_counter()
     code = shipped_code()
-    qm = quantize_model(model, cfg, rt, calibration_batches(train_paths, cfg, rt), log, len(code))
+    qm = quantize_model(model, cfg, rt, inputs.train.calibration_batches(), log, len(code))
     cal_s = time.perf_counter() - t0
-    log(f"gptq:calibrated_and_quantized time:{cal_s:.1f}s train+calibration:{train_ms / 1000 + cal_s:.1f}s")
-    if cfg.max_wallclock_seconds and train_ms / 1000 + cal_s > cfg.max_wallclock_seconds:
-        log(f"WARNING: training + calibration took {train_ms / 1000 + cal_s:.1f}s > MAX_WALLCLOCK_SECONDS="
+    total_s = result.train_ms / 1000 + cal_s
+    log(f"gptq:calibrated_and_quantized time:{cal_s:.1f}s train+calibration:{total_s:.1f}s")
+    if cfg.max_wallclock_seconds and total_s > cfg.max_wallclock_seconds:
+        log(f"WARNING: training + calibration took {total_s:.1f}s > MAX_WALLCLOCK_SECONDS="
             f"{cfg.max_wallclock_seconds}; raise GPTQ_RESERVE_SECONDS above {cal_s:.0f}")
     sizes = write_outputs(qm, code, cfg, rt, log)
-    if dist.is_initialized():
-        dist.barrier()
-    evals = run_evaluation(out / "final_model.int6.ptz", val, cfg, rt, log)
+    barrier()
+    return sizes, cal_s
+
+
+def write_summary(cfg: Config, rt: Runtime, inputs: RunInputs, result: TrainResult, sizes: dict, cal_s: float,
+                  evals: dict, log: Logger) -> None:
+    val = inputs.val
+    within_train = not cfg.max_wallclock_seconds or result.train_ms / 1000 + cal_s <= cfg.max_wallclock_seconds
     summary = {
         "run_id": cfg.run_id, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "hardware": {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
-                     "world_size": rt.world_size},
+        "hardware": {"device": rt.hardware, "world_size": rt.world_size},
         "val": {"tokens": val.tokens.numel() - 1, "bytes": int(val.token_bytes[1:].sum()), "docs": val.n_docs},
-        "train": {"steps": None if cfg.skip_train else result.steps, "train_ms": train_ms,
-                  "stopped_early": None if cfg.skip_train else result.stopped_early,
-                  "peak_memory_mib": None if cfg.skip_train else result.peak_mem_mib},
+        "train": {"steps": result.steps, "train_ms": result.train_ms, "stopped_early": result.stopped_early,
+                  "peak_memory_mib": result.peak_mem_mib, "skipped": cfg.skip_train},
         "calibration_s": cal_s, "sizes": sizes, "eval": evals,
-        "valid": bool(sizes["valid_size"] and evals["eval_within_budget"] and (
-            not cfg.max_wallclock_seconds or train_ms / 1000 + cal_s <= cfg.max_wallclock_seconds)),
+        "valid": bool(sizes["valid_size"] and evals["eval_within_budget"] and within_train),
     }
     if rt.is_main:
-        path = out / "logs" / f"{cfg.run_id}.summary.json"
+        path = Path(cfg.output_dir) / "logs" / f"{cfg.run_id}.summary.json"
         path.write_text(json.dumps(summary, indent=1))
         log(f"summary:{path} valid:{int(summary['valid'])}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+
+
+def main() -> None:
+    cfg, rt, log, _ = configure()
+    inputs = prepare_inputs(cfg, rt, log)
+    model, compiled = build_model(cfg, rt)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    result = train_or_load(model, compiled, cfg, rt, inputs, log)
+    sizes, cal_s = calibrate_and_pack(model, cfg, rt, inputs, result, log)
+    evals = run_evaluation(Path(cfg.output_dir) / "final_model.int6.ptz", inputs.val, cfg, rt, log)
+    write_summary(cfg, rt, inputs, result, sizes, cal_s, evals, log)
+    shutdown()
 
 
 if __name__ == "__main__":

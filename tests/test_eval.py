@@ -16,7 +16,7 @@ import lossless_caps as lc
 import train_gpt as tg
 from conftest import ROOT, SHARED_DATA, clean_env, run_trainer
 
-CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), None, False, "sdpa")
+CPU = tg.Runtime.cpu()
 CASEOPS_MODEL = SHARED_DATA / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
 
@@ -115,7 +115,7 @@ def test_sliding_stride_equal_seq_len_is_plain_eval_and_ranks_partition(trained_
     assert plain.nll == pytest.approx(nll, rel=1e-9) and plain.tokens == 1999
     seen = []
     for r in range(3):  # what each of 3 ranks scores covers every target once
-        rt = dataclasses.replace(CPU, rank=r, world_size=3)
+        rt = tg.Runtime.cpu(rank=r, world_size=3)
         tg.eval_windows(model, val, 64, 16, 1024, rt, hook=lambda idx, v: seen.extend(idx.tolist()))
     assert sorted(seen) == list(range(1, 2000))
 

@@ -35,19 +35,19 @@ def test_sigma_clip_and_plan():
     s = tg.row_scales(w, 6, 3.0)
     assert s[0] * 31 == pytest.approx(3 * w[0].std().item(), rel=1e-5) and s[0] * 31 < 25.0
     assert s[1] * 31 == pytest.approx(min(3 * w[1].std().item(), w[1].abs().max().item()), rel=1e-5)
-    assert tg.quant_plan("crawler.0.mlp.fc.weight", w, cfg) == ("gptq", 6, 3.0)
-    assert tg.quant_plan("encoder.1.attn.c_k.weight", w, cfg) == ("gptq", 6, 0.0)
-    assert tg.quant_plan("tok_emb.weight", w, cfg) == ("rtn", 7, 0.0)
-    assert tg.quant_plan("decoder.0.attn.gate.weight", w, cfg)[0] == "rtn"
-    assert tg.quant_plan("decoder.0.attn_scale", torch.ones(8), cfg)[0] == "fp16"
+    assert tg.quant_plan("crawler.0.mlp.fc.weight", w, cfg) == tg.QuantPlan("gptq", 6, 3.0)
+    assert tg.quant_plan("encoder.1.attn.c_k.weight", w, cfg) == tg.QuantPlan("gptq", 6, 0.0)
+    assert tg.quant_plan("tok_emb.weight", w, cfg) == tg.QuantPlan("rtn", 7, 0.0)
+    assert tg.quant_plan("decoder.0.attn.gate.weight", w, cfg).method == "rtn"
+    assert tg.quant_plan("decoder.0.attn_scale", torch.ones(8), cfg).method == "fp16"
     skip, _ = tg.load_config({"SKIP_GPTQ": "1"})
-    assert tg.quant_plan("crawler.0.mlp.fc.weight", w, skip)[0] == "rtn"
+    assert tg.quant_plan("crawler.0.mlp.fc.weight", w, skip).method == "rtn"
 
 
 def _load_trained(trained_tiny, **over):
     env = trained_tiny["env"] | {k: str(v) for k, v in over.items()}
     cfg, _ = tg.load_config(env)
-    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), None, False, "sdpa")
+    rt = tg.Runtime.cpu()
     model = tg.GPT(cfg)
     model.load_state_dict(torch.load(trained_tiny["out"] / "final_model.pt")["state_dict"])
     return cfg, rt, model
@@ -56,9 +56,9 @@ def _load_trained(trained_tiny, **over):
 def test_loop_aware_calibration(trained_tiny, plain_data):
     cfg, rt, model = _load_trained(trained_tiny)
     paths = tg.shard_paths(str(plain_data["data_path"]), "train")
-    batches = tg.calibration_batches(paths, cfg, rt)
+    batches = tg.TrainData(paths, cfg, rt, 1).calibration_batches()
     lines = []
-    names = {n for n in model.state_dict() if n.startswith("crawler.") and tg.quant_plan(n, model.state_dict()[n], cfg)[0] == "gptq"}
+    names = {n for n in model.state_dict() if n.startswith("crawler.") and tg.quant_plan(n, model.state_dict()[n], cfg).method == "gptq"}
     h1 = tg.collect_hessians(model, batches, names, rt)
     qm_two = tg.quantize_model(model, cfg, rt, batches, lines.append)
     assert any("phase2" in l for l in lines)
@@ -89,7 +89,7 @@ def test_artifact_roundtrip_in_fresh_process(trained_tiny, tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     torch.save(ids, tmp_path / "ids.pt")
     code = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r}); import train_gpt as tg\n"
-            f"rt = tg.Runtime(0, 1, 0, torch.device('cpu'), None, False, 'sdpa')\n"
+            f"rt = tg.Runtime.cpu()\n"
             f"cfg, m = tg.load_artifact_model({str(art)!r}, rt)\n"
             f"torch.save({{'sd': m.state_dict(), 'logits': m.eval()(torch.load({str(tmp_path / 'ids.pt')!r}))}}, "
             f"{str(tmp_path / 'fresh.pt')!r})\n")

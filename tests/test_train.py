@@ -1,8 +1,7 @@
 """Issue 2: model semantics, optimisation, distribution, wallclock and config errors."""
 from __future__ import annotations
 
-import math
-import time
+import dataclasses
 
 import numpy as np
 import pytest
@@ -97,20 +96,97 @@ def test_delayed_loop_activation_changes_depth_only():
     assert not torch.allclose(one, model(ids))
 
 
-@pytest.mark.parametrize("step_ms", [1.0, 7.3, 55.0])
-def test_lr_reaches_floor_at_cap_whatever_step_speed(step_ms):
-    cfg, _ = tg.load_config({"WARMDOWN_ITERS": "300", "MIN_LR": "0.1"})
-    budget = 10_000.0
-    t, scales = 0.0, []
-    while t + step_ms <= budget:
-        frac = tg.warmdown_fraction(cfg, step_ms, budget)
-        scales.append(tg.lr_scale(t / budget, frac, cfg.min_lr, 0, 0))
-        t += step_ms
-    assert scales[0] == 1.0
-    # the last step starts within two step-times of the cap, so it is within that much of the floor
-    assert abs(scales[-1] - 0.1) < 0.9 * 2 * step_ms / min(budget, 300 * step_ms) + 1e-9
-    assert all(a >= b for a, b in zip(scales, scales[1:]))
-    assert tg.lr_scale(1.0, frac, cfg.min_lr, 0, 0) == pytest.approx(0.1)
+class FakeClock:
+    """Seconds that advance only when a test says so."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def simulate(cfg, durations_ms):
+    """Drive plan_step and StepClock with scripted step durations; returns [(start_ms, plan, dur)]."""
+    now = FakeClock()
+    clock, out = tg.StepClock(now), []
+    for step, dur in enumerate(durations_ms):
+        elapsed = clock.elapsed_ms()
+        if step:
+            clock.observe(elapsed)
+        plan = tg.plan_step(cfg, step, elapsed, clock.next_step_ms(), cfg.train_budget_ms)
+        if plan is None:
+            break
+        out.append((elapsed, plan, dur))
+        now.t += dur / 1000
+    return out
+
+
+def spiky(n, base=50.0, spike=400.0, every=17):
+    return [spike if i % every == every - 1 else base for i in range(n)]
+
+
+@pytest.mark.parametrize("durations", [[1.0] * 20000, [7.3] * 5000, [55.0] * 1000, spiky(1000), spiky(1000, 20, 900, 9)])
+def test_wallclock_schedule_never_crosses_the_cap_and_lr_ends_at_floor(durations):
+    cfg, _ = tg.load_config({"MAX_WALLCLOCK_SECONDS": "11", "GPTQ_RESERVE_SECONDS": "1", "WARMDOWN_FRAC": "0.5",
+                             "MIN_LR": "0.1", "ITERATIONS": "100000"})
+    budget = cfg.train_budget_ms
+    steps = simulate(cfg, durations)
+    start, last, dur = steps[-1]
+    assert len(steps) < len(durations), "the cap must stop the run"
+    assert start + dur <= budget, "the last step must end inside the budget"
+    spike = max(durations)
+    assert budget - (start + dur) < 2 * spike, "the run stops no more than two step-times early"
+    # the LR decays monotonically from 1 and meets its floor on the last step
+    scales = [p.lr_scale for _, p, _ in steps]
+    assert scales[0] == 1.0 and all(a >= b for a, b in zip(scales, scales[1:]))
+    assert last.lr_scale - 0.1 <= 0.9 * spike / (0.5 * budget) + 1e-9
+
+
+def test_step_budget_lr_reaches_floor_exactly_and_loops_start_on_time():
+    cfg, _ = tg.load_config({"MAX_WALLCLOCK_SECONDS": "0", "ITERATIONS": "200", "WARMDOWN_FRAC": "0.4",
+                             "MIN_LR": "0.05", "CRAWLER_START_FRAC": "0.35", "CRAWLER_LOOPS": "3"})
+    plans = [tg.plan_step(cfg, s, 0.0, 0.0, 0.0) for s in range(201)]
+    assert plans[200] is None and plans[199].lr_scale == pytest.approx(0.05)
+    assert [p.loops for p in plans[:200]].index(3) == 70 and plans[69].loops == 1
+    assert plans[0].momentum == cfg.muon_momentum_warmup_start
+
+
+def test_warmdown_iters_converts_to_time_under_a_cap():
+    cfg, _ = tg.load_config({"MAX_WALLCLOCK_SECONDS": "11", "GPTQ_RESERVE_SECONDS": "1", "WARMDOWN_ITERS": "100",
+                             "MIN_LR": "0.0", "ITERATIONS": "100000"})
+    steps = simulate(cfg, [20.0] * 1000)  # 500 steps fit: the warmdown is the last 100 of them
+    decayed = [i for i, (_, p, _) in enumerate(steps) if p.lr_scale < 1.0]
+    assert len(steps) == 500 and abs(decayed[0] - 400) <= 2 and steps[-1][1].lr_scale < 0.02
+
+
+def test_training_loop_with_injected_clock(plain_data, monkeypatch):
+    """The real loop on the tiny model: the fake clock advances 45 ms per step with spikes; the run stops
+    inside the cap, says so, and its LR is at the floor on the last step."""
+    from conftest import TINY
+
+    cfg, _ = tg.load_config(TINY | {"DATA_PATH": str(plain_data["data_path"]), "TOKENIZER_PATH": str(plain_data["tokenizer"]),
+                                    "MAX_WALLCLOCK_SECONDS": "2.5", "GPTQ_RESERVE_SECONDS": "0.5",
+                                    "ITERATIONS": "100000", "TRAIN_LOG_EVERY": "1", "MIN_LR": "0.1"})
+    rt = tg.Runtime.cpu()
+    now, durations = FakeClock(), iter(spiky(1000, 45.0, 200.0, 11))
+    real_step = tg.train_step
+
+    def timed_step(*a):
+        out = real_step(*a)
+        now.t += next(durations) / 1000
+        return out
+
+    monkeypatch.setattr(tg, "train_step", timed_step)
+    model = tg.GPT(cfg)
+    sp = tg.load_sentencepiece(cfg.tokenizer_path)
+    lines = []
+    res = tg.train(model, model, cfg, rt, tg.TrainData(tg.shard_paths(cfg.data_path, "train"), cfg, rt, 1),
+                   tg.load_validation(cfg, sp), lines.append, now=now)
+    assert res.stopped_early and res.train_ms <= cfg.train_budget_ms
+    assert any(l.startswith("stopping_early: wallclock_cap") for l in lines)
+    scales = [float(l.split("lr_scale:")[1]) for l in lines if "lr_scale:" in l]
+    assert len(scales) == res.steps and scales[0] == 1.0 and scales[-1] < 0.1 + 0.9 * 200 / (0.3 * 2000)
 
 
 def test_learning_beats_unigram_entropy(plain_data, trained_tiny):
@@ -118,7 +194,6 @@ def test_learning_beats_unigram_entropy(plain_data, trained_tiny):
     p = np.bincount(toks, minlength=512) / toks.size
     unigram = float(-(p[p > 0] * np.log(p[p > 0])).sum())
     out = trained_tiny["stdout"]
-    assert trained_tiny["seconds"] < 90
     losses = [float(l.split("train_loss:")[1].split()[0]) for l in out.splitlines() if "train_loss:" in l]
     val_loss = float([l for l in out.splitlines() if "val_loss:" in l and l.startswith("step:")][-1]
                      .split("val_loss:")[1].split()[0])
@@ -153,19 +228,6 @@ def test_two_ranks_with_delayed_loops(plain_data, tmp_path):
     assert "crawler:loops_enabled loops:2 step:3" in r.stdout and "ranks_in_sync:1" in r.stdout
 
 
-def test_wallclock_cap_stops_and_schedule_hits_floor(plain_data, tmp_path):
-    env = tiny_env(plain_data, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=5, GPTQ_RESERVE_SECONDS=1,
-                   TRAIN_LOG_EVERY=1, WARMDOWN_FRAC=0.5, MIN_LR=0.05)
-    r = run_trainer(env, tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    stop = [l for l in r.stdout.splitlines() if l.startswith("stopping_early: wallclock_cap")]
-    assert stop, r.stdout[-2000:]
-    train_ms = float(stop[0].split("train_time:")[1].split("ms")[0])
-    assert 3000 < train_ms <= 4000 * 1.05
-    scales = [float(l.split("lr_scale:")[1]) for l in r.stdout.splitlines() if "lr_scale:" in l]
-    assert scales[0] == 1.0 and scales[-1] < 0.05 + 0.15
-
-
 @pytest.mark.parametrize("env,needle", [
     ({"MODEL_DIM": "100", "NUM_HEADS": "8"}, "NUM_HEADS"),
     ({"NUM_HEADS": "8", "NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
@@ -198,15 +260,14 @@ def test_unrelated_env_is_ignored():
     ({"VOCAB_SIZE": "1024"}, "VOCAB_SIZE=1024"),
     ({"WARMDOWN_ITER": "5"}, "WARMDOWN_ITERS"),
 ])
-def test_bad_setup_fails_in_seconds(plain_data, tmp_path, over, needle):
+def test_bad_setup_fails_before_any_work(plain_data, tmp_path, over, needle):
     env = tiny_env(plain_data, **over)
     if "VOCAB_SIZE" in over:
         env["TOKENIZER_PATH"] = str(plain_data["tokenizer"])
         env["DATA_PATH"] = str(plain_data["data_path"])
-    t0 = time.time()
     r = run_trainer(env, tmp_path)
     assert r.returncode != 0 and needle in r.stderr, r.stderr[-2000:]
-    assert time.time() - t0 < 20
+    assert "model_params:" not in r.stdout and not (tmp_path / "final_model.pt").exists()
 
 
 def test_missing_data_path_fails_early(plain_data, tmp_path):
@@ -257,15 +318,15 @@ def test_compile_priming_warms_both_depths_and_restores_state(plain_data, monkey
 
     cfg, _ = tg.load_config(TINY | {"CRAWLER_START_FRAC": "0.5", "WARMUP_STEPS": "4",
                                     "DATA_PATH": str(plain_data["data_path"])})
-    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), None, True, "sdpa")  # as if compiled: priming runs
+    rt = dataclasses.replace(tg.Runtime.cpu(), compile=True)  # as if compiled: priming runs
     torch.manual_seed(0)
     model = tg.GPT(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opts, params, seen = tg.build_optimizers(model, cfg, rt), list(model.parameters()), []
+    opts, seen = tg.build_optimizers(model, cfg, rt), []
     real = tg.train_step
     monkeypatch.setattr(tg, "train_step", lambda c, *a: (seen.append(model.active_loops), real(c, *a))[1])
-    loader = lambda: tg.TrainLoader(tg.shard_paths(cfg.data_path, "train"), cfg, 1, 0, 1, 1, rt.device)  # noqa: E731
-    tg.prime_compile(model, model, opts, loader, cfg, rt, params, lambda s: None)
+    data = tg.TrainData(tg.shard_paths(cfg.data_path, "train"), cfg, rt, 1)
+    tg.prime_compile(model, model, opts, data, cfg, rt, lambda s: None)
     assert seen == [1, 1, 2, 2] and model.active_loops == 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not opts.muon.state, "optimizer state must be restored to empty"

@@ -29,8 +29,8 @@ def main() -> None:
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     qm = {}
     for n, t in sd.items():
-        kind, bits, sig = tg.quant_plan(n, t, cfg)
-        qm[n] = t.half() if kind == "fp16" else tg.quantize_rtn(t, bits, sig)
+        p = tg.quant_plan(n, t, cfg)
+        qm[n] = t.half() if p.method == "fp16" else tg.quantize_rtn(t, p.bits, p.clip_sigmas)
     code = len(tg.counted_code((Path(tg.__file__)).read_text()))
     six = np.concatenate([v.q.numpy().ravel() for v in qm.values() if isinstance(v, tg.QTensor) and v.bits == 6])
     p = np.bincount(six.astype(np.int64) + 32) / six.size
@@ -46,10 +46,10 @@ def main() -> None:
               f"time:{time.perf_counter() - t0:.1f}s")
     # what ARTIFACT_FIT does to this model under the cap
     plan = {n: tg.quant_plan(n, t, cfg) for n, t in sd.items()}
-    other = {n: v for n, v in qm.items() if plan[n][1] != tg.GPTQ_BITS}
-    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), None, False, "sdpa")
+    other = {n: v for n, v in qm.items() if plan[n].bits != tg.GPTQ_BITS}
+    rt = tg.Runtime.cpu()
     step = tg.choose_step(sd, plan, None, other, cfg, code, rt, print)
-    fitted = other | {n: tg.quantize_rtn(sd[n], p[1], p[2], step) for n, p in plan.items() if p[1] == tg.GPTQ_BITS}
+    fitted = other | {n: tg.quantize_rtn(sd[n], p.bits, p.clip_sigmas, step) for n, p in plan.items() if p.bits == tg.GPTQ_BITS}
     blob = tg.pack_artifact(fitted, cfg, cfg.compressor)
     print(f"fitted: step_multiplier:{step:.4f} compressor:{cfg.compressor} bytes_total:{len(blob) + code} "
           f"limit:{cfg.artifact_limit_bytes}")
