@@ -125,13 +125,10 @@ def original_byte_weights(encoded: str) -> np.ndarray:
     return w
 
 
-def piece_original_bytes(encoded: str, piece_byte_lengths) -> np.ndarray:
-    """Original-text bytes covered by each token, given each token's length in bytes of `encoded`
-    (the pieces must tile `encoded` exactly). Sums to len(decode(encoded).encode('utf-8'))."""
+def span_original_bytes(encoded: str, begins, ends) -> np.ndarray:
+    """Original-text bytes inside each byte span [begin, end) of `encoded`'s UTF-8 (a token's surface as
+    SentencePiece reports it). Markers and an escaping ESC count 0, an escaped literal its own 3 bytes,
+    everything else its UTF-8 bytes; a span may be empty (the leading pieces of a byte-fallback run)."""
     w = original_byte_weights(encoded)
-    lens = np.asarray(piece_byte_lengths, dtype=np.int64)
-    if int(lens.sum()) != w.size:
-        raise ValueError(f"pieces cover {int(lens.sum())} bytes but the text has {w.size}")
-    ends = np.cumsum(lens)
     cw = np.concatenate([[0], np.cumsum(w)])
-    return cw[ends] - cw[ends - lens]
+    return cw[np.asarray(ends, dtype=np.int64)] - cw[np.asarray(begins, dtype=np.int64)]

@@ -30,7 +30,8 @@ if missing:
     sys.exit(f"missing Python packages: {' '.join(missing)}")
 PY
 echo "preflight: data and tokenizer"
-SEED=$SEED "$PY" check_data.py >/dev/null || fail "fix the data above (download: $PY data/cached_challenge_fineweb.py --variant sp1024)"
+VARIANT=sp1024; [ "${CASEOPS_ENABLED:-0}" = 1 ] && VARIANT=sp8192_caseops
+SEED=$SEED "$PY" check_data.py >/dev/null || fail "fix the data above (download: $PY data/cached_challenge_fineweb.py --variant $VARIANT)"
 if [ "$DEVICE" = cuda ]; then
   echo "preflight: GPUs"
   NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)

@@ -427,6 +427,8 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # CPU ranks share the cores instead of fighting over them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     fa3 = load_fa3() if cuda else None
     attn = AttentionBackend("fa3", fa3) if fa3 is not None else SDPA
     hardware = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
@@ -688,8 +690,9 @@ def load_validation(cfg: Config, sp) -> ValidationData:
 
 
 def load_sentencepiece(path: str, lossless: bool = False):
-    """SentencePiece processor; `lossless` keeps the pieces and ids but turns off NFKC and whitespace
-    folding, so encode/decode round-trips any text (used for CaseOps data)."""
+    """SentencePiece processor. By default the model's own normalizer (nmt_nfkc, whitespace folding), as
+    the published data was tokenized; `lossless` keeps the pieces and ids but turns normalization off, so
+    encode/decode round-trips any text (data prepared with --tokenization lossless)."""
     import sentencepiece as spm
 
     if not lossless:
@@ -704,9 +707,29 @@ def load_sentencepiece(path: str, lossless: bool = False):
     return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
-# Reviewers' fingerprints of the published validation splits (PR #2146).
-KNOWN_VAL_TOKENS = {"fineweb10B_sp1024": 62_021_632,
-                    "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved": 47_851_520}
+def data_tokenization(data_path: str) -> str:
+    """How the shards were tokenized: our prep's manifest says so; published downloads are 'published'."""
+    manifest = Path(data_path) / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("tokenization", "published")
+    return "published"
+
+
+@dataclass(frozen=True)
+class ValFingerprint:
+    """A published validation split (reviewers compare these, PR #2146). `targets_2048` is what older
+    trainers log as val_tokens: the targets rounded down to a multiple of 2048."""
+    docs: int
+    targets_2048: int
+    tokens: int | None = None  # exact token count of the val file, where known
+
+
+KNOWN_VAL = {"fineweb10B_sp1024": ValFingerprint(50_000, 62_021_632),
+             "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved": ValFingerprint(50_000, 47_851_520, 47_853_344)}
+
+
+def targets_2048(n_tokens: int) -> int:
+    return (n_tokens - 1) // 2048 * 2048
 
 
 @dataclass
@@ -718,6 +741,7 @@ class DataReport:
     val_bytes: int | None
     train_docs_checked: int
     overlap_docs: int
+    tokenization: str
 
 
 def split_docs(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
@@ -725,98 +749,141 @@ def split_docs(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
     return np.split(tokens, starts[1:]) if starts.size else []
 
 
+def fix_hint(cfg: Config) -> str:
+    if cfg.caseops_enabled:
+        return ("re-download with `python3 data/cached_challenge_fineweb.py --variant sp8192_caseops` or re-run "
+                "prepare_caseops_data.py")
+    return "re-download with data/cached_challenge_fineweb.py"
+
+
 def check_dataset(cfg: Config, sp, need_bos: bool) -> DataReport:
     """Everything about the data that can go wrong, checked in seconds before training. Raises
-    DataError/ConfigError with the command that fixes it."""
-    prep = "re-run prepare_caseops_data.py" if cfg.caseops_enabled else "re-download with data/cached_challenge_fineweb.py"
+    DataError/ConfigError naming the cause and the command that fixes it."""
     if not os.path.isdir(cfg.data_path):
         raise DataError(f"DATA_PATH={cfg.data_path} is not a directory; download or prepare the shards "
                         "(see README) or set DATA_PATH")
-    if "datasets/datasets" in cfg.data_path.replace(os.sep, "/"):
-        raise DataError(f"DATA_PATH={cfg.data_path} has a doubled datasets/datasets; point it at the shard folder")
+    if "datasets/datasets" in cfg.data_path.replace(os.sep, "/") and not shard_paths(cfg.data_path, "val"):
+        raise DataError(f"DATA_PATH={cfg.data_path} has a doubled datasets/datasets and no shards; point it at the "
+                        "shard folder")
     train, val = shard_paths(cfg.data_path, "train"), shard_paths(cfg.data_path, "val")
     if not train or not val:
         raise DataError(f"DATA_PATH={cfg.data_path} has {len(train)} train and {len(val)} val shards; both are "
-                        f"needed: {prep}")
+                        f"needed: {fix_hint(cfg)}")
     for p in train + val:
         read_shard_header(p)
     val_parts = [load_shard(p) for p in val]
     vt, first = np.concatenate(val_parts), load_shard(train[0])
-    for name, toks in (("val", vt), ("train", first)):
+    check_ids(cfg, {"val": vt, "train": first}, need_bos)
+    docs = split_docs(vt, cfg.bos_id)
+    tokenization = data_tokenization(cfg.data_path)
+    check_fingerprint(cfg, vt, len(docs), tokenization)
+    check_tokenizer_roundtrip(cfg, sp, docs, tokenization)  # first: a wrong tokenizer fails every later check
+    side = check_sidecar(cfg, sp, val, val_parts) if cfg.caseops_enabled else None
+    val_hashes = {hash(d.tobytes()) for d in docs if d.size >= 16}
+    train_docs = split_docs(first, cfg.bos_id)
+    overlap = sum(hash(d.tobytes()) in val_hashes for d in train_docs if d.size >= 16)
+    if overlap > 5 + len(docs) // 1000:  # exact duplicates are rare in FineWeb; thousands mean a bad split
+        raise DataError(f"{overlap} validation documents also appear in {os.path.basename(train[0])}: validation "
+                        f"data leaked into training: {fix_hint(cfg)} (prep with the default --val-docs 50000)")
+    val_bytes = int(side.astype(np.int64).sum()) if side is not None else None
+    return DataReport(len(train), len(val), int(vt.size), len(docs), val_bytes, len(train_docs), overlap, tokenization)
+
+
+def check_ids(cfg: Config, parts: dict[str, np.ndarray], need_bos: bool) -> None:
+    for name, toks in parts.items():
         top = int(toks.max()) if toks.size else 0
         if top >= cfg.vocab_size:
             raise ConfigError(f"{name} data has token id {top} >= VOCAB_SIZE={cfg.vocab_size}; the shards were made "
                               "with a larger tokenizer: set VOCAB_SIZE/TOKENIZER_PATH to match the data")
         if need_bos and not (toks == cfg.bos_id).any():
             raise DataError(f"{name} shards contain no BOS ({cfg.bos_id}) markers, so documents cannot be split "
-                            f"(CaseOps data or TTT need them): {prep}")
-    expected = KNOWN_VAL_TOKENS.get(os.path.basename(cfg.data_path.rstrip("/")))
-    if expected and vt.size != expected and not cfg.val_token_limit:
-        raise DataError(f"val split has {vt.size} tokens but the published {os.path.basename(cfg.data_path)} has "
-                        f"{expected}: the validation split is wrong or incomplete: {prep} (default --val-docs)")
-    side = check_sidecar(cfg, val, val_parts) if cfg.caseops_enabled else None
-    val_bytes = int(side.astype(np.int64).sum()) if side is not None else None
-    docs = split_docs(vt, cfg.bos_id)
-    check_tokenizer_roundtrip(cfg, sp, docs, side)
-    val_hashes = {hash(d.tobytes()) for d in docs if d.size >= 16}
-    train_docs = split_docs(first, cfg.bos_id)
-    overlap = sum(hash(d.tobytes()) in val_hashes for d in train_docs if d.size >= 16)
-    if overlap > 5 + len(docs) // 1000:  # exact duplicates are rare in FineWeb; thousands mean a bad split
-        raise DataError(f"{overlap} validation documents also appear in {os.path.basename(train[0])}: validation "
-                        f"data leaked into training: {prep} with the default --val-docs 50000")
-    return DataReport(len(train), len(val), int(vt.size), len(docs), val_bytes, len(train_docs), overlap)
+                            f"(CaseOps data or TTT need them): {fix_hint(cfg)}")
 
 
-def check_sidecar(cfg: Config, val: list[str], val_parts: list[np.ndarray]) -> np.ndarray:
-    """Check the sidecar against the val shards; return it, concatenated like the val tokens."""
+def check_fingerprint(cfg: Config, vt: np.ndarray, n_docs: int, tokenization: str) -> None:
+    """A published split must be complete: 50,000 documents and the known token count. Applies to the
+    published tokenization only (lossless shards of the same documents have other counts)."""
+    fp = KNOWN_VAL.get(os.path.basename(cfg.data_path.rstrip("/")))
+    if fp is None or cfg.val_token_limit or tokenization != "published":
+        return
+    if n_docs != fp.docs:
+        raise DataError(f"truncated validation split: {n_docs} documents, the published split has {fp.docs}: "
+                        f"{fix_hint(cfg)} (prep with the default --val-docs 50000)")
+    got = vt.size if fp.tokens else targets_2048(vt.size)
+    want = fp.tokens or fp.targets_2048
+    if got != want:
+        raise DataError(f"the {fp.docs} validation documents have {vt.size} tokens, the published split "
+                        f"{fp.tokens or 'about ' + str(fp.targets_2048)}: they were tokenized differently (another "
+                        f"tokenizer, or prep with --tokenization lossless into the published folder name): {fix_hint(cfg)}")
+
+
+def check_sidecar(cfg: Config, sp, val: list[str], val_parts: list[np.ndarray]) -> np.ndarray:
+    """The CaseOps byte sidecar must align with the val tokens: one entry per token, BOS and CaseOps markers
+    0 (the old #1736 exporter counted markers as bytes), and a plain ASCII piece exactly its own length
+    (a shifted sidecar fails this at once). Returns it, concatenated like the val tokens."""
     side = sidecar_paths(cfg.data_path)
     if len(side) != len(val):
-        raise DataError(f"{len(side)} val byte sidecars for {len(val)} val shards in {cfg.data_path}; "
-                        "re-run prepare_caseops_data.py")
+        raise DataError(f"{len(side)} val byte sidecars for {len(val)} val shards in {cfg.data_path}; {fix_hint(cfg)}")
     parts = []
     for p, toks in zip(side, val_parts):
         b = load_shard(p)
         if b.size != toks.size:
-            raise DataError(f"{p} has {b.size} entries for {toks.size} val tokens (misaligned sidecar); "
-                            "re-run prepare_caseops_data.py")
-        if b[toks == cfg.bos_id].any():
-            raise DataError(f"{p} gives bytes to BOS tokens (misaligned sidecar); re-run prepare_caseops_data.py")
+            raise DataError(f"{p} has {b.size} entries for {toks.size} val tokens (misaligned sidecar): {fix_hint(cfg)}")
         parts.append(b)
-    return np.concatenate(parts)
+    tokens, side_all = np.concatenate(val_parts), np.concatenate(parts)
+    if side_all[tokens == cfg.bos_id].any():
+        raise DataError(f"the sidecar gives bytes to BOS tokens (misaligned sidecar): {fix_hint(cfg)}")
+    markers = np.isin(tokens, MARKER_IDS) & ~np.concatenate([[False], tokens[:-1] == ESC_ID])
+    if side_all[markers].any():
+        raise DataError("the sidecar counts CaseOps control symbols as bytes: it was written by the old exporter "
+                        f"(#1736's folder), which inflates bytes by ~7%: {fix_hint(cfg)}")
+    plain_len = plain_piece_lengths(sp, cfg.vocab_size)
+    known = plain_len[tokens] > 0
+    agree = float((side_all[known] == plain_len[tokens][known]).mean()) if known.any() else 1.0
+    if agree < 0.99:
+        raise DataError(f"the sidecar disagrees with the tokens ({agree:.1%} of plain ASCII pieces get their own "
+                        f"length): misaligned sidecar, or TOKENIZER_PATH is not the data's tokenizer: {fix_hint(cfg)}")
+    return side_all
 
 
-def check_tokenizer_roundtrip(cfg: Config, sp, docs: list[np.ndarray], side: np.ndarray | None, n: int = 16) -> None:
-    """Decoding the first val documents and encoding them again must give the same ids; with CaseOps
-    (`side` = the byte sidecar) each document's sidecar bytes must equal its decoded text. A wrong
-    tokenizer fails both."""
-    same, pos, sample = 0, 0, docs[:n]
-    for d in sample:
-        ids = d[1:].tolist()
-        text = sp.decode(ids)
-        same += sp.encode(text) == ids
-        if side is not None:
-            import lossless_caps
+MARKER_IDS, ESC_ID = (4, 5, 6, 7), 7  # TITLE, ALLCAPS, CAPNEXT, ESC in the CaseOps tokenizer (SPEC 4)
 
-            try:
-                orig = len(lossless_caps.decode(text).encode("utf-8"))
-            except lossless_caps.CaseOpsError as e:
-                raise DataError(f"val tokens do not decode as CaseOps text with {cfg.tokenizer_path} ({e}); "
-                                "wrong TOKENIZER_PATH for this data") from None
-            if orig != int(side[pos:pos + d.size].astype(np.int64).sum()):
-                raise DataError(f"val document bytes disagree with the sidecar under {cfg.tokenizer_path}: "
-                                "wrong TOKENIZER_PATH for this data, or re-run prepare_caseops_data.py")
-        pos += d.size
-    if same < (len(sample) + 1) // 2:
-        raise DataError(f"only {same}/{len(sample)} val documents re-encode to the same ids with "
-                        f"{cfg.tokenizer_path}: the data was made with another tokenizer")
+
+def plain_piece_lengths(sp, vocab_size: int) -> np.ndarray:
+    """Length of each piece that is printable ASCII without a leading U+2581 (its surface is itself), else 0."""
+    out = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(min(vocab_size, sp.get_piece_size())):
+        piece = sp.id_to_piece(i)
+        if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)) and piece.isascii() and piece.isprintable():
+            out[i] = len(piece)
+    return out
+
+
+def check_tokenizer_roundtrip(cfg: Config, sp, docs: list[np.ndarray], tokenization: str, n: int = 16) -> None:
+    """Decoding the first val documents and encoding the (model-normalized) text again must give the same
+    ids. When it does not, the other tokenization option is tried to name the cause."""
+    sample = [d[1:].tolist() for d in docs[:n]]
+    if not sample or roundtrip_share(sp, sample) >= 0.5:
+        return
+    other = "lossless" if tokenization == "published" else "published"
+    if roundtrip_share(load_sentencepiece(cfg.tokenizer_path, lossless=other == "lossless"), sample) >= 0.5:
+        raise DataError(f"the val shards were tokenized with the {other} tokenization but {cfg.data_path} says "
+                        f"{tokenization}: re-run prepare_caseops_data.py with the tokenization you mean (default: "
+                        "published), or fix manifest.json")
+    raise DataError(f"val documents do not re-encode to the same ids with TOKENIZER_PATH={cfg.tokenizer_path}: "
+                    "the data was made with another tokenizer; point TOKENIZER_PATH at the data's tokenizer")
+
+
+def roundtrip_share(sp, sample: list[list[int]]) -> float:
+    return sum(sp.encode(sp.decode(ids)) == ids for ids in sample) / len(sample)
 
 
 def check_tokenizer(cfg: Config):
-    """Load the tokenizer and check it against VOCAB_SIZE and BOS_ID."""
+    """Load the tokenizer (with the data's tokenization) and check it against VOCAB_SIZE and BOS_ID."""
     if not os.path.isfile(cfg.tokenizer_path):
         raise DataError(f"TOKENIZER_PATH={cfg.tokenizer_path} does not exist; download it with "
                         "`python data/cached_challenge_fineweb.py` or set TOKENIZER_PATH")
-    sp = load_sentencepiece(cfg.tokenizer_path, lossless=cfg.caseops_enabled)
+    sp = load_sentencepiece(cfg.tokenizer_path, lossless=data_tokenization(cfg.data_path) == "lossless")
     if sp.get_piece_size() != cfg.vocab_size:
         raise ConfigError(f"VOCAB_SIZE={cfg.vocab_size} but {cfg.tokenizer_path} has {sp.get_piece_size()} "
                           f"pieces; set VOCAB_SIZE={sp.get_piece_size()} or use the matching tokenizer")
@@ -831,8 +898,10 @@ def preflight(cfg: Config, log: Logger):
     t0 = time.perf_counter()
     rep = check_dataset(cfg, sp, need_bos=cfg.caseops_enabled or cfg.ttt_enabled)
     log(f"train_loader:dataset:{os.path.basename(cfg.data_path.rstrip('/'))} train_shards:{rep.train_shards}")
-    log(f"data_check: val_tokens:{rep.val_tokens} val_docs:{rep.val_docs} val_bytes:{rep.val_bytes} "
-        f"overlap_docs:{rep.overlap_docs}/{rep.train_docs_checked} time:{time.perf_counter() - t0:.1f}s")
+    log(f"val_tokens: {targets_2048(rep.val_tokens)} (targets rounded down to 2048, as older trainers log) "
+        f"file_tokens:{rep.val_tokens} val_docs:{rep.val_docs} val_bytes:{rep.val_bytes}")
+    log(f"data_check: tokenization:{rep.tokenization} overlap_docs:{rep.overlap_docs}/{rep.train_docs_checked} "
+        f"time:{time.perf_counter() - t0:.1f}s")
     return sp, shard_paths(cfg.data_path, "train")
 
 
@@ -1239,8 +1308,11 @@ class WeightAverager:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int, lr_scale: float, log: Logger) -> None:
         if self.ema is not None:
+            # decay warmup (1+t)/(10+t): a short run is not dominated by its initial weights; from step ~2,560 on
+            # (half of a full 8xH100 run) it is EMA_DECAY exactly, as in #1855
+            decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
             for k, v in model.state_dict().items():
-                self.ema[k].lerp_(v.float(), 1 - self.cfg.ema_decay)
+                self.ema[k].lerp_(v.float(), 1 - decay)
         if self.cfg.swa_every and lr_scale < self.SWA_LR_SCALE and step % self.cfg.swa_every == 0:
             if self.swa is None:
                 log(f"swa:start step:{step}")

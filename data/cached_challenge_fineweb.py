@@ -1,12 +1,15 @@
 """Download the challenge's tokenized FineWeb shards and tokenizers from the Hugging Face Hub.
 
   python data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80
-  python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 10
+  python data/cached_challenge_fineweb.py --variant sp8192_caseops          # the published CaseOps data (#1729)
+  python data/cached_challenge_fineweb.py --docs-only                       # docs_selected.jsonl (~45 GB), to prep yourself
 
-Files land in data/datasets/<dataset>/ and data/tokenizers/ (the layout train_gpt.py expects).
-The remote manifest.json says which shards and tokenizer files a variant has. Re-running resumes:
-files already present are verified (shard header and size) and skipped; a corrupt or partial file
-is downloaded again. Every shard is verified after download.
+Files land in data/datasets/<dataset>/ and data/tokenizers/ (the layout train_gpt.py expects). Each variant
+knows its repository: the plain SentencePiece exports live in willdepueoai/parameter-golf, the CaseOps
+export every CaseOps record since April uses (train shards, val shard, val byte sidecar, tokenizer) in
+romeerp/parameter-golf-caseops-v1. The remote manifest.json says how many shards a variant has.
+Re-running resumes: files already present are verified (shard header and size, sidecar length) and skipped;
+a corrupt or partial file is downloaded again. Every file is verified after download.
 """
 from __future__ import annotations
 
@@ -15,44 +18,63 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO_ID = "willdepueoai/parameter-golf"
-REMOTE_PREFIX = "matched_10B_docs2m_seed1337"
-VARIANTS = {
-    "sp1024": "fineweb10B_sp1024",
-    "sp4096": "fineweb10B_sp4096",
-    "sp8192": "fineweb10B_sp8192",
-    "sp8192_caseops": "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
-}
 HEADER_BYTES, MAGIC = 1024, 20240520
+
+
+@dataclass(frozen=True)
+class Variant:
+    repo_id: str
+    remote_root: str
+    dataset: str
+    sidecar: bool = False  # the val byte sidecar (CaseOps)
+
+
+OFFICIAL = "willdepueoai/parameter-golf"
+CASEOPS = Variant("romeerp/parameter-golf-caseops-v1", "datasets",
+                  "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", sidecar=True)
+VARIANTS = {
+    "sp1024": Variant(OFFICIAL, "datasets", "fineweb10B_sp1024"),
+    "sp4096": Variant(OFFICIAL, "datasets", "fineweb10B_sp4096"),
+    "sp8192": Variant(OFFICIAL, "datasets", "fineweb10B_sp8192"),
+    "byte260": Variant(OFFICIAL, "datasets", "fineweb10B_byte260"),
+    "sp8192_caseops": CASEOPS,
+    "sp8192_lossless_caps_caseops_v1_reserved": CASEOPS,  # the name #1729's downloader used
+}
 
 
 class DownloadError(RuntimeError):
     pass
 
 
-def shard_ok(path: Path) -> bool:
-    """A shard is complete when its header is valid and the file holds exactly the tokens it declares."""
+def shard_tokens(path: Path) -> int | None:
+    """Token count of a complete shard (valid header, exactly the tokens it declares), else None."""
     if not path.is_file() or path.stat().st_size < HEADER_BYTES:
-        return False
+        return None
     with open(path, "rb") as fh:
         head = fh.read(12)
     magic, version, n = (int.from_bytes(head[i:i + 4], "little", signed=True) for i in (0, 4, 8))
-    return magic == MAGIC and version == 1 and path.stat().st_size == HEADER_BYTES + 2 * n
+    ok = magic == MAGIC and version == 1 and path.stat().st_size == HEADER_BYTES + 2 * n
+    return n if ok else None
+
+
+def shard_ok(path: Path) -> bool:
+    return shard_tokens(path) is not None
 
 
 class Hub:
-    """The real download path: huggingface_hub into a cache under data/, then a link or copy."""
+    """The real download path: huggingface_hub into a cache under data/, then a hard link or copy."""
 
-    def __init__(self, repo_id: str, prefix: str, endpoint: str | None, cache: Path):
-        self.repo_id, self.prefix, self.endpoint, self.cache = repo_id, prefix, endpoint, cache
+    def __init__(self, repo_id: str, remote_root: str, endpoint: str | None, cache: Path):
+        self.repo_id, self.remote_root, self.endpoint, self.cache = repo_id, remote_root, endpoint, cache
 
     def fetch(self, remote: str, dest: Path) -> None:
         from huggingface_hub import hf_hub_download
 
-        full = f"{self.prefix}/{remote}" if self.prefix else remote
+        full = f"{self.remote_root}/{remote}" if self.remote_root else remote
         sub, name = os.path.split(full)
         try:
             cached = Path(hf_hub_download(repo_id=self.repo_id, filename=name, subfolder=sub or None,
@@ -69,67 +91,114 @@ class Hub:
         os.replace(tmp, dest)
 
 
-def plan(manifest: dict, dataset: str, train_shards: int) -> tuple[list[tuple[str, str]], dict]:
-    """(remote path, local path relative to data/) for every file of the variant, and its dataset entry."""
-    entry = next((d for d in manifest.get("datasets", []) if d.get("name") == dataset), None)
+@dataclass(frozen=True)
+class RemoteFile:
+    remote: str  # path under the remote root
+    local: str  # path under data/
+    kind: str  # shard | sidecar | tokenizer
+
+    def verify(self, path: Path, data_dir: Path) -> str | None:
+        """None when `path` is complete and consistent, else why not."""
+        if self.kind == "tokenizer":
+            return None if path.is_file() and path.stat().st_size > 0 else "empty or missing"
+        n = shard_tokens(path)
+        if n is None:
+            return "header/size mismatch"
+        if self.kind == "sidecar":
+            val = data_dir / self.local.replace("fineweb_val_bytes_", "fineweb_val_")
+            if shard_tokens(val) != n:
+                return f"{n} sidecar entries for {shard_tokens(val)} val tokens"
+        return None
+
+
+def plan(manifest: dict, variant: Variant, train_shards: int) -> list[RemoteFile]:
+    """Every file of the variant: val shards (and their sidecars), train shards, tokenizer files."""
+    entry = next((d for d in manifest.get("datasets", []) if d.get("name") == variant.dataset), None)
     if entry is None:
         names = [d.get("name") for d in manifest.get("datasets", [])]
-        raise DownloadError(f"{dataset} is not in the remote manifest (it has {names})")
+        raise DownloadError(f"{variant.dataset} is not in the remote manifest of {variant.repo_id} (it has {names})")
     stats = entry.get("stats", {})
     n_train, n_val = int(stats["files_train"]), int(stats["files_val"])
     if train_shards > n_train:
-        raise DownloadError(f"{dataset} has {n_train} train shards; asked for {train_shards}")
+        raise DownloadError(f"{variant.dataset} has {n_train} train shards; asked for {train_shards}")
     tok = next((t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), None)
     if tok is None:
-        raise DownloadError(f"tokenizer {entry.get('tokenizer_name')} of {dataset} is not in the manifest")
-    files = [(f"datasets/{dataset}/fineweb_val_{i:06d}.bin",) * 2 for i in range(n_val)]
-    if entry.get("val_bytes_files"):
-        files += [(f"datasets/{dataset}/fineweb_val_bytes_{i:06d}.bin",) * 2 for i in range(int(entry["val_bytes_files"]))]
-    files += [(f"datasets/{dataset}/fineweb_train_{i:06d}.bin",) * 2 for i in range(train_shards)]
-    for key in ("model_path", "vocab_path"):
+        raise DownloadError(f"tokenizer {entry.get('tokenizer_name')} of {variant.dataset} is not in the manifest")
+    ds = f"datasets/{variant.dataset}"
+    files = [RemoteFile(f"{ds}/fineweb_val_{i:06d}.bin", f"{ds}/fineweb_val_{i:06d}.bin", "shard") for i in range(n_val)]
+    if variant.sidecar or entry.get("val_bytes_glob"):
+        files += [RemoteFile(f"{ds}/fineweb_val_bytes_{i:06d}.bin", f"{ds}/fineweb_val_bytes_{i:06d}.bin", "sidecar")
+                  for i in range(n_val)]
+    files += [RemoteFile(f"{ds}/fineweb_train_{i:06d}.bin", f"{ds}/fineweb_train_{i:06d}.bin", "shard")
+              for i in range(train_shards)]
+    for key in ("model_path", "vocab_path", "path"):
         if tok.get(key):
-            files.append((tok[key], f"tokenizers/{Path(tok[key]).name}"))
-    return files, entry
+            files.append(RemoteFile(tok[key], f"tokenizers/{Path(tok[key]).name}", "tokenizer"))
+    return files
 
 
-def download(variant: str, train_shards: int, data_dir: Path, source: Hub, log=print) -> list[Path]:
-    dataset = VARIANTS.get(variant, variant)
-    manifest_path = data_dir / "manifest.json"
+def download(variant: Variant, train_shards: int, data_dir: Path, source: Hub, log=print) -> list[Path]:
+    manifest_path = data_dir / "manifests" / f"{variant.repo_id.replace('/', '__')}.json"
     source.fetch("manifest.json", manifest_path)
-    files, _ = plan(json.loads(manifest_path.read_text()), dataset, train_shards)
+    files = plan(json.loads(manifest_path.read_text()), variant, train_shards)
     done = []
-    for i, (remote, local) in enumerate(files, 1):
-        dest = data_dir / local
-        is_shard = dest.suffix == ".bin"
-        if dest.exists() and (not is_shard or shard_ok(dest)):
-            log(f"[{i}/{len(files)}] ok (present) {local}")
+    for i, f in enumerate(files, 1):
+        dest = data_dir / f.local
+        why = f.verify(dest, data_dir) if dest.exists() else "missing"
+        if why is None:
+            log(f"[{i}/{len(files)}] ok (present) {f.local}")
         else:
             if dest.exists():
-                log(f"[{i}/{len(files)}] {local} is incomplete or corrupt; downloading again")
+                log(f"[{i}/{len(files)}] {f.local}: {why}; downloading again")
                 dest.unlink()
-            source.fetch(remote, dest)
-            if is_shard and not shard_ok(dest):
+            source.fetch(f.remote, dest)
+            why = f.verify(dest, data_dir)
+            if why is not None:
                 dest.unlink()
-                raise DownloadError(f"{remote} failed verification after download (header/size mismatch)")
-            log(f"[{i}/{len(files)}] downloaded {local} ({dest.stat().st_size} bytes)")
+                raise DownloadError(f"{f.remote} from {variant.repo_id} failed verification after download ({why})")
+            log(f"[{i}/{len(files)}] downloaded {f.local} ({dest.stat().st_size} bytes)")
         done.append(dest)
     return done
 
 
+DOCS = ("docs_selected.jsonl", "docs_selected.source_manifest.json")  # the FineWeb documents, in the official repo
+
+
+def download_docs(data_dir: Path, source: Hub, log=print) -> list[Path]:
+    """The selected FineWeb documents every export was made from (first 50,000 = validation)."""
+    out = []
+    for name in DOCS:
+        dest = data_dir / name
+        if not dest.is_file():
+            source.fetch(name, dest)
+        log(f"ready {dest} ({dest.stat().st_size} bytes)")
+        out.append(dest)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", default="sp1024", help=f"one of {sorted(VARIANTS)} or a dataset name")
+    ap.add_argument("--variant", default="sp1024", help=f"one of {', '.join(VARIANTS)}")
     ap.add_argument("--train-shards", type=int, default=80)
     ap.add_argument("--data-dir", type=Path, default=HERE)
-    ap.add_argument("--repo-id", default=REPO_ID)
-    ap.add_argument("--remote-prefix", default=REMOTE_PREFIX, help="folder of the export inside the repo")
+    ap.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID"),
+                    help="override the variant's repository (also MATCHED_FINEWEB_REPO_ID)")
+    ap.add_argument("--remote-root", default=os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX"),
+                    help="override the folder of the export inside the repository")
     ap.add_argument("--endpoint", default=None, help="Hub endpoint (default: huggingface.co or HF_ENDPOINT)")
+    ap.add_argument("--docs-only", action="store_true", help="download docs_selected.jsonl for prepare_caseops_data.py")
     a = ap.parse_args(argv)
     if a.train_shards < 0:
         ap.error("--train-shards must be >= 0")
-    hub = Hub(a.repo_id, a.remote_prefix, a.endpoint, a.data_dir / ".hf_cache")
+    if a.variant not in VARIANTS:
+        ap.error(f"unknown --variant {a.variant}; choose one of {', '.join(VARIANTS)}")
+    v = VARIANTS[a.variant]
+    v = Variant(a.repo_id or v.repo_id, v.remote_root if a.remote_root is None else a.remote_root, v.dataset, v.sidecar)
+    if a.docs_only:
+        v = Variant(a.repo_id or OFFICIAL, "datasets" if a.remote_root is None else a.remote_root, "")
+    hub = Hub(v.repo_id, v.remote_root, a.endpoint, a.data_dir / ".hf_cache")
     try:
-        files = download(a.variant, a.train_shards, a.data_dir, hub)
+        files = download_docs(a.data_dir, hub) if a.docs_only else download(v, a.train_shards, a.data_dir, hub)
     except DownloadError as e:
         print(f"download failed: {e}\nre-run the same command to resume", file=sys.stderr)
         return 1

@@ -15,7 +15,27 @@ sys.path.insert(0, str(ROOT))
 import synthetic_corpus  # noqa: E402
 import train_gpt  # noqa: E402
 
+# One intra-op thread per test process: on a 2-core machine shared with trainer subprocesses (or anything
+# else), OpenMP threads spinning against each other make small matmuls 20x slower.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def bytes_sentencepiece_keeps(sp, text: str) -> int:
+    """The byte rule of the published sidecar: a document's bytes minus the leading and trailing characters
+    the tokenizer's normalizer turns into whitespace or deletes (SentencePiece drops those; an inner run of
+    them is folded into one piece that carries all of its bytes)."""
+    vanish = lambda c: sp.normalize(c) == ""  # noqa: E731
+    a, b = 0, len(text)
+    while a < b and vanish(text[a]):
+        a += 1
+    while b > a and vanish(text[b - 1]):
+        b -= 1
+    return len(text[a:b].encode())
 
 
 def train_sentencepiece(docs: list[str], prefix: Path, vocab_size: int = 512) -> Path:

@@ -52,15 +52,14 @@ def test_bpb_bytes_match_decoded_text_plain_sentencepiece(plain_data):
 @pytest.mark.skipif(not CASEOPS_MODEL.exists(), reason="../shared/data (published CaseOps model) not present")
 def test_bpb_bytes_caseops_sidecar_counts_controls_as_zero():
     import prepare_caseops_data as prep
+    from conftest import bytes_sentencepiece_keeps
 
-    sp = prep.load_lossless_sp(str(CASEOPS_MODEL))
+    sp = prep.load_tokenizer(str(CASEOPS_MODEL), "published")
     rng = random.Random(1)
     words = ["The", "NASA", "McDonald", "iPhone", "hello", "WORLD", "x", lc.TITLE, "Ünïcode", "😀"]
-    for _ in range(200):
-        text = random_text(rng, words)
-        toks, nb = prep.encode_doc(sp, text, 1)
-        ids = toks[1:].tolist()
-        assert int(nb.sum()) == len(lc.decode(sp.decode(ids)).encode("utf-8")) == len(text.encode("utf-8"))
+    texts = [random_text(rng, words) for _ in range(200)]
+    for text, (toks, nb) in zip(texts, prep.encode_docs(sp, texts, 1, with_bytes=True)):
+        assert int(nb.sum()) == bytes_sentencepiece_keeps(sp, text)
         # a marker token is free unless ESC (id 7) made it a literal character of the original text
         marker = np.isin(toks[1:], [4, 5, 6]) & (toks[:-1] != 7)
         assert all(nb[1:][marker] == 0)
@@ -203,7 +202,7 @@ def test_two_ranks_match_one_for_every_eval_mode(trained_tiny, plain_data):
 def test_pipeline_summary_and_final_lines(trained_tiny):
     out, log = trained_tiny["out"], trained_tiny["stdout"]
     for line in ("final_int6_roundtrip_exact val_loss:", "final_int6_sliding_window_exact val_loss:",
-                 "quantized_ttt_phased val_loss:", "eval_total_time:", "data_check: val_tokens:"):
+                 "quantized_ttt_phased val_loss:", "eval_total_time:", "val_tokens: ", "data_check: tokenization:"):
         assert line in log, line
     summary = json.loads((out / "logs" / "seed1337.summary.json").read_text())
     assert summary["valid"] is True
