@@ -3,9 +3,10 @@
 Pipeline, in file order: config -> runtime -> data -> model -> optimizers -> training ->
 calibration/quantization -> packing -> evaluation -> main.
 
-Launch: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (defaults are the reference run);
-on CPU `python train_gpt.py` or `torchrun --nproc_per_node=2 train_gpt.py` (gloo).
-All configuration comes from environment variables named after the `Config` fields (upper case).
+Launch: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (defaults are the reference run: the crawler
+form of the late-April frontier, #2014/#1953 on #1855); on CPU `python train_gpt.py` or
+`torchrun --nproc_per_node=2 train_gpt.py` (gloo). All configuration comes from environment variables named
+after the `Config` fields (upper case).
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import json
 import math
 import os
 import platform
+import queue
 import resource
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -49,8 +52,9 @@ def _m(default, help: str, lo: float | None = None, hi: float | None = None, cho
 
 @dataclass(frozen=True)
 class Config:
-    """Every knob of the run. Env var name = field name in upper case. Defaults = reference run
-    (Ouroboros #1283: 9 flat + 1 crawler x2, sp1024, loop-aware GPTQ, brotli)."""
+    """Every knob of the run. Env var name = field name in upper case. Defaults = the reference run: the
+    crawler form of #2014/#1953 (3 flat + 3 shared blocks x3 loops from 35% + 5 flat, SP8192 CaseOps).
+    The README's "Defaults and where they come from" table gives the source of each non-trivial default."""
 
     # --- run and data ---
     seed: int = _f(1337, "random seed (weights, data order)", 0)
@@ -59,100 +63,138 @@ class Config:
     data_dir: str = _f("./data", "root holding datasets/ and tokenizers/")
     data_path: str = _f("", "shard folder; default: DATA_DIR/datasets/<variant>")
     tokenizer_path: str = _f("", "SentencePiece model; default: DATA_DIR/tokenizers/<variant>.model")
-    vocab_size: int = _m(1024, "must equal the tokenizer's piece count", 2, 65536)
-    caseops_enabled: bool = _f(False, "CaseOps data: byte counts come from the val byte sidecar")
+    vocab_size: int = _m(8192, "must equal the tokenizer's piece count", 2, 65536)
+    caseops_enabled: bool = _f(True, "CaseOps data (#1736): byte counts come from the val byte sidecar")
     bos_id: int = _m(1, "document separator id; checked against the tokenizer", 0)
     val_token_limit: int = _f(0, "score only the first N val tokens (0 = all; smoke tests only)", 0)
     allow_unknown_env: bool = _f(False, "continue despite env vars that look like ours but are not read")
     # --- schedule and batch ---
     iterations: int = _f(20000, "maximum optimizer steps", 1)
     max_wallclock_seconds: float = _f(600.0, "training wallclock cap incl. calibration (0 = none)", 0)
-    gptq_reserve_seconds: float = _f(15.0, "part of the cap kept for GPTQ calibration", 0)
+    gptq_reserve_seconds: float = _f(10.0, "part of the cap kept for GPTQ calibration and quantization", 0)
     train_batch_tokens: int = _f(786_432, "global tokens per optimizer step", 1)
-    train_seq_len: int = _f(2048, "training sequence length", 8)
+    train_seq_len: int = _f(3072, "training row length = the longest context of TRAIN_SEQ_SCHEDULE", 8)
+    train_seq_schedule: str = _f("1024@0.1,2048@0.7,3072@1.0",
+                                 "context growth LEN@UNTIL_FRACTION,... (#2014); empty = TRAIN_SEQ_LEN throughout")
+    seq_change_warmup_steps: int = _f(32, "LR re-warmup steps after each context change (#2014)", 0)
     grad_accum_steps: int = _f(0, "micro-batches per rank per step (0 = 8 // world size)", 0)
     warmup_steps: int = _f(20, "compile priming steps whose updates are discarded (CUDA only)", 0)
-    warmdown_iters: int = _f(2000, "warmdown length in steps, converted to time under a cap", 0)
-    warmdown_frac: float = _f(0.0, "warmdown as a fraction of the budget (overrides WARMDOWN_ITERS)", 0, 1)
-    min_lr: float = _f(0.0, "LR floor as a fraction of each group's peak LR", 0, 1)
+    warmdown_iters: int = _f(0, "warmdown length in steps, converted to time under a cap (seeds)", 0)
+    warmdown_frac: float = _f(0.85, "warmdown as a fraction of the budget (#1855)", 0, 1)
+    min_lr: float = _f(0.1, "LR floor as a fraction of each group's peak LR (#1787)", 0, 1)
     train_log_every: int = _f(500, "log a train line every N steps (and the first 10)", 1)
-    val_loss_every: int = _f(4000, "validate every N steps (0 = only at the end)", 0)
+    val_loss_every: int = _f(0, "validate every N steps (0 = only at the end)", 0)
     val_batch_tokens: int = _f(524_288, "tokens per validation forward across all ranks", 1)
     # --- model ---
     use_crawler: bool = _m(True, "flat + crawler model; 0 gives a plain GPT of NUM_LAYERS blocks")
     num_layers: int = _m(11, "blocks of the plain GPT (USE_CRAWLER=0)", 1)
-    num_flat_layers: int = _m(9, "unique blocks around the crawler", 0)
-    flat_encoder_layers: int = _m(-1, "flat blocks before the crawler (-1 = NUM_FLAT_LAYERS // 2)", -1)
-    num_crawler_layers: int = _m(1, "shared blocks in the crawler", 1)
-    crawler_loops: int = _m(2, "passes through the shared blocks", 1)
-    crawler_start_frac: float = _f(0.0, "training fraction before which the crawler runs once", 0, 1)
-    crawler_mlp_mult: float = _m(6.0, "crawler MLP hidden = mult * MODEL_DIM", 0.25)
+    num_flat_layers: int = _m(8, "unique blocks around the crawler", 0)
+    flat_encoder_layers: int = _m(3, "flat blocks before the crawler (-1 = NUM_FLAT_LAYERS // 2)", -1)
+    num_crawler_layers: int = _m(3, "shared blocks in the crawler (#1736's looped layers 3-5)", 1)
+    crawler_loops: int = _m(3, "passes through the shared blocks (#1736: 3)", 1)
+    crawler_start_frac: float = _f(0.35, "training fraction before which the crawler runs once (#1736)", 0, 1)
+    crawler_mlp_mult: float = _m(4.0, "crawler MLP hidden = mult * MODEL_DIM", 0.25)
     crawler_mlp_leaky_slope: float = _m(0.5, "crawler LeakyReLU slope (0 = ReLU^2)", 0, 1)
-    crawler_loop_rope_scales: tuple = _m((9, 1, 1), "per-loop RoPE frequency divisors, comma list")
-    inst_dim: int = _m(32, "flow-instruction bottleneck width (0 = off)", 0)
+    crawler_loop_rope_scales: tuple = _m((1, 1, 1), "per-loop RoPE frequency divisors, comma list (Nightcrawler: 9,1,1)")
+    inst_dim: int = _m(0, "flow-instruction bottleneck width (0 = off; crawler seeds: 32)", 0)
+    unet_skips: str = _m("virtual", "U-Net skips over block applications (virtual, #1736) or flat blocks only",
+                         choices=("virtual", "flat"))
+    skip_gates: bool = _m(True, "sigmoid gate on each U-Net skip (#1736)")
     model_dim: int = _m(512, "residual width", 16)
     num_heads: int = _m(8, "query heads", 1)
     num_kv_heads: int = _m(4, "key/value heads (GQA)", 1)
-    mlp_mult: float = _m(3.0, "flat MLP hidden = mult * MODEL_DIM", 0.25)
+    mlp_mult: float = _m(4.0, "flat MLP hidden = mult * MODEL_DIM (#1736)", 0.25)
     mlp_leaky_slope: float = _m(0.5, "flat LeakyReLU slope (0 = ReLU^2)", 0, 1)
     rope_base: float = _m(10000.0, "RoPE base", 1)
     rope_dims: int = _m(16, "rotated dims per head (partial RoPE)", 2)
-    qk_gain_init: float = _m(4.0, "initial per-head query gain", 0)
+    qk_gain_init: float = _m(5.25, "initial per-head query gain (#1953)", 0)
     xsa_last_n: int = _m(11, "exclusive self-attention on the last N distinct blocks", 0)
-    gated_attn_enabled: bool = _m(False, "per-head sigmoid output gate (#1736)")
-    parallel_residual_start: int = _m(-1, "blocks from this index run attn and MLP in parallel (-1 = off)", -1)
-    bigram_vocab_size: int = _m(2048, "BigramHash buckets (0 = off)", 0)
+    sparse_attn_gate_enabled: bool = _m(True, "per-head sigmoid output gate read from GATE_WINDOW channels (#1787)")
+    gated_attn_enabled: bool = _m(False, "per-head sigmoid output gate read from all channels (#1736)")
+    gate_window: int = _m(12, "channels the sparse attention gate and window SmearGate read (#1787)", 1)
+    sparse_attn_gate_scale: float = _m(0.5, "logit scale of the sparse attention gate (#1855)", 0)
+    gated_attn_init_std: float = _m(0.005, "init std of the dense attention gate (#1736)", 0)
+    parallel_residual_start: int = _m(8, "distinct blocks from this index run two parallel lanes (#1736; -1 = off)", -1)
+    resid_mix: bool = _m(True, "each block mixes the embedding stream x0 into its input (Ouroboros, #1736)")
+    doc_masked_attn: bool = _m(True, "attention never crosses a BOS: varlen segments (#1530)")
+    bigram_vocab_size: int = _m(0, "BigramHash buckets (0 = off; crawler seeds: 2048)", 0)
     bigram_dim: int = _m(128, "BigramHash embedding width", 1)
-    smear_gate: bool = _m(True, "SmearGate: blend each position with the previous one (never across BOS)")
+    smear_gate: str = _m("window", "SmearGate: window (#1855, input-dependent, before the norm), channel "
+                         "(crawler seeds, after the norm) or off; never across BOS", choices=("window", "channel", "off"))
+    ve_dim: int = _m(0, "value-embedding width (0 = off; Ouroboros: 128)", 0)
+    ve_layers: tuple = _m((), "distinct blocks whose values add the value embedding, comma list")
+    delta_net_heads: int = _m(0, "DeltaNet crawler memory heads (ClownCar_II; 0 = off)", 0)
+    asym_logit_rescale: bool = _m(False, "two learnable softcaps for positive/negative logits, trained by TTT (#1923)")
     ln_scale: bool = _m(True, "scale block inputs by 1/sqrt(layer+1)")
     logit_softcap: float = _m(30.0, "tanh soft cap on logits", 1)
     tied_embed_init_std: float = _m(0.005, "init std of the tied embedding", 0)
+    fused_ce: bool = _f(True, "fused softcapped cross-entropy (Triton on CUDA, #1787)")
     # --- optimizers ---
-    matrix_lr: float = _f(0.03, "Muon LR for 2-D block matrices", 0)
-    embed_lr: float = _f(0.035, "AdamW LR for embeddings (tied head included)", 0)
-    scalar_lr: float = _f(0.025, "AdamW LR for gains, scales, gates", 0)
-    muon_momentum: float = _f(0.99, "Muon momentum after warmup", 0, 1)
+    matrix_lr: float = _f(0.026, "Muon LR for 2-D block matrices (#1736)", 0)
+    embed_lr: float = _f(0.03, "AdamW LR for embeddings, tied head included (#1736)", 0)
+    scalar_lr: float = _f(0.02, "AdamW LR for gains, scales, gates (#1736)", 0)
+    muon_momentum: float = _f(0.97, "Muon momentum after warmup (#1736)", 0, 1)
     muon_momentum_warmup_start: float = _f(0.92, "Muon momentum at step 0", 0, 1)
     muon_momentum_warmup_steps: int = _f(1500, "steps to reach MUON_MOMENTUM", 0)
-    muon_backend_steps: int = _f(5, "Newton-Schulz iterations", 1, 20)
-    muon_wd: float = _f(0.04, "decoupled weight decay on Muon matrices", 0)
-    adam_wd: float = _f(0.04, "decoupled weight decay on embeddings", 0)
+    muon_backend_steps: int = _f(5, "Newton-Schulz iterations (Polar-Express coefficients for the first 5)", 1, 20)
+    muon_ns: str = _f("polar", "Newton-Schulz coefficients: polar (#1344/#1787) or quintic (modded-nanogpt)",
+                      choices=("polar", "quintic"))
+    muon_row_norm: bool = _f(True, "normalise each update row before Newton-Schulz (MuonEq-R, #1736)")
+    muon_wd: float = _f(0.095, "decoupled weight decay on Muon matrices (#1736)", 0)
+    embed_wd: float = _f(0.085, "decoupled weight decay on embeddings (#1736)", 0)
+    adam_wd: float = _f(0.02, "decoupled weight decay on scalars and gates (#1855)", 0)
     beta1: float = _f(0.9, "AdamW beta1", 0, 1)
-    beta2: float = _f(0.95, "AdamW beta2", 0, 1)
+    beta2: float = _f(0.99, "AdamW beta2 (#1855)", 0, 1)
     adam_eps: float = _f(1e-8, "AdamW epsilon", 0)
     grad_clip_norm: float = _f(0.3, "global grad-norm clip (0 = off)", 0)
-    skip_ema: bool = _f(False, "turn off the EMA of the weights (on by default, #1855)")
-    ema_decay: float = _f(0.9965, "EMA decay (#1855)", 0, 1)
+    skip_ema: bool = _f(False, "turn off the EMA of the weights (on by default, #1736)")
+    ema_decay: float = _f(0.9965, "EMA decay (#1736)", 0, 1)
     swa_every: int = _f(0, "SWA instead of EMA: average every N steps once LR scale < 0.2 (0 = off)", 0)
     # --- calibration, quantization, packing ---
     skip_gptq: bool = _f(False, "round-to-nearest instead of GPTQ")
-    loop_aware_gptq: bool = _f(True, "re-collect crawler Hessians through the quantized flat layers")
-    gptq_cal_samples: int = _f(128, "calibration sequences (training data)", 1)
+    loop_aware_gptq: bool = _f(True, "re-collect crawler Hessians through the quantized flat layers (#1283)")
+    gptq_cal_samples: int = _f(768, "calibration sequences (training data), over all ranks (#1855: ~1.57M tokens)", 1)
     gptq_cal_seq_len: int = _f(2048, "calibration sequence length (0 = TRAIN_SEQ_LEN)", 0)
-    embed_bits: int = _f(8, "bits of the tied embedding", 7, 8)
-    mlp_clip_sigmas: float = _f(0.0, "MLP per-row clip at k std devs (0 = search the clip)", 0)
-    attn_clip_sigmas: float = _f(0.0, "attention per-row clip at k std devs (0 = search)", 0)
-    embed_clip_sigmas: float = _f(0.0, "embedding per-row clip at k std devs (0 = search)", 0)
-    gated_attn_quant_gate: bool = _f(False, "store attention gate rows as int8 instead of fp16 (#1736)")
-    compressor: str = _f("brotli", "artifact compressor", choices=("brotli", "zstd", "lzma"))
+    gptq_damp: float = _f(0.01, "GPTQ damping as a fraction of the mean Hessian diagonal (#1855)", 0)
+    gptq_damp_embed: float = _f(0.0, "embedding damping (0 = GPTQ_DAMP; #2051: 0.005)", 0)
+    gptq_damp_mlp: float = _f(0.0, "MLP damping (0 = GPTQ_DAMP; #2051: 0.02)", 0)
+    embed_bits: int = _f(7, "bits of the tied embedding, quantized by GPTQ (#1855)", 6, 8)
+    mlp_clip_sigmas: float = _f(11.5, "MLP per-row step = k std devs / qmax (#1855; 0 = search the clip)", 0)
+    attn_clip_sigmas: float = _f(13.0, "attention per-row step = k std devs / qmax (#1855; 0 = search)", 0)
+    embed_clip_sigmas: float = _f(14.0, "embedding per-row step = k std devs / qmax (#1855; 0 = search)", 0)
+    gated_attn_quant_gate: bool = _f(True, "store attention gate rows as int8 instead of fp16 (#1736)")
+    crawler_quant_int8: bool = _f(False, "crawler matrices as int8 per row instead of int6 GPTQ (ClownCar #990)")
+    lqer_rank: int = _f(4, "LQER low-rank correction of the GPTQ error (#1797; 0 = off)", 0)
+    lqer_top_k: int = _f(3, "tensors with the largest GPTQ error that get LQER (#1797)", 0)
+    awq_groups: int = _f(1, "AWQ-lite: 64-column groups promoted to int8 by activation salience (#1908)", 0)
+    compressor: str = _f("pergroup", "artifact compressor: per-group packing (#1855) or one stream",
+                         choices=("pergroup", "brotli", "zstd", "lzma"))
     artifact_limit_bytes: int = _f(16_000_000, "cap on model + code bytes (decimal)", 1)
     artifact_fit: bool = _f(True, "widen the int6 steps just enough that the estimated artifact fits the cap")
     skip_train: bool = _f(False, "skip training: calibrate, quantize, pack and evaluate INIT_MODEL_PATH")
     init_model_path: str = _f("", "float checkpoint for SKIP_TRAIN (default OUTPUT_DIR/final_model.pt)")
     # --- evaluation and test-time training ---
-    eval_seq_len: int = _f(2048, "evaluation window length", 8)
+    eval_seq_len: int = _f(3072, "evaluation window length (#2014)", 8)
     eval_stride: int = _f(64, "sliding-window stride (tokens scored per window after the first)", 1)
+    sliding_eval: bool = _f(True, "run the sliding-window evaluation (dropped first when the budget is short)")
     eval_batch_tokens: int = _f(262_144, "tokens per evaluation forward on each rank", 1)
-    eval_budget_seconds: float = _f(600.0, "evaluation time budget; projected overruns are reported early", 1)
+    eval_budget_seconds: float = _f(600.0, "evaluation time budget; the plan is cut to fit before scoring", 1)
     ttt_enabled: bool = _f(True, "phased score-first test-time training after the plain evaluations")
-    ttt_lora_rank: int = _f(64, "rank of the per-document LoRA on Q/K/V/O/MLP/head", 1)
-    ttt_chunk_size: int = _f(64, "tokens scored per chunk before each LoRA step", 1)
-    ttt_lr: float = _f(0.001, "LoRA learning rate", 0)
-    ttt_weight_decay: float = _f(0.5, "decoupled weight decay on the LoRA", 0)
-    ttt_batch_docs: int = _f(64, "documents adapted in parallel per batch", 1)
-    phased_ttt_prefix_docs: int = _f(2000, "documents whose scored tokens feed the global SGD phases", 0)
-    phased_ttt_num_phases: int = _f(3, "global SGD phases over the prefix documents", 0)
-    ttt_global_lr: float = _f(0.001, "SGD learning rate of the global phases (momentum 0.9)", 0)
+    ttt_lora_rank: int = _f(80, "rank of the per-document LoRA (#1855)", 1)
+    ttt_lora_alpha: float = _f(144.0, "LoRA output scale alpha/rank (#1855)", 0)
+    ttt_lora_lr: float = _f(1e-4, "LoRA AdamW learning rate (#1736)", 0)
+    ttt_local_lr_mult: float = _f(0.75, "multiplier on TTT_LORA_LR (#1953)", 0)
+    ttt_beta2: float = _f(0.99, "LoRA AdamW beta2, beta1 = 0 (#1855)", 0, 1)
+    ttt_weight_decay: float = _f(0.5, "decoupled weight decay on the LoRA (#1855)", 0)
+    ttt_warm_start_a: bool = _f(True, "carry each LoRA slot's A to the next batch on the rank (#1855)")
+    ttt_mask: str = _f("no_qv", "LoRA adapters: all (Q,K,V,O,MLP,head) or no_qv (#1953)", choices=("all", "no_qv"))
+    ttt_chunk_size: int = _f(48, "tokens scored per chunk before each LoRA step (#1855)", 1)
+    ttt_short_chunks: str = _f("256:8,2000:24", "MAXLEN:CHUNK for batches of short documents (#2014); empty = off")
+    ttt_batch_docs: int = _f(24, "documents adapted in parallel per batch (#2014)", 1)
+    phased_ttt_prefix_docs: int = _f(2500, "scored documents whose tokens feed the global SGD phases (#1855)", 0)
+    phased_ttt_num_phases: int = _f(1, "global SGD phases over cumulative prefixes of the scored documents (#2014)", 0)
+    ttt_global_lr: float = _f(1e-3, "peak SGD LR of the global phases, cosine to 0 (#1855)", 0)
+    ttt_global_chunk_tokens: int = _f(32_768, "tokens per global SGD step (#1855)", 1)
     # --- device ---
     compile_enabled: bool = _f(True, "torch.compile the model on CUDA")
     compile_fullgraph: bool = _f(True, "compile with fullgraph=True")
@@ -179,6 +221,10 @@ class Config:
         return self.num_crawler_layers if self.use_crawler else 0
 
     @property
+    def n_blocks(self) -> int:
+        return self.n_encoder + self.n_crawler + self.n_decoder
+
+    @property
     def n_loops(self) -> int:
         """Passes through the crawler at full depth (0 without a crawler)."""
         return self.crawler_loops if self.use_crawler else 0
@@ -190,22 +236,45 @@ class Config:
             return 0.0
         return (self.max_wallclock_seconds - self.gptq_reserve_seconds) * 1000
 
+    @property
+    def seq_stages(self) -> list[tuple[int, float]]:
+        """(context length, until training fraction) stages; the last one runs to the end."""
+        if not self.train_seq_schedule.strip():
+            return [(self.train_seq_len, 1.0)]
+        return [(int(a), float(b)) for a, b in (s.split("@") for s in self.train_seq_schedule.split(",") if s.strip())]
+
+    @property
+    def short_chunks(self) -> list[tuple[int, int]]:
+        """(max document length, chunk size) for TTT batches of short documents, shortest first."""
+        return sorted((int(a), int(b)) for a, b in (s.split(":") for s in self.ttt_short_chunks.split(",") if s.strip()))
+
 
 ENV_NAMES = {f.name.upper(): f for f in dataclasses.fields(Config)}
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["model"])
 # Names exported by the seeds' run scripts that this trainer deliberately does not read.
 RETIRED_ENV = {
-    "COMPLEMENT_ALPHA", "MTP_NUM_HEADS", "LATE_QAT_THRESHOLD", "NGRAM_EVAL_ORDER", "DELTA_NET_HEADS",
-    "CRAWLER_QUANT_INT8", "TORCHDYNAMO_OPTIMIZE_DDP", "CRAWLER_MLP_CHOKE_DIM", "CRAWLER_MLP_CHOKE_SHAPE",
-    "CRAWLER_MLP_CHOKE_GROUPS", "CRAWLER_LOOP_SMEAR", "CRAWLER_TAP_DIM", "CRAWLER_TAP_LOOP_SPECIFIC",
-    "CRAWLER_TAP_LAYERS", "ANCHOR_DIM", "FLAT_WEIGHT_SHARE", "MLP_ACT", "VE_ENABLED", "QAT_ENABLED",
-    "DDP_FIND_UNUSED_PARAMETERS", "SWA_ENABLED", "TIE_EMBEDDINGS", "HEAD_LR", "TIED_EMBED_LR",
+    "COMPLEMENT_ALPHA", "MTP_NUM_HEADS", "LATE_QAT_THRESHOLD", "NGRAM_EVAL_ORDER", "TORCHDYNAMO_OPTIMIZE_DDP",
+    "CRAWLER_MLP_CHOKE_DIM", "CRAWLER_MLP_CHOKE_SHAPE", "CRAWLER_MLP_CHOKE_GROUPS", "CRAWLER_LOOP_SMEAR",
+    "CRAWLER_TAP_DIM", "CRAWLER_TAP_LOOP_SPECIFIC", "CRAWLER_TAP_LAYERS", "ANCHOR_DIM", "FLAT_WEIGHT_SHARE",
+    "MLP_ACT", "VE_ENABLED", "QAT_ENABLED", "DDP_FIND_UNUSED_PARAMETERS", "SWA_ENABLED", "TIE_EMBEDDINGS",
+    "HEAD_LR", "TIED_EMBED_LR", "PHASED_TTT_ENABLED", "GPTQ_CALIBRATION_BATCHES", "LQER_ENABLED",
+    "LQER_ASYM_ENABLED", "LQER_FACTOR_BITS", "LQER_ASYM_GROUP", "FUSED_CE_ENABLED", "SMEAR_GATE_ENABLED",
+    "GLOBAL_TTT_MOMENTUM", "NUM_LOOPS", "LOOP_START", "LOOP_END", "ENABLE_LOOPING_AT",
+    "PARALLEL_START_LAYER", "TTT_EVAL_SEQ_LEN", "TRAIN_SEQ_SCHEDULE_MODE", "EVAL_INCLUDE_TAIL",
+    "TTT_SHORT_SCORE_FIRST_ENABLED", "TTT_SHORT_SCORE_FIRST_STEPS", "ASYM_LOGIT_RESCALE_ENABLED",
 }
 # Variables owned by run.sh, the launcher, Python or libraries; never ours.
 FOREIGN_PREFIXES = ("TORCH", "NCCL", "CUDA", "OMP_", "PYTHON", "MASTER_", "GROUP_", "ROLE_", "LOCAL_",
                     "TRITON", "HF_", "PYTEST", "NPROC", "RANK", "WORLD_SIZE", "LC_", "XDG_", "DEVICE", "RECORD_DIR",
-                    "RUN_DIR", "MIN_FREE_GB")
+                    "RUN_DIR", "MIN_FREE_GB", "MATCHED_FINEWEB")
 OUR_PREFIXES = {n.split("_")[0] for n in ENV_NAMES} - {"MAX", "MIN", "USE", "NUM", "RUN", "DATA", "OUTPUT"}
+SEED_RENAMES = {  # names the frontier seeds use for what this trainer calls otherwise
+    "TIED_EMBED_LR": "EMBED_LR", "GPTQ_CALIBRATION_BATCHES": "GPTQ_CAL_SAMPLES", "NUM_LOOPS": "CRAWLER_LOOPS",
+    "ENABLE_LOOPING_AT": "CRAWLER_START_FRAC", "PARALLEL_START_LAYER": "PARALLEL_RESIDUAL_START",
+    "SMEAR_GATE_ENABLED": "SMEAR_GATE=window", "TTT_EVAL_SEQ_LEN": "EVAL_SEQ_LEN", "FUSED_CE_ENABLED": "FUSED_CE",
+    "TTT_SHORT_SCORE_FIRST_STEPS": "TTT_SHORT_CHUNKS", "LQER_ENABLED": "LQER_RANK",
+    "ASYM_LOGIT_RESCALE_ENABLED": "ASYM_LOGIT_RESCALE",
+}
 
 
 class ConfigError(ValueError):
@@ -234,13 +303,15 @@ def _parse(name: str, raw: str, typ) -> object:
 
 
 def unknown_env_report(environ: typing.Mapping[str, str]) -> list[str]:
-    """Env vars that look like ours but are not read: typos and retired seed names."""
+    """Env vars that look like ours but are not read: typos, retired seed names, seed spellings of ours."""
     out = []
     for name in sorted(environ):
         if name in ENV_NAMES or name.startswith(FOREIGN_PREFIXES):
             continue
         close = difflib.get_close_matches(name, list(ENV_NAMES), n=1, cutoff=0.8)
-        if name in RETIRED_ENV:
+        if name in SEED_RENAMES:
+            out.append(f"{name} is a seed's name; here it is {SEED_RENAMES[name]}")
+        elif name in RETIRED_ENV:
             out.append(f"{name} is a seed option this trainer does not have; unset it")
         elif close:
             out.append(f"{name} is not read; did you mean {close[0]}?")
@@ -288,7 +359,7 @@ def load_config_explicit(environ: typing.Mapping[str, str] | None = None) -> tup
     return cfg, unknown, explicit
 
 
-def validate_config(cfg: Config, explicit: set[str] = frozenset()) -> None:
+def field_errors(cfg: Config) -> list[str]:
     errs = []
     for f in dataclasses.fields(cfg):
         v, m, env = getattr(cfg, f.name), f.metadata, f.name.upper()
@@ -298,25 +369,66 @@ def validate_config(cfg: Config, explicit: set[str] = frozenset()) -> None:
             errs.append(f"{env}={v} is above its maximum {m['hi']}")
         if m.get("choices") and v not in m["choices"]:
             errs.append(f"{env}={v!r} is not one of {', '.join(m['choices'])}")
+    return errs
+
+
+def shape_errors(cfg: Config) -> list[str]:
+    errs, hd = [], cfg.model_dim // cfg.num_heads
     if cfg.model_dim % cfg.num_heads:
         errs.append(f"MODEL_DIM={cfg.model_dim} is not divisible by NUM_HEADS={cfg.num_heads}; "
                     "pick NUM_HEADS dividing MODEL_DIM")
-    elif (cfg.model_dim // cfg.num_heads) % 2:
-        errs.append(f"head dim MODEL_DIM/NUM_HEADS={cfg.model_dim // cfg.num_heads} must be even for RoPE")
-    elif cfg.rope_dims > cfg.model_dim // cfg.num_heads or cfg.rope_dims % 2:
-        errs.append(f"ROPE_DIMS={cfg.rope_dims} must be even and at most the head dim "
-                    f"{cfg.model_dim // cfg.num_heads}")
+    elif hd % 2:
+        errs.append(f"head dim MODEL_DIM/NUM_HEADS={hd} must be even for RoPE")
+    elif cfg.rope_dims > hd or cfg.rope_dims % 2:
+        errs.append(f"ROPE_DIMS={cfg.rope_dims} must be even and at most the head dim {hd}")
     if cfg.num_heads % cfg.num_kv_heads:
         errs.append(f"NUM_HEADS={cfg.num_heads} is not divisible by NUM_KV_HEADS={cfg.num_kv_heads}")
+    if cfg.sparse_attn_gate_enabled and cfg.gated_attn_enabled:
+        errs.append("SPARSE_ATTN_GATE_ENABLED and GATED_ATTN_ENABLED are both on; choose one attention gate")
+    if cfg.gate_window > cfg.model_dim:
+        errs.append(f"GATE_WINDOW={cfg.gate_window} exceeds MODEL_DIM={cfg.model_dim}")
+    if cfg.delta_net_heads and cfg.model_dim % cfg.delta_net_heads:
+        errs.append(f"DELTA_NET_HEADS={cfg.delta_net_heads} does not divide MODEL_DIM={cfg.model_dim}")
+    if cfg.bigram_vocab_size == 1:
+        errs.append("BIGRAM_VOCAB_SIZE must be 0 (off) or at least 2")
+    if any(not 0 <= i < cfg.n_blocks for i in cfg.ve_layers):
+        errs.append(f"VE_LAYERS={','.join(map(str, cfg.ve_layers))} names blocks outside 0..{cfg.n_blocks - 1}")
+    if cfg.ve_layers and not cfg.ve_dim:
+        errs.append("VE_LAYERS is set but VE_DIM=0; set VE_DIM")
+    if 0 <= cfg.parallel_residual_start < cfg.n_encoder + cfg.n_crawler:
+        errs.append(f"PARALLEL_RESIDUAL_START={cfg.parallel_residual_start} must name a flat decoder block "
+                    f"(>= {cfg.n_encoder + cfg.n_crawler}) or be -1")
+    return errs
+
+
+def crawler_errors(cfg: Config) -> list[str]:
+    errs = []
     if cfg.use_crawler:
         if len(cfg.crawler_loop_rope_scales) < cfg.crawler_loops or min(cfg.crawler_loop_rope_scales, default=1) < 1:
             errs.append(f"CRAWLER_LOOP_ROPE_SCALES={','.join(map(str, cfg.crawler_loop_rope_scales))} needs at "
                         f"least CRAWLER_LOOPS={cfg.crawler_loops} positive entries")
         if cfg.n_encoder > cfg.num_flat_layers:
             errs.append(f"FLAT_ENCODER_LAYERS={cfg.flat_encoder_layers} exceeds NUM_FLAT_LAYERS={cfg.num_flat_layers}")
+    elif cfg.delta_net_heads or cfg.inst_dim:
+        errs.append("DELTA_NET_HEADS and INST_DIM belong to the crawler; set USE_CRAWLER=1 or unset them")
+    return errs
+
+
+def schedule_errors(cfg: Config, explicit: set[str]) -> list[str]:
+    errs = []
+    try:
+        stages, chunks = cfg.seq_stages, cfg.short_chunks
+    except ValueError:
+        return [f"TRAIN_SEQ_SCHEDULE={cfg.train_seq_schedule!r} must read LEN@FRACTION,... and TTT_SHORT_CHUNKS="
+                f"{cfg.ttt_short_chunks!r} MAXLEN:CHUNK,..."]
+    if max(s for s, _ in stages) != cfg.train_seq_len or stages[-1][1] < 1.0:
+        errs.append(f"TRAIN_SEQ_SCHEDULE={cfg.train_seq_schedule} must end with TRAIN_SEQ_LEN={cfg.train_seq_len}@1.0")
+    if len(stages) > 1 and not cfg.doc_masked_attn:
+        errs.append("TRAIN_SEQ_SCHEDULE grows the attention span inside fixed rows; it needs DOC_MASKED_ATTN=1")
+    if any(c < 1 for _, c in chunks):
+        errs.append(f"TTT_SHORT_CHUNKS={cfg.ttt_short_chunks} chunk sizes must be positive")
     if cfg.train_batch_tokens % cfg.train_seq_len:
-        errs.append(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is not a multiple of "
-                    f"TRAIN_SEQ_LEN={cfg.train_seq_len}")
+        errs.append(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={cfg.train_seq_len}")
     if "WARMDOWN_FRAC" in explicit and "WARMDOWN_ITERS" in explicit:
         errs.append("WARMDOWN_FRAC and WARMDOWN_ITERS are both set; keep one (FRAC is the budget fraction)")
     if cfg.max_wallclock_seconds and cfg.gptq_reserve_seconds >= cfg.max_wallclock_seconds:
@@ -324,8 +436,11 @@ def validate_config(cfg: Config, explicit: set[str] = frozenset()) -> None:
                     f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds}")
     if cfg.eval_stride > cfg.eval_seq_len:
         errs.append(f"EVAL_STRIDE={cfg.eval_stride} exceeds EVAL_SEQ_LEN={cfg.eval_seq_len}; tokens would be skipped")
-    if cfg.bigram_vocab_size == 1:
-        errs.append("BIGRAM_VOCAB_SIZE must be 0 (off) or at least 2")
+    return errs
+
+
+def validate_config(cfg: Config, explicit: set[str] = frozenset()) -> None:
+    errs = field_errors(cfg) + shape_errors(cfg) + crawler_errors(cfg) + schedule_errors(cfg, explicit)
     if errs:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
 
@@ -353,40 +468,95 @@ def config_reference_markdown() -> str:
 
 
 # =============================================================================================
-# Runtime: distributed, device, logging (the one place these are decided)
+# Runtime: distributed, device, attention backend, logging (the one place these are decided)
 # =============================================================================================
 
 
+class Segments(typing.NamedTuple):
+    """Document-masked attention for a batch of rows (#1530): positions attend only within their segment
+    (a document, cut at BOS and every `max_len` tokens). `ids` [B, T] drives the SDPA mask; `cu` (int32,
+    padded to a multiple of 64 so compiled shapes stay few) drives FlashAttention 3's varlen kernel."""
+    ids: Tensor
+    cu: Tensor
+    max_len: int
+
+
 class AttentionBackend:
-    """Causal attention on [B, T, H, D] tensors (k, v may have fewer heads: GQA). Chosen once by
-    `setup_runtime` and handed to the model: FlashAttention 3 on Hopper when importable, PyTorch SDPA
-    otherwise (said in the log)."""
+    """Causal attention on [B, T, H, D] tensors (k, v may have fewer heads: GQA), optionally document-masked.
+    Chosen once by `setup_runtime` and handed to the model: FlashAttention 3 on Hopper when importable and
+    traceable, PyTorch SDPA otherwise (said in the log)."""
 
-    def __init__(self, name: str, fa3=None):
-        self.name, self.fa3 = name, fa3
+    def __init__(self, name: str, fa3=None, fa3_varlen=None):
+        self.name, self.fa3, self.fa3_varlen = name, fa3, fa3_varlen
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, seg: Segments | None = None) -> Tensor:
         if self.fa3 is not None:
-            dt = q.dtype
-            if dt not in (torch.bfloat16, torch.float16):  # RMSNorm/RoPE run in fp32 under autocast; FA3 needs bf16
-                q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
-            y = self.fa3(q, k, v, causal=True)
-            return (y[0] if isinstance(y, tuple) else y).to(dt)  # some FA3 builds also return the LSE
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=q.size(2) != k.size(2))
+            return self._fa3(q, k, v, seg)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        gqa = q.size(2) != k.size(2)
+        if seg is None:
+            y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+        else:
+            T = q.size(1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            mask = (seg.ids[:, :, None] == seg.ids[:, None, :]) & causal
+            y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], enable_gqa=gqa)
         return y.transpose(1, 2)
+
+    def _fa3(self, q: Tensor, k: Tensor, v: Tensor, seg: Segments | None) -> Tensor:
+        dt = q.dtype
+        if dt not in (torch.bfloat16, torch.float16):  # RMSNorm/RoPE run in fp32 under autocast; FA3 needs bf16
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        if seg is None:
+            y = self.fa3(q, k, v, causal=True)
+        else:
+            B, T = q.shape[:2]
+            y = self.fa3_varlen(q.reshape(B * T, *q.shape[2:]), k.reshape(B * T, *k.shape[2:]),
+                                v.reshape(B * T, *v.shape[2:]), seg.cu, seg.cu, seg.max_len, seg.max_len, causal=True)
+        y = y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the LSE
+        return y.reshape(q.shape).to(dt)
 
 
 SDPA = AttentionBackend("sdpa")
 
 
-def load_fa3():
-    """FlashAttention 3's function, or None when it is not importable."""
+def load_fa3() -> tuple[typing.Callable | None, typing.Callable | None]:
+    """FlashAttention 3's dense and varlen functions, or (None, None) when it is not importable."""
     try:
-        from flash_attn_interface import flash_attn_func
+        from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
     except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
-    return flash_attn_func
+        return None, None
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def probe_traceable(backend: AttentionBackend, device: torch.device, doc_masked: bool) -> str | None:
+    """None when `torch.compile(fullgraph=True)` traces the backend's kernels, else why not. Only FA3 builds
+    that register torch custom ops trace; any other build breaks the graph, a hard error at warm-up step 1."""
+    import torch._dynamo
+
+    q = torch.zeros(1, 128, 2, 64, device=device, dtype=torch.bfloat16)
+    seg = make_segments(torch.zeros(1, 128, dtype=torch.long), 0, 128, device) if doc_masked else None
+    torch._dynamo.reset()
+    try:
+        torch.compile(lambda a: backend(a, a, a, seg), fullgraph=True, backend="eager")(q)
+    except Exception as e:  # noqa: BLE001 - whatever the failure, this backend cannot run compiled
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    finally:
+        torch._dynamo.reset()
+    return None
+
+
+def choose_attention(cfg: Config, device: torch.device, compiled: bool, log_lines: list[str]) -> AttentionBackend:
+    fa3, fa3_varlen = load_fa3() if device.type == "cuda" else (None, None)
+    if fa3 is None:
+        return SDPA
+    backend = AttentionBackend("fa3", fa3, fa3_varlen)
+    why = probe_traceable(backend, device, cfg.doc_masked_attn) if compiled else None
+    if why is not None:
+        log_lines.append(f"WARNING: FlashAttention 3 is importable but does not trace under torch.compile(fullgraph=True) "
+                         f"({why}); using PyTorch SDPA instead. Install an FA3 build with torch custom ops for full speed")
+        return SDPA
+    return backend
 
 
 @dataclass(frozen=True)
@@ -399,6 +569,7 @@ class Runtime:
     compile: bool
     attn: AttentionBackend = SDPA
     hardware: str = "cpu"
+    notes: tuple = ()  # what setup decided that the log should say
 
     @property
     def is_main(self) -> bool:
@@ -425,15 +596,15 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks share the cores instead of fighting over them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # CPU ranks share the cores instead of fighting over them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    fa3 = load_fa3() if cuda else None
-    attn = AttentionBackend("fa3", fa3) if fa3 is not None else SDPA
+    compiled, notes = cuda and cfg.compile_enabled, []
+    attn = choose_attention(cfg, device, compiled, notes)
     hardware = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
-    return Runtime(rank, world_size, local_rank, device, torch.bfloat16 if cuda else None,
-                   cuda and cfg.compile_enabled, attn, hardware)
+    return Runtime(rank, world_size, local_rank, device, torch.bfloat16 if cuda else None, compiled, attn, hardware,
+                   tuple(notes))
 
 
 class Logger:
@@ -460,7 +631,7 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 
 def all_reduce_flat_(tensors: list[Tensor], rt: Runtime, average: bool) -> None:
     """Sum (or average) a list of tensors over ranks in place with one flat all-reduce: the single
-    place gradients and shared updates cross ranks."""
+    place gradients and shared updates cross ranks outside the overlapped training reducer."""
     if rt.world_size == 1 or not tensors:
         return
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
@@ -504,6 +675,10 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 # =============================================================================================
 # Data: shards, preflight checks, training loader, validation tokens, byte accounting
 # =============================================================================================
@@ -563,22 +738,60 @@ def sidecar_paths(data_path: str) -> list[str]:
     return sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_[0-9]*.bin")))
 
 
-class TrainLoader:
-    """Each optimizer step reads one contiguous global chunk of TRAIN_BATCH_TOKENS(+1) tokens that
-    starts at a document boundary; rank r takes micro-batch rows r, r+W, r+2W, ... so the global
-    batch is independent of the world size. Shard order and start offset depend only on SEED."""
+def segment_starts(rows: np.ndarray, bos_id: int, max_len: int) -> np.ndarray:
+    """[B, T] bool: where a document-masked attention segment starts: at every BOS, every `max_len` tokens
+    into a document (#1530 chunks long documents so no span exceeds the training context), and at the start
+    of a row (the tail of a document begun in an earlier row)."""
+    B, T = rows.shape
+    bos = rows == bos_id
+    bos[:, 0] = True
+    last_bos = np.maximum.accumulate(np.where(bos, np.arange(T)[None], 0), axis=1)
+    return bos | ((np.arange(T)[None] - last_bos) % max_len == 0)
 
-    def __init__(self, paths: list[str], cfg: Config, bos_id: int, rank: int, world_size: int, accum: int,
-                 device: torch.device):
-        self.paths, self.cfg, self.bos_id = list(paths), cfg, bos_id
-        self.rank, self.world, self.accum, self.device = rank, world_size, accum, device
+
+def make_segments(rows: Tensor, bos_id: int, max_len: int, device: torch.device) -> Segments:
+    """Segments of a CPU batch of rows, on `device` (segment ids for SDPA, padded cu_seqlens for FA3 varlen)."""
+    starts = segment_starts(rows.numpy(), bos_id, max_len)
+    ids = torch.from_numpy(np.cumsum(starts, axis=1) - 1)
+    flat = np.flatnonzero(starts.reshape(-1))
+    cu = np.full(-(-(flat.size + 1) // 64) * 64, rows.numel(), dtype=np.int32)  # pad with empty segments (#1855)
+    cu[:flat.size] = flat
+    return Segments(ids.to(device, non_blocking=True), torch.from_numpy(cu).to(device, non_blocking=True), max_len)
+
+
+class Micro(typing.NamedTuple):
+    """One micro-batch on the device: inputs, targets and their attention segments (None = plain causal)."""
+    x: Tensor
+    y: Tensor
+    seg: Segments | None
+
+
+def to_micro(x: Tensor, y: Tensor, cfg: Config, seq_len: int, device: torch.device) -> Micro:
+    seg = make_segments(x, cfg.bos_id, seq_len, device) if cfg.doc_masked_attn else None
+    return Micro(x.to(device, non_blocking=True), y.to(device, non_blocking=True), seg)
+
+
+class TrainLoader:
+    """Each optimizer step reads one contiguous global chunk of TRAIN_BATCH_TOKENS(+1) tokens that starts at
+    a document boundary; rank r takes rows r, r+W, r+2W, ... so the global batch is independent of the world
+    size. Shard order and start offset depend only on SEED. A background thread reads ahead `prefetch` steps
+    into pinned memory (#1736); segments, which depend on the current context length, are cut on demand."""
+
+    def __init__(self, paths: list[str], cfg: Config, rank: int, world_size: int, accum: int, device: torch.device,
+                 prefetch: int = 2):
+        self.paths, self.cfg, self.rank, self.world = list(paths), cfg, rank, world_size
+        self.accum, self.device, self.pin = accum, device, device.type == "cuda"
         rng = np.random.default_rng(cfg.seed)
         self.order = rng.permutation(len(self.paths))
         self.shard_i, self.tokens = 0, load_shard(self.paths[self.order[0]])
         self.pos = int(rng.integers(0, max(1, len(self.tokens) // 2)))
+        self.queue: queue.Queue | None = None
+        if prefetch:
+            self.queue = queue.Queue(maxsize=prefetch)
+            threading.Thread(target=self._fill, daemon=True).start()
 
     def _advance_to_bos(self) -> None:
-        hits = np.flatnonzero(self.tokens[self.pos:self.pos + 1_000_000] == self.bos_id)
+        hits = np.flatnonzero(self.tokens[self.pos:self.pos + 1_000_000] == self.cfg.bos_id)
         if hits.size:
             self.pos += int(hits[0])
 
@@ -594,19 +807,26 @@ class TrainLoader:
             n -= len(chunk)
         return np.concatenate(parts)
 
-    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
-        """Micro-batches (x, y) of this rank for one optimizer step."""
+    def read(self) -> tuple[Tensor, Tensor]:
+        """This rank's rows of the next global chunk: (x, y) int64 [rows, T] on the CPU (pinned on CUDA)."""
         T = self.cfg.train_seq_len
         rows = self.cfg.train_batch_tokens // T
         self._advance_to_bos()
         chunk = torch.from_numpy(self._take(rows * T + 1).astype(np.int64))
         self.pos -= 1  # the extra target token is the next step's first input
-        x, y = chunk[:-1].view(rows, T), chunk[1:].view(rows, T)
         mine = torch.arange(self.rank, rows, self.world)
-        out = []
-        for part in mine.chunk(self.accum):
-            out.append((x[part].to(self.device, non_blocking=True), y[part].to(self.device, non_blocking=True)))
-        return out
+        x, y = chunk[:-1].view(rows, T)[mine], chunk[1:].view(rows, T)[mine]
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+
+    def _fill(self) -> None:
+        while True:
+            self.queue.put(self.read())
+
+    def next_batch(self, seq_len: int | None = None) -> list[Micro]:
+        """Micro-batches of this rank for one optimizer step; attention segments no longer than `seq_len`."""
+        x, y = self.queue.get() if self.queue is not None else self.read()
+        return [to_micro(xs, ys, self.cfg, seq_len or self.cfg.train_seq_len, self.device)
+                for xs, ys in zip(x.chunk(self.accum), y.chunk(self.accum))]
 
 
 @dataclass(frozen=True)
@@ -614,20 +834,20 @@ class TrainData:
     """The training shards and how this rank reads them; calibration draws from here too, never from val."""
     paths: list[str]
     cfg: Config
-    rt: Runtime
+    rt: "Runtime"
     accum: int
 
-    def loader(self) -> TrainLoader:
-        return TrainLoader(self.paths, self.cfg, self.cfg.bos_id, self.rt.rank, self.rt.world_size, self.accum,
-                           self.rt.device)
+    def loader(self, prefetch: int = 2) -> TrainLoader:
+        return TrainLoader(self.paths, self.cfg, self.rt.rank, self.rt.world_size, self.accum, self.rt.device, prefetch)
 
-    def calibration_batches(self) -> list[Tensor]:
-        """GPTQ_CAL_SAMPLES training sequences, this rank's share, 8 per batch (a seed of their own)."""
-        cfg = self.cfg
+    def calibration_batches(self) -> list[Micro]:
+        """GPTQ_CAL_SAMPLES training sequences over all ranks, this rank's share, 8 per batch (a seed of their own)."""
+        cfg, rt = self.cfg, self.rt
         seq = cfg.gptq_cal_seq_len or cfg.train_seq_len
-        cal = dataclasses.replace(cfg, seed=cfg.seed + 1, train_seq_len=seq, train_batch_tokens=cfg.gptq_cal_samples * seq)
-        (x, _), = TrainLoader(self.paths, cal, cfg.bos_id, self.rt.rank, self.rt.world_size, 1, self.rt.device).next_batch()
-        return list(x.split(8))
+        n = max(rt.world_size, cfg.gptq_cal_samples // rt.world_size * rt.world_size)
+        cal = dataclasses.replace(cfg, seed=cfg.seed + 1, train_seq_len=seq, train_batch_tokens=n * seq)
+        x, y = TrainLoader(self.paths, cal, rt.rank, rt.world_size, 1, rt.device, prefetch=0).read()
+        return [to_micro(xs, ys, cal, seq, rt.device) for xs, ys in zip(x.split(8), y.split(8))]
 
 
 @dataclass
@@ -635,6 +855,7 @@ class ValidationData:
     tokens: Tensor  # int64 [N+1]
     token_bytes: Tensor  # int32 [N+1]: bytes of token i when it is a target
     n_docs: int
+    bos_id: int = 1
 
 
 def build_sentencepiece_luts(sp, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -686,7 +907,7 @@ def load_validation(cfg: Config, sp) -> ValidationData:
     if cfg.val_token_limit:
         tokens, tb = tokens[:cfg.val_token_limit + 1], tb[:cfg.val_token_limit + 1]
     n_docs = int((tokens == cfg.bos_id).sum())
-    return ValidationData(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(tb), n_docs)
+    return ValidationData(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(tb), n_docs, cfg.bos_id)
 
 
 def load_sentencepiece(path: str, lossless: bool = False):
@@ -905,8 +1126,10 @@ def preflight(cfg: Config, log: Logger):
     return sp, shard_paths(cfg.data_path, "train")
 
 
+
+
 # =============================================================================================
-# Model: flat encoder -> crawler (shared blocks, looped) -> flat decoder, tied head
+# Model: embeddings -> flat encoder -> crawler (shared blocks, looped) -> flat decoder, tied head
 # =============================================================================================
 
 
@@ -915,7 +1138,7 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def rope_tables(T: int, rope_dims: int, base: float, scale: float, device, dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin for the first `rope_dims` dims of each head; `scale` divides the frequencies."""
+    """cos/sin for the first `rope_dims` dims of each head; `scale` divides the frequencies (per-loop RoPE)."""
     inv = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims))
     ang = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv / scale)
     return ang.cos().to(dtype)[None, :, None, :], ang.sin().to(dtype)[None, :, None, :]
@@ -928,26 +1151,70 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([a * cos - b * sin, a * sin + b * cos, xp], dim=-1)
 
 
-class Adapter(typing.Protocol):
-    """Low-rank deltas added to a block's linear outputs (test-time training)."""
+class BatchedLoRA(nn.Module):
+    """Test-time adapters, one independent low-rank pair per document of a batch (#1736). `keys` name the
+    sites ("<slot>.q", "<slot>.o", ..., "head"; a slot is one block application, so each crawler loop has its
+    own). A [B, r, in] starts uniform in +-1/sqrt(in), B [B, out, r] at zero, output scaled by alpha/r (#1855)."""
 
-    def __call__(self, key: str, x: Tensor) -> Tensor | None: ...
+    def __init__(self, shapes: dict[str, tuple[int, int]], batch: int, rank: int, alpha: float, device: torch.device):
+        super().__init__()
+        self.names = {k: k.replace(".", "_") for k in shapes}
+        self.scale = alpha / rank
+        self.rows: Tensor | None = None  # the documents still being scored; finished rows are skipped
+        self.a = nn.ParameterDict({self.names[k]: nn.Parameter(torch.empty(batch, rank, i, device=device))
+                                   for k, (i, o) in shapes.items()})
+        self.b = nn.ParameterDict({self.names[k]: nn.Parameter(torch.zeros(batch, o, rank, device=device))
+                                   for k, (i, o) in shapes.items()})
+
+    @torch.no_grad()
+    def reset(self, seed: int | None) -> None:
+        """B back to zero (the model is unchanged); A drawn afresh from `seed` (None: A is warm-started, #1855).
+        A seeded draw keeps the scores independent of which rank processes which batch."""
+        for b in self.b.values():
+            b.zero_()
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            for a in self.a.values():
+                bound = 1 / math.sqrt(a.size(-1))
+                a.copy_(torch.rand(a.shape, generator=g).mul_(2 * bound).sub_(bound))
+
+    def delta(self, key: str, x: Tensor) -> Tensor | None:
+        k = self.names.get(key)
+        if k is None:
+            return None
+        a, b = (self.a[k], self.b[k]) if self.rows is None else (self.a[k][self.rows], self.b[k][self.rows])
+        return (x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype) * self.scale
 
 
-def with_delta(y: Tensor, x: Tensor, adapter: Adapter | None, key: str) -> Tensor:
-    """y plus the adapter's low-rank delta for input x, when there is one for `key`."""
-    d = adapter(key, x) if adapter is not None else None
+def lora_delta(lora: BatchedLoRA | None, key: str, x: Tensor) -> Tensor | None:
+    return None if lora is None else lora.delta(key, x)
+
+
+def plus(y: Tensor, d: Tensor | None) -> Tensor:
     return y if d is None else y + d
 
 
-def lin(layer: nn.Linear, x: Tensor, adapter: Adapter | None, key: str) -> Tensor:
-    return with_delta(layer(x), x, adapter, key)
+class AttentionGate(nn.Module):
+    """Per-head sigmoid gate on the attention output, read from the normalised block input: sparse reads the
+    first GATE_WINDOW channels with a zero-initialised weight and a logit scale (#1787, 0.5 in #1855), dense
+    reads all channels (#1736, init std 0.005). Either way the gate starts at about 0.5."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.window = cfg.gate_window if cfg.sparse_attn_gate_enabled else cfg.model_dim
+        self.scale = cfg.sparse_attn_gate_scale if cfg.sparse_attn_gate_enabled else 1.0
+        self.weight = nn.Parameter(torch.zeros(cfg.num_heads, self.window))
+        if cfg.gated_attn_enabled:
+            nn.init.normal_(self.weight, std=cfg.gated_attn_init_std)
+
+    def forward(self, n: Tensor) -> Tensor:
+        return torch.sigmoid(self.scale * F.linear(n[..., :self.window], self.weight.to(n.dtype)))
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: Config, xsa: bool, backend: AttentionBackend):
         super().__init__()
-        self.backend = backend
+        self.backend, self.xsa = backend, xsa
         self.h, self.hkv = cfg.num_heads, cfg.num_kv_heads
         self.hd = cfg.model_dim // cfg.num_heads
         self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
@@ -956,27 +1223,22 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
-        self.xsa = xsa
-        # Gated attention (#1736): sigmoid(0)=0.5 at init, learned per head and position.
-        self.gate = nn.Linear(cfg.model_dim, self.h, bias=False) if cfg.gated_attn_enabled else None
-        if self.gate is not None:
-            nn.init.zeros_(self.gate.weight)
+        self.gate = AttentionGate(cfg) if (cfg.sparse_attn_gate_enabled or cfg.gated_attn_enabled) else None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], adapter: Adapter | None, pfx: str) -> Tensor:
-        B, T, _ = x.shape
-        q = lin(self.c_q, x, adapter, pfx + "q").view(B, T, self.h, self.hd)
-        k = lin(self.c_k, x, adapter, pfx + "k").view(B, T, self.hkv, self.hd)
-        v = lin(self.c_v, x, adapter, pfx + "v").view(B, T, self.hkv, self.hd)
+    def forward(self, n: Tensor, rope, seg: Segments | None, ve: Tensor | None, lora, slot: str) -> Tensor:
+        B, T, _ = n.shape
+        q = plus(self.c_q(n), lora_delta(lora, slot + "q", n)).view(B, T, self.h, self.hd)
+        k = plus(self.c_k(n), lora_delta(lora, slot + "k", n)).view(B, T, self.hkv, self.hd)
+        v = plus(plus(self.c_v(n), lora_delta(lora, slot + "v", n)), ve).view(B, T, self.hkv, self.hd)
         q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
-        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = self.backend(q, k, v)
+        y = self.backend(q * self.q_gain.to(q.dtype)[None, None, :, None], k, v, seg)
         if self.xsa:  # XSA: remove the component along the token's own value (GQA-aware)
             yg = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
             vn = F.normalize(v, dim=-1).unsqueeze(-2)
             y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.h, self.hd)
         if self.gate is not None:
-            y = y * torch.sigmoid(self.gate(x)).unsqueeze(-1)
-        return lin(self.proj, y.reshape(B, T, -1), adapter, pfx + "o")
+            y = y * self.gate(n).unsqueeze(-1)
+        return plus(self.proj(y.reshape(B, T, -1)), lora_delta(lora, slot + "o", n))  # O adapter bypasses (#1855)
 
 
 class MLP(nn.Module):
@@ -987,43 +1249,65 @@ class MLP(nn.Module):
         nn.init.zeros_(self.proj.weight)
         self.slope = slope
 
-    def forward(self, x: Tensor, adapter: Adapter | None, pfx: str) -> Tensor:
-        h = F.leaky_relu(lin(self.fc, x, adapter, pfx + "fc"), self.slope).square()
-        return lin(self.proj, h, adapter, pfx + "mlp_proj")
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, idx: int, mlp_mult: float, slope: float, xsa: bool, parallel: bool,
-                 backend: AttentionBackend):
-        super().__init__()
-        self.idx = idx
-        self.attn = Attention(cfg, xsa, backend)
-        self.mlp = MLP(cfg.model_dim, mlp_mult, slope)
-        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
-        self.in_scale = 1.0 / math.sqrt(idx + 1) if cfg.ln_scale else 1.0
-        self.parallel = parallel
+    """Pre-norm attention and MLP with per-channel output scales. `resid_mix` mixes the embedding stream x0
+    into the input (Ouroboros, #1736); a parallel block keeps two lanes, attention reading lane 0 and the MLP
+    lane 1, recombined by learned lambdas (#1736)."""
 
-    def forward(self, x: Tensor, rope, adapter: Adapter | None = None) -> Tensor:
-        pfx = f"{self.idx}."
-        a = self.attn(rms_norm(x) * self.in_scale, rope, adapter, pfx)
-        if self.parallel:  # parallel lanes: attention and MLP read the same input
-            return x + self.attn_scale * a + self.mlp_scale * self.mlp(rms_norm(x) * self.in_scale, adapter, pfx)
-        x = x + self.attn_scale * a
-        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.in_scale, adapter, pfx)
+    def __init__(self, cfg: Config, idx: int, crawler: bool, backend: AttentionBackend):
+        super().__init__()
+        d, self.idx = cfg.model_dim, idx
+        self.attn = Attention(cfg, idx >= cfg.n_blocks - cfg.xsa_last_n, backend)
+        self.mlp = MLP(d, cfg.crawler_mlp_mult if crawler else cfg.mlp_mult,
+                       cfg.crawler_mlp_leaky_slope if crawler else cfg.mlp_leaky_slope)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])) if cfg.resid_mix else None
+        self.in_scale = 1.0 / math.sqrt(idx + 1) if cfg.ln_scale else 1.0
+        self.parallel = 0 <= cfg.parallel_residual_start <= idx
+        if self.parallel:
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
+            self.lane_post = nn.Parameter(torch.ones(2, 2))
+
+    def mix(self, x: Tensor, x0: Tensor) -> Tensor:
+        if self.resid_mix is None:
+            return x
+        m = self.resid_mix.to(x.dtype)
+        return m[0] * x + m[1] * x0
+
+    def mlp_out(self, x: Tensor, lora, slot: str) -> Tensor:
+        m = rms_norm(x) * self.in_scale
+        return self.mlp_scale.to(x.dtype) * plus(self.mlp(m), lora_delta(lora, slot + "mlp", m))
+
+    def forward(self, x: Tensor, x0: Tensor, rope, seg, ve, lora, slot: str) -> Tensor:
+        x = self.mix(x, x0)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, rope, seg, ve, lora, slot)
+        return x + self.mlp_out(x, lora, slot)
+
+    def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, rope, seg, ve, lora, slot: str):
+        l0, l1 = lanes
+        a = self.attn_scale.to(l0.dtype) * self.attn(rms_norm(self.mix(l0, x0)) * self.in_scale, rope, seg, ve, lora, slot)
+        m = self.mlp_out(l1, lora, slot)
+        r, p = self.lane_resid.to(l0.dtype), self.lane_post.to(l0.dtype)
+        return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
 
 
 class BigramHash(nn.Module):
-    """Hashed (previous, current) token pair embedding. Position 0 and every BOS get the reserved
-    'no predecessor' bucket, so nothing leaks across document boundaries."""
+    """Hashed (previous, current) token pair embedding. Position 0 and every BOS get the reserved 'no
+    predecessor' bucket, so nothing leaks across document boundaries. The projection starts orthogonal and
+    small (Ouroboros): with both factors at zero neither would ever receive a gradient."""
 
-    def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int, proj_gain: float):
         super().__init__()
         self.buckets, self.bos_id = buckets, bos_id
         self.embed = nn.Embedding(buckets, dim)
         self.proj = nn.Linear(dim, model_dim, bias=False)
         nn.init.zeros_(self.embed.weight)
-        nn.init.zeros_(self.proj.weight)
+        nn.init.orthogonal_(self.proj.weight, gain=proj_gain)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -1035,171 +1319,596 @@ class BigramHash(nn.Module):
         return self.proj(self.embed(h)) * self.scale
 
 
-class SmearGate(nn.Module):
-    """x_t <- (1-g) x_t + g x_{t-1}; never mixes into position 0 or into a BOS (#1855 fix)."""
+def previous_token(x: Tensor, ids: Tensor, bos_id: int) -> Tensor:
+    """x shifted one position right, zero at position 0 and wherever the current token is BOS (#1855 fix)."""
+    prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    return prev * (ids != bos_id).unsqueeze(-1).to(x.dtype)
 
-    def __init__(self, dim: int, bos_id: int):
+
+class SmearGate(nn.Module):
+    """Blend each position with the previous one, never across a BOS. `window` (#1855): on the raw embedding,
+    e_t += lambda * sigmoid(w . e_t[:GATE_WINDOW]) * e_{t-1}, both zero at init. `channel` (crawler seeds):
+    after the norm, x_t <- x_t + sigmoid(g) * (x_{t-1} - x_t) with one gate per channel."""
+
+    def __init__(self, cfg: Config):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
-        self.bos_id = bos_id
+        self.mode, self.bos_id, self.window = cfg.smear_gate, cfg.bos_id, cfg.gate_window
+        if self.mode == "window":
+            self.weight = nn.Parameter(torch.zeros(1, cfg.gate_window))
+            self.lam = nn.Parameter(torch.zeros(1))
+        else:
+            self.gate = nn.Parameter(torch.zeros(cfg.model_dim))
 
     def forward(self, x: Tensor, ids: Tensor) -> Tensor:
-        g = torch.sigmoid(self.gate.to(x.dtype))
-        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        prev = previous_token(x, ids, self.bos_id)
+        if self.mode == "window":
+            g = self.lam.to(x.dtype) * torch.sigmoid(F.linear(x[..., :self.window], self.weight.to(x.dtype)))
+            return x + g * prev
         keep = (ids != self.bos_id).unsqueeze(-1).to(x.dtype)
-        return x + keep * g * (prev - x)
+        return x + keep * torch.sigmoid(self.gate.to(x.dtype)) * (prev - x)
+
+
+class ValueEmbedding(nn.Module):
+    """A second token embedding added to the values of the blocks in VE_LAYERS, each with its own scale
+    (Ouroboros lineage)."""
+
+    def __init__(self, cfg: Config, proj_gain: float):
+        super().__init__()
+        kv = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = nn.Linear(cfg.ve_dim, kv, bias=False)
+        nn.init.orthogonal_(self.proj.weight, gain=proj_gain)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.layer_scales = nn.Parameter(torch.ones(len(cfg.ve_layers)))
+        self.slot_of = {b: i for i, b in enumerate(cfg.ve_layers)}
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.proj(self.embed(ids)) * self.scale
+
+    def for_block(self, ve: Tensor | None, block: int) -> Tensor | None:
+        i = self.slot_of.get(block)
+        return None if ve is None or i is None else ve * self.layer_scales[i].to(ve.dtype)
+
+
+def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, seg: Tensor | None = None,
+                       chunk: int = 64) -> Tensor:
+    """Causal delta rule on [B, H, T, D] (q, k L2-normalised), read after write:
+    S_t = S_{t-1} + k_t beta_t (v_t - S_{t-1}^T k_t)^T, o_t = S_t^T q_t / sqrt(D), with the memory cleared
+    wherever the segment id `seg` [B, T] changes (a new document). Chunkwise form with the WY representation
+    (Yang et al. 2024), the plain-torch twin of flash-linear-attention's chunk_delta_rule."""
+    B, H, T, D = k.shape
+    seg = torch.zeros(B, T, dtype=torch.long, device=k.device) if seg is None else seg
+    pad = (-T) % chunk
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        beta = F.pad(beta, (0, pad))
+        seg = F.pad(seg, (0, pad), value=int(seg.max()) + 1)
+    n = (T + pad) // chunk
+    q, k, v = (t.float().reshape(B, H, n, chunk, -1) for t in (q * D ** -0.5, k, v))
+    beta = beta.float().reshape(B, H, n, chunk, 1)
+    sc = seg.reshape(B, n, chunk)
+    same = (sc[..., :, None] == sc[..., None, :])[:, None]  # [B, 1, n, C, C]: rows of one document
+    strict = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril(-1)
+    a = torch.eye(chunk, device=k.device) + (beta * (k @ k.transpose(-1, -2))).masked_fill(~(strict & same), 0)
+    w = torch.linalg.solve_triangular(a, beta * k, upper=False, unitriangular=True)
+    u = torch.linalg.solve_triangular(a, beta * v, upper=False, unitriangular=True)
+    prev_last = torch.cat([torch.full_like(sc[:, :1, :1], -1), sc[:, :-1, -1:]], dim=1)  # [B, n, 1]
+    carried = (sc == prev_last).float()[:, None, :, :, None]  # rows continuing the document of the last chunk
+    in_last = (sc == sc[..., -1:]).float()[:, None, :, :, None]  # rows of the chunk's last document
+    incl = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
+    s = torch.zeros(B, H, D, v.size(-1), device=k.device)
+    out = []
+    for c in range(n):
+        u_c = u[:, :, c] - (w[:, :, c] @ s) * carried[:, :, c]
+        qk = (q[:, :, c] @ k[:, :, c].transpose(-1, -2)).masked_fill(~(incl & same[:, :, c]), 0)
+        out.append((q[:, :, c] @ s) * carried[:, :, c] + qk @ u_c)
+        s = s * carried[:, :, c, -1:] + (k[:, :, c] * in_last[:, :, c]).transpose(-1, -2) @ u_c
+    return torch.cat(out, dim=2)[:, :, :T]
+
+
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, seg: Tensor | None) -> Tensor:
+    """flash-linear-attention's chunk_delta_rule on CUDA when installed (one document per row), else the
+    torch form above."""
+    if q.is_cuda and seg is None:
+        try:
+            from fla.ops.delta_rule import chunk_delta_rule
+        except ImportError:
+            chunk_delta_rule = None
+        if chunk_delta_rule is not None:
+            o, _ = chunk_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), beta.transpose(1, 2))
+            return o.transpose(1, 2)
+    return delta_rule_chunked(q, k, v, beta, seg).to(v.dtype)
+
+
+class DeltaMemory(nn.Module):
+    """A delta-rule memory carried from one crawler loop to the next (ClownCar_II, DELTA_NET_HEADS). ClownCar_II
+    handed loop k the state after *all* of loop k-1's positions, so position t read later tokens (its own
+    authors retired it). Here loop k replays loop k-1's writes interleaved with its own, position by position:
+    at position t the memory holds writes from positions <= t of both loops only, so it stays causal."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        d, self.h = cfg.model_dim, cfg.delta_net_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+        nn.init.zeros_(self.o_proj.weight)
+        self.b_proj = nn.Linear(d, self.h)
+        self.q_conv, self.k_conv, self.v_conv = (nn.Conv1d(d, d, 4, groups=d, bias=False) for _ in range(3))
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, d = x.shape
+        return x.view(B, T, self.h, d // self.h).transpose(1, 2)
+
+    def _conv(self, conv: nn.Conv1d, x: Tensor, keep: Tensor | None) -> Tensor:
+        """Causal depthwise conv (t sees t-3..t) that never reaches back across a document start."""
+        if keep is None:
+            return conv(F.pad(x.transpose(1, 2), (3, 0))).transpose(1, 2)
+        w = conv.weight[:, 0].to(x.dtype)  # [d, 4]: w[:, 3 - j] multiplies x_{t-j}
+        return sum(F.pad(x, (0, 0, j, 0))[:, :x.size(1)] * keep[..., j:j + 1].to(x.dtype) * w[:, 3 - j]
+                   for j in range(4))  # keep[..., j]: t-j lies in t's document
+
+    def forward(self, x: Tensor, prev: tuple | None, seg: Segments | None) -> tuple[Tensor, tuple]:
+        ids = seg.ids if seg is not None else None
+        keep = same_doc_back(ids, 4) if ids is not None else None
+        q = F.normalize(self._heads(self._conv(self.q_conv, self.q_proj(x), keep)), dim=-1)
+        k = F.normalize(self._heads(self._conv(self.k_conv, self.k_proj(x), keep)), dim=-1)
+        v = self._heads(self._conv(self.v_conv, self.v_proj(x), keep))
+        beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)
+        writes = (k, v, beta)
+        if prev is None:
+            o = delta_rule(q, k, v, beta, ids)
+        else:  # positions 2t: loop k-1's write at t; 2t+1: this loop's write at t, then its read
+            inter = [torch.stack([a, b], dim=3).flatten(2, 3) for a, b in zip(prev, writes)]
+            ids2 = ids.repeat_interleave(2, dim=1) if ids is not None else None
+            o = delta_rule(torch.stack([torch.zeros_like(q), q], dim=3).flatten(2, 3), *inter, ids2)[:, :, 1::2]
+        B, H, T, D = o.shape
+        return rms_norm(x + self.o_proj(o.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))), writes
+
+
+def same_doc_back(ids: Tensor, n: int) -> Tensor:
+    """[B, T, n] float: 1 where position t-j (j < n) lies in t's segment (0 before the row start)."""
+    cols = [torch.ones_like(ids, dtype=torch.bool)]
+    for j in range(1, n):
+        prev = F.pad(ids, (j, 0), value=-1)[:, :ids.size(1)]
+        cols.append(prev == ids)
+    return torch.stack(cols, dim=-1).float()
+
+
+@dataclass(frozen=True)
+class App:
+    """One block application in execution order: which block, which crawler loop (-1 = flat), whether its
+    output is kept for a U-Net skip, and which skip (if any) it reads first."""
+    block: int
+    loop: int
+    push: bool
+    pop: int  # index into the skip weights, -1 = none
+
+
+def application_plan(cfg: Config, loops: int) -> tuple[App, ...]:
+    """The execution order at a crawler depth. UNET_SKIPS=flat pairs flat encoder and decoder blocks around the
+    crawler (Ouroboros); virtual splits the whole application list in half, so crawler passes are skip
+    sources and sinks too (#1736's looped layers 3-5)."""
+    enc, dec = list(range(cfg.n_encoder)), list(range(cfg.n_encoder + cfg.n_crawler, cfg.n_blocks))
+    crawl = [(cfg.n_encoder + c, k) for k in range(loops) for c in range(cfg.n_crawler)]
+    order = [(b, -1) for b in enc] + crawl + [(b, -1) for b in dec]
+    if cfg.unet_skips == "flat":
+        pushes = [True] * len(enc) + [False] * (len(order) - len(enc))
+        first_pop = len(enc) + len(crawl)
+    else:
+        half = len(order) // 2
+        pushes, first_pop = [i < half for i in range(len(order))], half
+    n_pop = min(n_skip_weights(cfg), sum(pushes))
+    return tuple(App(b, k, pushes[i], i - first_pop if 0 <= i - first_pop < n_pop else -1)
+                 for i, (b, k) in enumerate(order))
+
+
+def n_skip_weights(cfg: Config) -> int:
+    """Skip connections at full crawler depth (the widest plan)."""
+    if cfg.unet_skips == "flat":
+        return min(cfg.n_encoder, cfg.n_decoder)
+    n = cfg.n_encoder + cfg.n_crawler * cfg.n_loops + cfg.n_decoder if cfg.use_crawler else cfg.num_layers
+    return min(n // 2, n - n // 2)
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: Config, backend: AttentionBackend = SDPA):
         super().__init__()
-        self.cfg = cfg
-        d = cfg.model_dim
+        self.cfg, d = cfg, cfg.model_dim
+        small = 1 / math.sqrt(2 * cfg.n_blocks)  # Ouroboros's scale for projections into the residual stream
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, d, cfg.bos_id) if cfg.bigram_vocab_size else None
-        self.smear = SmearGate(d, cfg.bos_id) if cfg.smear_gate else None
-        n_enc, n_cr, n_dec = cfg.n_encoder, cfg.n_crawler, cfg.n_decoder
-        n_total = n_enc + n_cr + n_dec  # distinct blocks in execution order
-
-        def block(i: int, crawler: bool) -> Block:
-            return Block(cfg, i, cfg.crawler_mlp_mult if crawler else cfg.mlp_mult,
-                         cfg.crawler_mlp_leaky_slope if crawler else cfg.mlp_leaky_slope,
-                         xsa=i >= n_total - cfg.xsa_last_n,
-                         parallel=0 <= cfg.parallel_residual_start <= i, backend=backend)
-
-        self.encoder = nn.ModuleList(block(i, False) for i in range(n_enc))
-        self.crawler = nn.ModuleList(block(n_enc + i, True) for i in range(n_cr))
-        self.decoder = nn.ModuleList(block(n_enc + n_cr + i, False) for i in range(n_dec))
-        self.skip_weights = nn.Parameter(torch.ones(min(n_enc, n_dec), d))
-        loops = cfg.crawler_loops if n_cr else 0
+        self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, d, cfg.bos_id, small) \
+            if cfg.bigram_vocab_size else None
+        self.smear = SmearGate(cfg) if cfg.smear_gate != "off" else None
+        self.ve = ValueEmbedding(cfg, small) if cfg.ve_dim else None
+        self.blocks = nn.ModuleList(Block(cfg, i, cfg.n_encoder <= i < cfg.n_encoder + cfg.n_crawler, backend)
+                                    for i in range(cfg.n_blocks))
+        n_skips = n_skip_weights(cfg)
+        self.skip_weights = nn.Parameter(torch.ones(n_skips, d))
+        self.skip_gates = nn.Parameter(torch.zeros(n_skips, d)) if cfg.skip_gates else None
         # Flow instructions: one shared projection, a zero-initialised up-projection per loop.
-        self.inst_proj = nn.Linear(d, cfg.inst_dim, bias=False) if (loops and cfg.inst_dim) else None
-        self.inst_up = nn.ModuleList(nn.Linear(cfg.inst_dim, d, bias=False) for _ in range(loops)) \
+        self.inst_proj = nn.Linear(d, cfg.inst_dim, bias=False) if (cfg.n_crawler and cfg.inst_dim) else None
+        self.inst_up = nn.ModuleList(nn.Linear(cfg.inst_dim, d, bias=False) for _ in range(cfg.n_loops)) \
             if self.inst_proj is not None else None
-        if self.inst_up is not None:
-            for m in self.inst_up:
-                nn.init.zeros_(m.weight)
-        self.rope_scales = tuple(float(s) for s in cfg.crawler_loop_rope_scales[:loops])
-        self.active_loops = loops if cfg.crawler_start_frac == 0 else min(loops, 1)
+        for m in self.inst_up or []:
+            nn.init.zeros_(m.weight)
+        self.delta = DeltaMemory(cfg) if (cfg.n_crawler and cfg.delta_net_heads) else None
+        # Asymmetric logit softcaps (#1923): start equal to LOGIT_SOFTCAP, frozen in training, trained by TTT.
+        self.softcaps = nn.Parameter(torch.full((2,), cfg.logit_softcap)) if cfg.asym_logit_rescale else None
+        self.rope_scales = tuple(float(s) for s in cfg.crawler_loop_rope_scales[:cfg.n_loops])
+        self.active_loops = cfg.n_loops if cfg.crawler_start_frac == 0 else min(cfg.n_loops, 1)
+        self._plans: dict[int, tuple[App, ...]] = {}
 
     def set_active_loops(self, n: int) -> None:
         self.active_loops = n
 
-    def forward(self, ids: Tensor, adapter: Adapter | None = None) -> Tensor:
-        cfg = self.cfg
-        T = ids.size(1)
+    def plan(self) -> tuple[App, ...]:
+        if self.active_loops not in self._plans:
+            self._plans[self.active_loops] = application_plan(self.cfg, self.active_loops)
+        return self._plans[self.active_loops]
+
+    def embed(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
-        if self.smear is not None:
+        if self.smear is not None and self.smear.mode == "window":
             x = self.smear(x, ids)
         x = rms_norm(x)
-        rope = rope_tables(T, cfg.rope_dims, cfg.rope_base, 1.0, ids.device, x.dtype)
-        skips = []
-        for blk in self.encoder:
-            x = blk(x, rope, adapter)
-            skips.append(x)
-        for k in range(self.active_loops):
-            if self.inst_proj is not None:
-                x = x + self.inst_up[k](self.inst_proj(x))
-            loop_rope = rope if self.rope_scales[k] == 1 else rope_tables(
-                T, cfg.rope_dims, cfg.rope_base, self.rope_scales[k], ids.device, x.dtype)
-            for blk in self.crawler:
-                x = blk(x, loop_rope, adapter)
-        for i, blk in enumerate(self.decoder):
-            if i < len(skips):  # U-Net: decoder i reads the mirrored encoder output
-                x = x + self.skip_weights[i].to(x.dtype) * skips[-1 - i]
-            x = blk(x, rope, adapter)
-        x = rms_norm(x)
-        logits = with_delta(F.linear(x, self.tok_emb.weight.to(x.dtype)), x, adapter, "head")
-        c = cfg.logit_softcap
-        return c * torch.tanh(logits.float() / c)
+        if self.smear is not None and self.smear.mode == "channel":
+            x = self.smear(x, ids)
+        return x
+
+    def skip(self, x: Tensor, s: Tensor, j: int) -> Tensor:
+        w = self.skip_weights[j].to(x.dtype) * s
+        if self.skip_gates is None:
+            return x + w
+        g = torch.sigmoid(self.skip_gates[j].to(x.dtype))  # #1736: a learned blend of stream and skip
+        return g * x + (1 - g) * w
+
+    def hidden(self, ids: Tensor, seg: Segments | None = None, lora: BatchedLoRA | None = None) -> Tensor:
+        """The final-normed hidden state (the tied head's input)."""
+        cfg, T = self.cfg, ids.size(1)
+        x = x0 = self.embed(ids)
+        ve = self.ve(ids) if self.ve is not None else None
+        ropes = {1.0: rope_tables(T, cfg.rope_dims, cfg.rope_base, 1.0, ids.device, x.dtype)}
+        for s in self.rope_scales:
+            ropes.setdefault(s, rope_tables(T, cfg.rope_dims, cfg.rope_base, s, ids.device, x.dtype))
+        plan, skips, lanes, writes = self.plan(), [], None, None
+        for slot, app in enumerate(plan):
+            blk = self.blocks[app.block]
+            if app.loop >= 0 and app.block == cfg.n_encoder and self.inst_proj is not None:
+                x = x + self.inst_up[app.loop](self.inst_proj(x))
+            if blk.parallel and lanes is None:  # the two lanes start equal; a skip then enters lane 0 only
+                lanes = (x, x)
+            if app.pop >= 0:
+                if lanes is None:
+                    x = self.skip(x, skips.pop(), app.pop)
+                else:
+                    lanes = (self.skip(lanes[0], skips.pop(), app.pop), lanes[1])
+            rope = ropes[self.rope_scales[app.loop] if app.loop >= 0 else 1.0]
+            vb = self.ve.for_block(ve, app.block) if self.ve is not None else None
+            if blk.parallel:
+                lanes = blk.forward_lanes(lanes, x0, rope, seg, vb, lora, f"{slot}.")
+            else:
+                x = blk(x, x0, rope, seg, vb, lora, f"{slot}.")
+            if app.loop >= 0 and app.block == cfg.n_encoder + cfg.n_crawler - 1 and self.delta is not None:
+                x, writes = self.delta(x, writes, seg)
+            if app.push:
+                skips.append(x)
+        if lanes is not None:
+            x = 0.5 * (lanes[0] + lanes[1])
+        return rms_norm(x)
+
+    def logits(self, ids: Tensor, seg: Segments | None = None, lora: BatchedLoRA | None = None) -> Tensor:
+        """Softcapped logits (fp32)."""
+        h = self.hidden(ids, seg, lora)
+        return softcap(plus(F.linear(h, self.tok_emb.weight.to(h.dtype)), lora_delta(lora, "head", h)).float(),
+                       *self.caps())
+
+    def caps(self) -> tuple:
+        c = self.cfg.logit_softcap
+        return (c, c) if self.softcaps is None else (self.softcaps[0], self.softcaps[1])
+
+    def forward(self, ids: Tensor, targets: Tensor, seg: Segments | None = None,
+                lora: BatchedLoRA | None = None) -> Tensor:
+        """Per-token negative log-likelihood [B, T] (fp32), the loss computed inside the (compiled) graph."""
+        h = self.hidden(ids, seg, lora)
+        z = plus(F.linear(h, self.tok_emb.weight.to(h.dtype)), lora_delta(lora, "head", h))
+        fused = self.cfg.fused_ce and z.is_cuda and self.softcaps is None and fused_ce_available()
+        return softcapped_ce(z, targets, *self.caps(), fused=fused)
 
 
-def token_losses(model: nn.Module, x: Tensor, y: Tensor, adapter: Adapter | None = None) -> Tensor:
-    logits = model(x, adapter)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
+def softcap(z: Tensor, pos, neg) -> Tensor:
+    """c * tanh(z / c), with separate caps for positive and negative logits when they differ (#1923)."""
+    if isinstance(pos, float) and pos == neg:
+        return pos * torch.tanh(z / pos)
+    return torch.where(z > 0, pos * torch.tanh(z / pos), neg * torch.tanh(z / neg))
+
+
+def softcapped_ce(z: Tensor, targets: Tensor, pos, neg, fused: bool) -> Tensor:
+    if fused:
+        loss, _ = torch.ops.pgcrawl.softcap_ce(z.reshape(-1, z.size(-1)), targets.reshape(-1), float(pos))
+        return loss.view(targets.shape)
+    zc = softcap(z.float(), pos, neg)
+    return F.cross_entropy(zc.reshape(-1, zc.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
+
+
+def token_losses(model: nn.Module, x: Tensor, y: Tensor, seg: Segments | None = None,
+                 lora: BatchedLoRA | None = None) -> Tensor:
+    return model(x, y, seg, lora)
+
+
+# Fused softcapped cross-entropy (#1787): one Triton pass over the logits computes the softcap, log-sum-exp and
+# the target's log-probability; the backward recomputes them from the raw logits instead of storing fp32 copies.
+# z = 2c*sigmoid(2x/c) equals c*tanh(x/c) + c, a constant shift that cancels in the softmax.
+
+@torch.library.custom_op("pgcrawl::softcap_ce", mutates_args=())
+def _softcap_ce(x: Tensor, y: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """Per-row softcapped CE and the row's log-sum-exp (kept for the backward)."""
+    return _fused_ce_forward(x, y, cap)
+
+
+@_softcap_ce.register_fake
+def _(x: Tensor, y: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.size(0), dtype=torch.float32), x.new_empty(x.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op("pgcrawl::softcap_ce_backward", mutates_args=())
+def _softcap_ce_backward(g: Tensor, x: Tensor, y: Tensor, lse: Tensor, cap: float) -> Tensor:
+    return _fused_ce_backward(g, x, y, lse, cap)
+
+
+@_softcap_ce_backward.register_fake
+def _(g: Tensor, x: Tensor, y: Tensor, lse: Tensor, cap: float) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _ce_setup(ctx, inputs, output):
+    x, y, cap = inputs
+    ctx.save_for_backward(x, y, output[1])
+    ctx.cap = cap
+
+
+def _ce_backward(ctx, g_loss, g_lse):
+    x, y, lse = ctx.saved_tensors
+    return torch.ops.pgcrawl.softcap_ce_backward(g_loss, x, y, lse, ctx.cap), None, None
+
+
+torch.library.register_autograd("pgcrawl::softcap_ce", _ce_backward, setup_context=_ce_setup)
+
+
+def fused_ce_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+_CE_KERNELS: dict = {}
+
+
+def _ce_kernels():
+    """Build the Triton kernels on first use (TRITON_INTERPRET=1 runs them on the CPU for tests)."""
+    if _CE_KERNELS:
+        return _CE_KERNELS["fwd"], _CE_KERNELS["bwd"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fwd(x_ptr, y_ptr, loss_ptr, lse_ptr, V, stride, cap, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        base = x_ptr + row * stride
+        target = tl.load(y_ptr + row)
+        m = -float("inf")
+        s = 0.0
+        zt = 0.0
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < V
+            x = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32)
+            z = 2 * cap * tl.sigmoid(2 * x / cap)
+            z = tl.where(ok, z, -float("inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m = m_new
+            zt += tl.sum(tl.where(cols == target, z, 0.0), 0)
+        lse = m + tl.log(s)
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, lse - zt)
+
+    @triton.jit
+    def bwd(g_ptr, x_ptr, y_ptr, lse_ptr, dx_ptr, V, stride, cap, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        target = tl.load(y_ptr + row)
+        g = tl.load(g_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < V
+            x = tl.load(x_ptr + row * stride + cols, mask=ok, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(2 * x / cap)
+            p = tl.exp(2 * cap * sg - lse)
+            dz = g * (p - tl.where(cols == target, 1.0, 0.0))
+            tl.store(dx_ptr + row * stride + cols, (dz * 4 * sg * (1 - sg)).to(dx_ptr.dtype.element_ty), mask=ok)
+
+    _CE_KERNELS.update(fwd=fwd, bwd=bwd)
+    return fwd, bwd
+
+
+def _fused_ce_forward(x: Tensor, y: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    fwd, _ = _ce_kernels()
+    x = x.contiguous()
+    loss = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+    lse = torch.empty_like(loss)
+    fwd[(x.size(0),)](x, y.contiguous(), loss, lse, x.size(1), x.stride(0), cap, BLOCK=1024)
+    return loss, lse
+
+
+def _fused_ce_backward(g: Tensor, x: Tensor, y: Tensor, lse: Tensor, cap: float) -> Tensor:
+    _, bwd = _ce_kernels()
+    x = x.contiguous()
+    dx = torch.empty_like(x)
+    bwd[(x.size(0),)](g.contiguous().float(), x, y.contiguous(), lse, dx, x.size(1), x.stride(0), cap, BLOCK=1024)
+    return dx
 
 
 # =============================================================================================
 # Optimizers: Muon (matrices, sharded across ranks) + AdamW (embeddings, scalars)
 # =============================================================================================
 
+# Polar-Express Newton-Schulz coefficients, one (a, b, c) per iteration (#1344 -> #1787); more iterations
+# repeat the last, converged polynomial. The classic quintic (modded-nanogpt) repeats one tuple.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+QUINTIC = (3.4445, -4.7750, 2.0315)
 
-def newton_schulz(g: Tensor, steps: int) -> Tensor:
-    """Approximately orthogonalise g (quintic Newton-Schulz, coefficients from modded-nanogpt)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+
+def ns_coefficients(kind: str, steps: int) -> tuple[tuple[float, float, float], ...]:
+    if kind == "quintic":
+        return (QUINTIC,) * steps
+    return tuple(POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps))
+
+
+def newton_schulz(g: Tensor, coeffs: tuple) -> Tensor:
+    """Approximately orthogonalise each matrix of a [n, rows, cols] stack (bf16 on CUDA)."""
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
-    for _ in range(steps):
-        m = x @ x.T
+        x = x.transpose(-1, -2)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for a, b, c in coeffs:
+        m = x @ x.transpose(-1, -2)
         x = a * x + (b * m + c * m @ m) @ x
-    return (x.T if tall else x).to(g.dtype)
+    return (x.transpose(-1, -2) if tall else x).to(g.dtype)
+
+
+class Comm:
+    """Collectives for sharded updates: NCCL's reduce-scatter / all-gather, emulated with all-reduce on gloo."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+
+    def reduce_scatter_avg(self, full: Tensor) -> tuple[Tensor, typing.Any]:
+        """This rank's slice (dim 0) of the rank-average of `full`, and a handle to wait on (or None)."""
+        n = full.size(0) // self.rt.world_size
+        if self.rt.world_size == 1:
+            return full, None
+        if self.nccl:
+            out = torch.empty_like(full[:n])
+            return out, dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
+        all_reduce_(full)
+        return full[self.rt.rank * n:(self.rt.rank + 1) * n] / self.rt.world_size, None
+
+    def all_gather(self, shard: Tensor) -> Tensor:
+        if self.rt.world_size == 1:
+            return shard
+        out = torch.empty((shard.size(0) * self.rt.world_size, *shard.shape[1:]), dtype=shard.dtype, device=shard.device)
+        if self.nccl:
+            dist.all_gather_into_tensor(out, shard)
+        else:
+            dist.all_gather(list(out.chunk(self.rt.world_size)), shard)
+        return out
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum + Newton-Schulz orthogonalised update. Each matrix is orthogonalised by one rank
-    (round-robin) and the updates are shared with a single all-reduce of a flat buffer."""
+    """Momentum (Nesterov) + Newton-Schulz orthogonalised update. Matrices of one shape are stacked into a bank
+    padded to a multiple of the world size (#1736); each rank reduce-scatters the bank's gradients, keeps
+    momentum for and orthogonalises only its slice, and all-gathers the updates: one reduce-scatter and one
+    all-gather per bank instead of an all-reduce of the gradients plus one of the updates. Rows are normalised
+    before Newton-Schulz (MuonEq-R, #1736); update scale sqrt(max(1, rows/cols))."""
 
-    def __init__(self, params, lr: float, momentum: float, steps: int, wd: float, rt: Runtime):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, steps=steps, wd=wd))
-        self.rt = rt
+    def __init__(self, params, lr: float, momentum: float, wd: float, coeffs: tuple, row_norm: bool, rt: Runtime,
+                 ns=newton_schulz):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, wd=wd))
+        self.coeffs, self.row_norm, self.rt, self.ns, self.comm = coeffs, row_norm, rt, ns, Comm(rt)
+        banks: dict[tuple, list] = collections.defaultdict(list)
+        for p in self.param_groups[0]["params"]:
+            banks[tuple(p.shape)].append(p)
+        self.banks = list(banks.values())
+
+    def launch(self) -> list:
+        """Start the gradient reduce-scatter of every bank (asynchronous on NCCL)."""
+        out = []
+        for bank in self.banks:
+            n = -(-len(bank) // self.rt.world_size) * self.rt.world_size
+            full = torch.zeros((n, *bank[0].shape), dtype=torch.float32, device=bank[0].device)
+            for i, p in enumerate(bank):
+                if p.grad is not None:
+                    full[i].copy_(p.grad)
+            out.append(self.comm.reduce_scatter_avg(full))
+        return out
 
     @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            params = group["params"]
-            if not params:
-                continue
-            updates = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-            for i, (p, u) in enumerate(zip(params, updates)):
-                if i % self.rt.world_size == self.rt.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    o = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["steps"])
-                    u.copy_(o * max(1.0, p.size(0) / p.size(1)) ** 0.5)
-            all_reduce_flat_(updates, self.rt, average=False)  # each rank filled only its own matrices
-            for p, u in zip(params, updates):
-                p.mul_(1 - group["lr"] * group["wd"])
-                p.add_(u.to(p.dtype), alpha=-group["lr"])
+    def step(self, closure=None, launched: list | None = None):
+        group = self.param_groups[0]
+        lr, mom = group["lr"], group["momentum"]
+        for bank, (shard, work) in zip(self.banks, launched if launched is not None else self.launch()):
+            if work is not None:
+                work.wait()
+            state = self.state[bank[0]]
+            buf = state.setdefault("momentum", torch.zeros_like(shard))
+            buf.mul_(mom).add_(shard)
+            u = shard.add(buf, alpha=mom)
+            if self.row_norm:
+                u = u / u.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(u.dtype)
+            u = self.ns(u, self.coeffs) * max(1.0, u.size(-2) / u.size(-1)) ** 0.5
+            full = self.comm.all_gather(u.float())
+            for i, p in enumerate(bank):
+                p.mul_(1 - lr * group["wd"])
+                p.add_(full[i].to(p.dtype), alpha=-lr)
+
+
+# Optimizer routing table (first match wins): name pattern -> group. Everything 2-D that is left is a Muon
+# matrix; everything else (vectors, gates, mixes, lane lambdas, convolutions) is a scalar for AdamW.
+PARAM_ROUTES = (
+    ("tok_emb.weight", "embed"), ("bigram.embed.weight", "embed"), ("ve.embed.weight", "embed"),
+    ("softcaps", "frozen"),  # asymmetric softcaps (#1923) learn only during TTT
+    ("skip_*", "scalar"), ("*.resid_mix", "scalar"), ("*.lane_*", "scalar"), ("*.attn.gate.weight", "scalar"),
+    ("smear.*", "scalar"), ("*conv.weight", "scalar"),
+)
 
 
 def param_route(name: str, p: nn.Parameter) -> str:
-    """Optimizer routing table: embeddings -> AdamW(embed), block matrices -> Muon, rest -> AdamW(scalar)."""
-    if name in ("tok_emb.weight", "bigram.embed.weight"):
-        return "embed"
-    if p.ndim == 2 and name != "skip_weights":
-        return "matrix"
-    return "scalar"
+    import fnmatch
+
+    for pattern, group in PARAM_ROUTES:
+        if fnmatch.fnmatchcase(name, pattern):
+            return group
+    return "matrix" if p.ndim == 2 else "scalar"
 
 
 @dataclass
 class Optimizers:
     muon: Muon
     adam: torch.optim.AdamW
-    params: list[nn.Parameter]
+    params: list[nn.Parameter]  # everything trained (all but the frozen group)
+    adam_params: list[nn.Parameter]
 
     def all(self) -> list[torch.optim.Optimizer]:
         return [self.muon, self.adam]
 
 
 def build_optimizers(model: nn.Module, cfg: Config, rt: Runtime) -> Optimizers:
-    groups: dict[str, list] = {"embed": [], "matrix": [], "scalar": []}
+    groups: dict[str, list] = {"embed": [], "matrix": [], "scalar": [], "frozen": []}
     for name, p in model.named_parameters():
         groups[param_route(name, p)].append(p)
-    muon = Muon(groups["matrix"], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps, cfg.muon_wd, rt)
+    for p in groups["frozen"]:
+        p.requires_grad_(False)
+    ns = torch.compile(newton_schulz) if rt.compile else newton_schulz
+    muon = Muon(groups["matrix"], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_wd,
+                ns_coefficients(cfg.muon_ns, cfg.muon_backend_steps), cfg.muon_row_norm, rt, ns)
     adam = torch.optim.AdamW(
-        [dict(params=groups["embed"], lr=cfg.embed_lr, weight_decay=cfg.adam_wd),
-         dict(params=groups["scalar"], lr=cfg.scalar_lr, weight_decay=0.0)],
+        [dict(params=groups["embed"], lr=cfg.embed_lr, weight_decay=cfg.embed_wd),
+         dict(params=groups["scalar"], lr=cfg.scalar_lr, weight_decay=cfg.adam_wd)],
         betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.device.type == "cuda")
     for opt in (muon, adam):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
-    return Optimizers(muon, adam, [p for p in model.parameters() if p.requires_grad])
+    trained = groups["matrix"] + groups["embed"] + groups["scalar"]
+    return Optimizers(muon, adam, trained, groups["embed"] + groups["scalar"])
 
 
 # =============================================================================================
@@ -1209,35 +1918,43 @@ def build_optimizers(model: nn.Module, cfg: Config, rt: Runtime) -> Optimizers:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What the next optimizer step does. Decided by `plan_step` from the clock alone, so every rank
-    (which shares rank 0's clock) makes the same decision, and tests drive it with a fake clock."""
+    """What the next optimizer step does. Decided by `plan_step` from the clock alone, so every rank (which
+    shares rank 0's clock) makes the same decision, and tests drive it with a fake clock."""
     lr_scale: float
     momentum: float
     loops: int
+    seq_len: int
+    seq_changed_at: int  # step at which the current context length began (its LR re-warmup runs from there)
 
 
 def warmdown_fraction(cfg: Config, mean_step_ms: float, budget_ms: float) -> float:
-    """WARMDOWN_FRAC directly, or WARMDOWN_ITERS converted to a budget fraction using the measured
-    step time (so an iteration-based setting still fires under a wallclock cap, cf. PR #1681)."""
-    if cfg.warmdown_frac:
-        return cfg.warmdown_frac
-    if budget_ms > 0:
-        return min(1.0, cfg.warmdown_iters * mean_step_ms / budget_ms)
-    return min(1.0, cfg.warmdown_iters / cfg.iterations)
+    """WARMDOWN_FRAC directly, or WARMDOWN_ITERS converted to a budget fraction using the measured step time
+    (so an iteration-based setting still fires under a wallclock cap, cf. PR #1681)."""
+    if cfg.warmdown_iters:
+        if budget_ms > 0:
+            return min(1.0, cfg.warmdown_iters * mean_step_ms / budget_ms)
+        return min(1.0, cfg.warmdown_iters / cfg.iterations)
+    return cfg.warmdown_frac
 
 
 def lr_multiplier(left: float, warmdown: float, min_lr: float) -> float:
-    """`left` is the fraction of the budget still to run after this step starts; the last `warmdown`
-    of the budget decays linearly to MIN_LR, which is reached by the last step."""
+    """`left` is the fraction of the budget still to run after this step starts; the last `warmdown` of the
+    budget decays linearly to MIN_LR, which is reached by the last step."""
     if warmdown <= 0 or left >= warmdown:
         return 1.0
     return min_lr + (1 - min_lr) * max(0.0, left) / warmdown
 
 
-def plan_step(cfg: Config, step: int, elapsed_ms: float, next_step_ms: float, budget_ms: float) -> StepPlan | None:
-    """The plan for step `step` (0-based), or None when training stops before it. Under a wallclock
-    budget a step starts only if it will end inside the budget by the honest estimate `next_step_ms`,
-    and the warmdown counts towards that predicted stop, so the LR meets its floor on the last step."""
+def stage_seq_len(cfg: Config, progress: float) -> int:
+    """The context length of the first stage whose fraction has not passed (#2014)."""
+    return next((s for s, until in cfg.seq_stages if progress <= until), cfg.seq_stages[-1][0])
+
+
+def plan_step(cfg: Config, step: int, elapsed_ms: float, next_step_ms: float, budget_ms: float,
+              prev: StepPlan | None = None) -> StepPlan | None:
+    """The plan for step `step` (0-based), or None when training stops before it. Under a wallclock budget a
+    step starts only if it will end inside the budget by the honest estimate `next_step_ms`, and the warmdown
+    counts towards that predicted stop, so the LR meets its floor on the last step."""
     if step >= cfg.iterations:
         return None
     if budget_ms:
@@ -1249,16 +1966,20 @@ def plan_step(cfg: Config, step: int, elapsed_ms: float, next_step_ms: float, bu
     else:
         progress, left, mean_ms = step / cfg.iterations, (cfg.iterations - 1 - step) / cfg.iterations, 0.0
     scale = lr_multiplier(left, warmdown_fraction(cfg, mean_ms, budget_ms), cfg.min_lr)
+    seq = stage_seq_len(cfg, progress)
+    changed = prev.seq_changed_at if (prev is not None and prev.seq_len == seq) else (step if prev else 0)
+    if changed and cfg.seq_change_warmup_steps:  # a new context length re-warms the LR (#2014)
+        scale *= min(1.0, (step - changed + 1) / cfg.seq_change_warmup_steps)
     mom_t = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps else 1.0
     momentum = (1 - mom_t) * cfg.muon_momentum_warmup_start + mom_t * cfg.muon_momentum
     loops = cfg.n_loops if progress >= cfg.crawler_start_frac else min(cfg.n_loops, 1)
-    return StepPlan(scale, momentum, loops)
+    return StepPlan(scale, momentum, loops, seq, changed)
 
 
 class StepClock:
-    """Training time in ms, paused around validation. The estimate of the next step is the longest of
-    the last WINDOW steps, not the mean since the start: on a noisy machine a spike that happened
-    recently is assumed to happen again, so the run never starts a step it cannot finish."""
+    """Training time in ms, paused around validation. The estimate of the next step is the longest of the
+    last WINDOW steps, not the mean since the start: on a noisy machine a spike that happened recently is
+    assumed to happen again, so the run never starts a step it cannot finish."""
 
     WINDOW = 32
 
@@ -1294,8 +2015,8 @@ class TrainResult:
 
 
 class WeightAverager:
-    """EMA of the weights every step (on by default, EMA_DECAY 0.9965 as in #1855), or SWA snapshots
-    every SWA_EVERY steps once the LR has decayed below SWA_LR_SCALE (Ouroboros lineage)."""
+    """EMA of the weights every step (on by default, EMA_DECAY 0.9965 as in #1736), or SWA snapshots every
+    SWA_EVERY steps once the LR has decayed below SWA_LR_SCALE (Ouroboros lineage)."""
 
     SWA_LR_SCALE = 0.2
 
@@ -1309,7 +2030,7 @@ class WeightAverager:
     def update(self, model: nn.Module, step: int, lr_scale: float, log: Logger) -> None:
         if self.ema is not None:
             # decay warmup (1+t)/(10+t): a short run is not dominated by its initial weights; from step ~2,560 on
-            # (half of a full 8xH100 run) it is EMA_DECAY exactly, as in #1855
+            # (half of a full 8xH100 run) it is EMA_DECAY exactly, as in #1736
             decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
             for k, v in model.state_dict().items():
                 self.ema[k].lerp_(v.float(), 1 - decay)
@@ -1330,27 +2051,28 @@ class WeightAverager:
         return {k: src[k].to(live[k].dtype).detach().clone() for k in live}
 
 
-def train_step(model: nn.Module, micro: list[tuple[Tensor, Tensor]], opts: Optimizers, cfg: Config,
-               rt: Runtime) -> Tensor:
-    """One optimizer step; returns this rank's mean loss as a tensor (no host sync here)."""
-    params = opts.params
+def train_step(model: nn.Module, micro: list[Micro], opts: Optimizers, cfg: Config, rt: Runtime) -> Tensor:
+    """One optimizer step; returns this rank's mean loss as a tensor (no host sync here). Gradients are clipped
+    on each rank before averaging, as #1736/#1855 do; that lets the Muon banks' reduce-scatter run while AdamW's
+    small all-reduce and step proceed."""
     total = torch.zeros((), device=rt.device)
-    for x, y in micro:
+    for m in micro:
         with rt.autocast():
-            loss = token_losses(model, x, y).mean() / len(micro)
+            loss = model(m.x, m.y, m.seg).mean() / len(micro)
         loss.backward()
         total += loss.detach()
-    sync_grads_(params, rt)
     if cfg.grad_clip_norm:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-    for opt in opts.all():
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(opts.params, cfg.grad_clip_norm)
+    launched = opts.muon.launch()
+    sync_grads_(opts.adam_params, rt)
+    opts.adam.step()
+    opts.muon.step(launched=launched)
     for opt in opts.all():
         opt.zero_grad(set_to_none=False)
     return total
 
 
-def apply_plan(model: GPT, opts: Optimizers, plan: StepPlan, step: int, log: Logger) -> None:
+def apply_plan(model: GPT, opts: Optimizers, plan: StepPlan, prev: StepPlan | None, step: int, log: Logger) -> None:
     for opt in opts.all():
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * plan.lr_scale
@@ -1359,27 +2081,48 @@ def apply_plan(model: GPT, opts: Optimizers, plan: StepPlan, step: int, log: Log
     if plan.loops != model.active_loops:
         model.set_active_loops(plan.loops)
         log(f"crawler:loops_enabled loops:{plan.loops} step:{step}")
+    if prev is not None and plan.seq_len != prev.seq_len:
+        log(f"growth_stage:seq_len:{plan.seq_len} step:{step}")
 
 
-def prime_compile(model: GPT, compiled: nn.Module, opts: Optimizers, data: "TrainData", cfg: Config, rt: Runtime,
+def compile_shapes(cfg: Config) -> list[tuple[int, int]]:
+    """Every (context length, crawler depth) the schedule can reach (#2014 traces them all before the clock)."""
+    out = []
+    for i, (seq, until) in enumerate(cfg.seq_stages):
+        start = cfg.seq_stages[i - 1][1] if i else 0.0
+        for loops in {min(cfg.n_loops, 1) if start < cfg.crawler_start_frac else cfg.n_loops,
+                      cfg.n_loops if until >= cfg.crawler_start_frac else min(cfg.n_loops, 1)}:
+            out.append((seq, loops))
+    return sorted(set(out))
+
+
+def prime_compile(model: GPT, compiled: nn.Module, opts: Optimizers, data: TrainData, cfg: Config, rt: Runtime,
                   log: Logger) -> None:
-    """Run WARMUP_STEPS real steps on training data so torch.compile is warm, then restore weights and
-    optimizer state: the timed run starts from the same initial state. With delayed crawler loops both
-    depths are compiled here, so enabling the loops mid-run costs no recompilation on the clock."""
+    """Run WARMUP_STEPS real steps on training data (never validation) spread over every (context, depth)
+    shape the schedule reaches, so torch.compile is warm before the clock starts; then restore weights and
+    optimizer state, so the timed run starts from the initial state."""
     if not rt.compile or not cfg.warmup_steps:
         return
     saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
              [copy.deepcopy(o.state_dict()) for o in opts.all()])
-    start_loops, loader = model.active_loops, data.loader()
+    start_loops, loader, shapes = model.active_loops, data.loader(prefetch=0), compile_shapes(cfg)
     for s in range(cfg.warmup_steps):
-        if s == cfg.warmup_steps // 2:
-            model.set_active_loops(cfg.n_loops)
-        train_step(compiled, loader.next_batch(), opts, cfg, rt)
-        log(f"warmup_step:{s + 1}/{cfg.warmup_steps}")
+        seq, loops = shapes[s * len(shapes) // cfg.warmup_steps]
+        model.set_active_loops(loops)
+        train_step(compiled, loader.next_batch(seq), opts, cfg, rt)
+        log(f"warmup_step:{s + 1}/{cfg.warmup_steps} seq_len:{seq} loops:{loops}")
     model.set_active_loops(start_loops)
     model.load_state_dict(saved[0])
     for o, st in zip(opts.all(), saved[1]):
         o.load_state_dict(st)
+    log(f"compile:graphs:{compiled_graph_count()} shapes:{shapes}")
+
+
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has produced in this process so far (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def shared_elapsed(clock: StepClock, rt: Runtime) -> float:
@@ -1397,12 +2140,12 @@ def log_train_step(cfg: Config, rt: Runtime, step: int, loss: Tensor, ms: float,
 
 def validate_and_log(compiled: nn.Module, val: ValidationData, cfg: Config, rt: Runtime, step: int, train_ms: float,
                      log: Logger) -> None:
-    vl, vb = evaluate_val(compiled, val, cfg.train_seq_len, cfg.val_batch_tokens, rt)
+    vl, vb = evaluate_val(compiled, val, cfg, rt)
     log(f"step:{step}/{cfg.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
         f"step_avg:{train_ms / max(step, 1):.2f}ms")
 
 
-def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: "TrainData", val: ValidationData,
+def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: TrainData, val: ValidationData,
           log: Logger, now: typing.Callable[[], float] = time.perf_counter) -> TrainResult:
     """The training loop. Time is read only through `now`, so tests inject a clock."""
     opts = build_optimizers(model, cfg, rt)
@@ -1410,17 +2153,17 @@ def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: "Trai
     loader, averager = data.loader(), WeightAverager(model, cfg)
     reset_peak_memory(rt.device)
     sync(rt.device)
-    clock, step, plan = StepClock(now), 0, None
+    clock, step, prev = StepClock(now), 0, None
     while True:
         elapsed = shared_elapsed(clock, rt)
         if step:
             clock.observe(elapsed)
-        plan = plan_step(cfg, step, elapsed, clock.next_step_ms(), cfg.train_budget_ms)
+        plan = plan_step(cfg, step, elapsed, clock.next_step_ms(), cfg.train_budget_ms, prev)
         if plan is None:
             break
-        apply_plan(model, opts, plan, step, log)
-        loss = train_step(compiled, loader.next_batch(), opts, cfg, rt)
-        step += 1
+        apply_plan(model, opts, plan, prev, step, log)
+        loss = train_step(compiled, loader.next_batch(plan.seq_len), opts, cfg, rt)
+        step, prev = step + 1, plan
         averager.update(model, step, plan.lr_scale, log)
         if step <= 10 or step % cfg.train_log_every == 0:
             log_train_step(cfg, rt, step, loss, clock.elapsed_ms(), plan, log)
@@ -1457,65 +2200,96 @@ def ranks_in_sync(model: nn.Module, rt: Runtime) -> bool:
     return bool(torch.equal(lo, hi))
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 # =============================================================================================
-# Calibration and quantization: loop-aware GPTQ int6 (#1283), int7/8 embedding, fp16 passthrough
+# Calibration and quantization: loop-aware GPTQ (#1283), int7 embedding GPTQ, LQER, AWQ-lite
 # =============================================================================================
 
-GPTQ_BITS, AUX_BITS = 6, 8
-GPTQ_BLOCK, GPTQ_DAMP = 128, 0.01
-AUX_MIN_NUMEL = 4096  # smaller tensors (gains, scales, skip weights) stay fp16
+PASSTHROUGH_NUMEL = 65_536  # smaller float tensors (gains, scales, mixes, lane lambdas) stay fp16 (#1855)
+GPTQ_BLOCK = 128
+AWQ_GROUP = 64  # AWQ-lite promotes 64 contiguous input columns to int8 (#1908)
+LQER_GROUP = 64  # LQER's right factor is int4 in groups of 64 (#1797)
 CLIP_SEARCH = torch.linspace(0.5, 1.0, 11)
-
-
-@dataclass
-class QTensor:
-    """Symmetric per-row integer weights: W ~= q * scale[:, None]."""
-    q: Tensor  # int8, values in [-(2^(bits-1)-1), 2^(bits-1)-1]
-    scale: Tensor  # fp16 [rows]
-    bits: int
-
-    def dequant(self) -> Tensor:
-        return self.q.float() * self.scale.float()[:, None]
 
 
 @dataclass(frozen=True)
 class QuantPlan:
-    """How one state-dict entry is stored: method gptq | rtn | fp16, bits, clip (k std devs, 0 = search)."""
+    """How one state-dict entry is stored: method gptq | rtn | int8row | fp16, its bits, clip (k std devs per
+    row; 0 = search the clip), GPTQ damping, and whether LQER / AWQ-lite may pick it."""
     method: str
     bits: int
     clip_sigmas: float = 0.0
+    damp: float = 0.01
+    extras: bool = False  # a candidate for LQER and AWQ-lite
 
 
 FP16 = QuantPlan("fp16", 16)
 
 
-def quant_plan(name: str, t: Tensor, cfg: Config) -> QuantPlan:
+def _gptq(cfg: Config, bits: int, sigmas: float, damp: float) -> QuantPlan:
+    return QuantPlan("rtn" if cfg.skip_gptq else "gptq", bits, sigmas, damp or cfg.gptq_damp, True)
+
+
+# One ordered table of (name pattern, plan); first match wins.
+GATE_PATTERN = "*.attn.gate.weight"
+QUANT_RULES: tuple[tuple[str, typing.Callable[[Config], QuantPlan]], ...] = (
+    (GATE_PATTERN, lambda c: QuantPlan("int8row", 8) if c.gated_attn_quant_gate else FP16),
+    ("tok_emb.weight", lambda c: _gptq(c, c.embed_bits, c.embed_clip_sigmas, c.gptq_damp_embed)),
+    ("blocks.*.mlp.*", lambda c: _gptq(c, 6, c.mlp_clip_sigmas, c.gptq_damp_mlp)),
+    ("blocks.*.attn.*", lambda c: _gptq(c, 6, c.attn_clip_sigmas, c.gptq_damp)),
+    ("delta.*_proj.weight", lambda c: _gptq(c, 6, c.attn_clip_sigmas, c.gptq_damp)),
+    ("*", lambda c: QuantPlan("int8row", 8)),  # large tensors without a Hessian (bigram/value embeddings)
+)
+
+
+def is_crawler(name: str, cfg: Config) -> bool:
     parts = name.split(".")
-    if parts[0] in ("encoder", "crawler", "decoder") and parts[-2] in ("c_q", "c_k", "c_v", "proj", "fc"):
-        sig = cfg.mlp_clip_sigmas if parts[-3] == "mlp" else cfg.attn_clip_sigmas
-        return QuantPlan("rtn" if cfg.skip_gptq else "gptq", GPTQ_BITS, sig)
-    if name == "tok_emb.weight":
-        return QuantPlan("rtn", cfg.embed_bits, cfg.embed_clip_sigmas)
-    if parts[-2:] == ["gate", "weight"]:
-        return QuantPlan("rtn", AUX_BITS) if cfg.gated_attn_quant_gate else FP16
-    if t.ndim == 2 and t.numel() >= AUX_MIN_NUMEL:
-        return QuantPlan("rtn", AUX_BITS)
-    return FP16
+    return name.startswith("delta.") or (parts[0] == "blocks" and cfg.n_encoder <= int(parts[1]) < cfg.n_encoder + cfg.n_crawler)
+
+
+def quant_plan(name: str, t: Tensor, cfg: Config) -> QuantPlan:
+    """The first rule matching `name`. Block linears and the embedding follow their rule at any size; any
+    other tensor of at most PASSTHROUGH_NUMEL entries (gains, mixes, lane lambdas, skip weights) stays fp16."""
+    import fnmatch
+
+    pattern, rule = next((p, r) for p, r in QUANT_RULES if fnmatch.fnmatchcase(name, p))
+    if t.ndim != 2 or (pattern == "*" and t.numel() <= PASSTHROUGH_NUMEL):
+        return FP16
+    if cfg.crawler_quant_int8 and pattern != GATE_PATTERN and is_crawler(name, cfg):  # ClownCar #990: int8 rows
+        return QuantPlan("int8row", 8)
+    return rule(cfg)
+
+
+@dataclass
+class QTensor:
+    """Symmetric per-row integer weights, W ~= q * scale[:, None], plus the optional extras that rebuild it:
+    AWQ-lite's promoted columns (int8 with their own row scales, #1908) and LQER's low-rank correction of the
+    quantization error (int2 left factor with one scale, int4 right factor in groups of 64, #1797)."""
+    q: Tensor  # int8
+    scale: Tensor  # fp16 [rows]
+    bits: int
+    hi_start: int = -1
+    hi_scale: Tensor | None = None  # fp16 [rows]
+    lqer: tuple | None = None  # (qa int8 [rows, r], sa fp16 [1], qb int8 [r, cols], sb fp16 [groups])
+
+    def dequant(self) -> Tensor:
+        w = self.q.float() * self.scale.float()[:, None]
+        if self.hi_start >= 0:
+            s = slice(self.hi_start, self.hi_start + AWQ_GROUP)
+            w[:, s] = self.q[:, s].float() * self.hi_scale.float()[:, None]
+        if self.lqer is not None:
+            qa, sa, qb, sb = self.lqer
+            b = (qb.float().reshape(-1, LQER_GROUP) * sb.float()[:, None]).reshape(qb.shape)
+            w = w + (qa.float() * sa.float()) @ b
+        return w
 
 
 def row_scales(w: Tensor, bits: int, sigmas: float, hdiag: Tensor | None = None) -> Tensor:
-    """Per-row scale: clip at `sigmas` std devs, or the clip in CLIP_SEARCH x max|w| whose
-    round-to-nearest error (weighted by the input Hessian diagonal when known) is smallest."""
+    """Per-row step: k * std(row) / qmax (#1855's meaning of *_CLIP_SIGMAS; no cap at the row max), or, with
+    k = 0, the clip in CLIP_SEARCH x max|w| whose rounding error (Hessian-diagonal weighted) is smallest."""
     qmax = 2 ** (bits - 1) - 1
-    absmax = w.abs().amax(dim=1).clamp_min(1e-8)
     if sigmas > 0:
-        return (torch.minimum(sigmas * w.std(dim=1), absmax) / qmax).clamp_min(1e-8)
+        return (sigmas * w.std(dim=1) / qmax).clamp_min(1e-10)
+    absmax = w.abs().amax(dim=1).clamp_min(1e-8)
     wt = torch.ones(w.size(1), device=w.device) if hdiag is None else hdiag.clamp_min(1e-8)
     best_err, best = None, None
     for f in CLIP_SEARCH.tolist():
@@ -1536,81 +2310,158 @@ def quantize_rtn(w: Tensor, bits: int, sigmas: float, step: float = 1.0) -> QTen
     return QTensor((w / s[:, None]).round().clamp(-qmax, qmax).to(torch.int8), s.half(), bits)
 
 
-def quantize_gptq(w: Tensor, h: Tensor, bits: int, sigmas: float, step: float = 1.0) -> QTensor:
-    """GPTQ (Frantar et al. 2022): quantize columns in order of decreasing Hessian diagonal and push
-    each column's rounding error onto the not-yet-quantized columns via the inverse Hessian."""
+def quantize_int8_rows(w: Tensor) -> QTensor:
+    """Symmetric int8 per row at the row's absolute maximum (attention gates, #1736; crawler int8, #990)."""
+    w = w.float()
+    s = (w.abs().amax(dim=1) / 127).clamp_min(1e-10).half().float()
+    return QTensor((w / s[:, None]).round().clamp(-127, 127).to(torch.int8), s.half(), 8)
+
+
+def quantize_gptq(w: Tensor, h: Tensor, bits: int, sigmas: float, damp: float = 0.01, step: float = 1.0,
+                  hi_start: int = -1) -> QTensor:
+    """GPTQ (Frantar et al. 2022): quantize columns in order of decreasing Hessian diagonal and push each
+    column's rounding error onto the not-yet-quantized columns via the inverse Hessian. Columns
+    [hi_start, hi_start + 64) are AWQ-lite's salient group: int8 with their own row step (#1908)."""
     w, h = w.float().clone(), h.float().clone()
     qmax = 2 ** (bits - 1) - 1
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     s = (row_scales(w, bits, sigmas, torch.diag(h)) * step).half().float()
+    s_hi = (s * qmax / 127).half().float() if hi_start >= 0 else None
+    steps = s[:, None].expand_as(w).clone()
+    lim = torch.full((w.size(1),), float(qmax), device=w.device)
+    if hi_start >= 0:
+        steps[:, hi_start:hi_start + AWQ_GROUP] = s_hi[:, None]
+        lim[hi_start:hi_start + AWQ_GROUP] = 127
     perm = torch.argsort(torch.diag(h), descending=True)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += GPTQ_DAMP * torch.diag(h).mean() * torch.eye(h.size(0), device=h.device)
+    w, h, steps, lim = w[:, perm], h[perm][:, perm], steps[:, perm], lim[perm]
+    h += damp * torch.diag(h).mean() * torch.eye(h.size(0), device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
     for i0 in range(0, w.size(1), GPTQ_BLOCK):
         i1 = min(i0 + GPTQ_BLOCK, w.size(1))
         wb, err = w[:, i0:i1].clone(), torch.zeros(w.size(0), i1 - i0, device=w.device)
         for j in range(i1 - i0):
-            col = wb[:, j]
-            qc = (col / s).round().clamp(-qmax, qmax)
+            col, st, lj = wb[:, j], steps[:, i0 + j], lim[i0 + j]
+            qc = (col / st).round().clamp(-lj, lj)
             q[:, i0 + j] = qc
-            e = (col - qc * s) / hinv[i0 + j, i0 + j]
+            e = (col - qc * st) / hinv[i0 + j, i0 + j]
             wb[:, j:] -= e[:, None] * hinv[i0 + j, i0 + j:i1][None, :]
             err[:, j] = e
         w[:, i1:] -= err @ hinv[i0:i1, i1:]
     q = q[:, torch.argsort(perm)]
-    return QTensor(q.to(torch.int8), s.half(), bits)
+    return QTensor(q.to(torch.int8), s.half(), bits, hi_start, s_hi.half() if s_hi is not None else None)
 
 
-def collect_hessians(model: GPT, batches: list[Tensor], names: set[str], rt: Runtime) -> dict[str, Tensor]:
-    """Sum of X^T X over every call of each named linear (a crawler linear sees every loop's input),
-    summed over ranks."""
+def lqer_factors(err: Tensor, rank: int) -> tuple | None:
+    """Rank-r SVD of a quantization error, packed as #1797: left factor (singular values folded in) int2 in
+    [-2, 1] with one scale, right factor int4 in [-8, 7] in groups of 64 along its rows."""
+    if (err.size(1) * rank) % LQER_GROUP:
+        return None
+    u, sv, vh = torch.linalg.svd(err.float(), full_matrices=False)
+    a, b = u[:, :rank] * sv[:rank], vh[:rank]
+    sa = (a.abs().max() / 1.5).clamp_min(1e-10).half().float()
+    qa = (a / sa).round().clamp(-2, 1).to(torch.int8)
+    bg = b.reshape(-1, LQER_GROUP)
+    sb = (bg.abs().amax(dim=1) / 7.5).clamp_min(1e-10).half().float()
+    qb = (bg / sb[:, None]).round().clamp(-8, 7).to(torch.int8).reshape(b.shape)
+    return qa, sa.half().reshape(1), qb, sb.half()
+
+
+def add_lqer(qm: dict[str, "QTensor | Tensor"], sd: dict[str, Tensor], names: list[str], cfg: Config,
+             log: Logger) -> None:
+    """LQER (#1797): the LQER_TOP_K tensors with the largest quantization error get a low-rank correction."""
+    if not cfg.lqer_rank or not cfg.lqer_top_k:
+        return
+    errs = {n: sd[n].float() - qm[n].dequant() for n in names}
+    top = sorted(errs, key=lambda n: -float(errs[n].norm()))[:cfg.lqer_top_k]
+    for n in top:
+        qm[n].lqer = lqer_factors(errs[n], min(cfg.lqer_rank, min(errs[n].shape)))
+    log(f"lqer: rank:{cfg.lqer_rank} tensors:{','.join(top)}")
+
+
+def awq_groups(sd: dict[str, Tensor], hs: dict[str, Tensor], counts: dict[str, int], names: list[str],
+               n_groups: int) -> dict[str, int]:
+    """AWQ-lite (#1908): score every 64-column group of every candidate by activation RMS x mean |weight|
+    (RMS from the Hessian diagonal, sum x^2 / tokens) and promote the top AWQ_GROUPS groups overall."""
+    scored = []
+    for n in names:
+        w = sd[n].float()
+        if w.size(1) % AWQ_GROUP:
+            continue
+        sal = (torch.diag(hs[n]).float() / max(counts[n], 1)).sqrt() * w.abs().mean(dim=0)
+        for g, v in enumerate(sal.view(-1, AWQ_GROUP).sum(dim=1).tolist()):
+            scored.append((v, n, g * AWQ_GROUP))
+    return {n: start for _, n, start in sorted(scored, reverse=True)[:n_groups]}
+
+
+def collect_hessians(model: GPT, batches: list[Micro], names: set[str], rt: Runtime
+                     ) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Sum of X^T X (and the row count) over every call of each named linear, summed over ranks: a crawler
+    linear sees every loop's input; the tied embedding's Hessian is the head input (final-norm output, #1855)."""
     hs: dict[str, Tensor] = {}
-    mods = {n: m for n, m in model.named_modules() if n + ".weight" in names}
+    counts: dict[str, int] = collections.Counter()
+    mods = {n: m for n, m in model.named_modules() if n + ".weight" in names and isinstance(m, nn.Linear)}
 
-    def hook(name):
-        def fn(mod, inp, out):
-            x = inp[0].detach().float().reshape(-1, inp[0].size(-1))
-            if name not in hs:
-                hs[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
-            hs[name].addmm_(x.T, x)
-        return fn
+    def add(name: str, x: Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.size(-1))
+        if name not in hs:
+            hs[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
+        hs[name].addmm_(x.T, x)
+        counts[name] += x.size(0)
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: add(n + ".weight", inp[0])) for n, m in mods.items()]
     model.eval()
     with torch.no_grad(), rt.autocast():
-        for x in batches:
-            model(x)
+        for b in batches:
+            h = model.hidden(b.x, b.seg)
+            if "tok_emb.weight" in names:
+                add("tok_emb.weight", h)
     for h in handles:
         h.remove()
-    for n in sorted(mods):  # a fixed order: every rank must issue the same collectives
+    model.train()
+    for n in sorted(names):  # a fixed order: every rank must issue the same collectives
         if n not in hs:
-            hs[n] = torch.zeros(mods[n].in_features, mods[n].in_features, device=rt.device)
+            dim = sd_in_features(model, n)
+            hs[n] = torch.zeros(dim, dim, device=rt.device)
         all_reduce_(hs[n])
-    return {n + ".weight": h for n, h in hs.items()}
+    c = torch.tensor([counts[n] for n in sorted(names)], dtype=torch.float64, device=rt.device)
+    all_reduce_(c)
+    return hs, {n: int(v) for n, v in zip(sorted(names), c.tolist())}
 
 
-def _quantize_names(model: GPT, sd: dict[str, Tensor], names: list[str], hs: dict[str, Tensor] | None,
-                    cfg: Config, rt: Runtime, step: float = 1.0) -> dict[str, QTensor]:
+def sd_in_features(model: GPT, name: str) -> int:
+    return model.state_dict()[name].size(1)
+
+
+def quantize_one(w: Tensor, p: QuantPlan, h: Tensor | None, step: float, hi_start: int) -> QTensor:
+    k = step if p.bits == 6 else 1.0
+    if p.method == "int8row":
+        return quantize_int8_rows(w)
+    if p.method == "gptq" and h is not None:
+        return quantize_gptq(w, h, p.bits, p.clip_sigmas, p.damp, k, hi_start)
+    return quantize_rtn(w, p.bits, p.clip_sigmas, k)
+
+
+def quantize_names(sd: dict[str, Tensor], plans: dict[str, QuantPlan], names: list[str],
+                   hs: dict[str, Tensor] | None, rt: Runtime, step: float = 1.0,
+                   awq: dict[str, int] | None = None) -> dict[str, QTensor]:
     """Quantize `names`; rank r does every world_size-th tensor, then each is broadcast from its owner."""
     out = {}
     for i, n in enumerate(names):
-        p = quant_plan(n, sd[n], cfg)
-        bits, w = p.bits, sd[n].to(rt.device)
-        k = step if bits == GPTQ_BITS else 1.0
-        if i % rt.world_size == rt.rank:
-            qt = (quantize_gptq(w, hs[n], bits, p.clip_sigmas, k) if (p.method == "gptq" and hs is not None)
-                  else quantize_rtn(w, bits, p.clip_sigmas, k))
+        w, owner = sd[n].to(rt.device), i % rt.world_size
+        hi = (awq or {}).get(n, -1)
+        if owner == rt.rank:
+            qt = quantize_one(w, plans[n], hs.get(n) if hs else None, step, hi)
         else:
             qt = QTensor(torch.empty(w.shape, dtype=torch.int8, device=rt.device),
-                         torch.empty(w.size(0), dtype=torch.float16, device=rt.device), bits)
+                         torch.empty(w.size(0), dtype=torch.float16, device=rt.device), plans[n].bits, hi,
+                         torch.empty(w.size(0), dtype=torch.float16, device=rt.device) if hi >= 0 else None)
         if rt.world_size > 1:
-            dist.broadcast(qt.q, src=i % rt.world_size)
-            dist.broadcast(qt.scale, src=i % rt.world_size)
-        out[n] = QTensor(qt.q.cpu(), qt.scale.cpu(), bits)
+            for t in (qt.q, qt.scale) + ((qt.hi_scale,) if hi >= 0 else ()):
+                dist.broadcast(t, src=owner)
+        out[n] = QTensor(qt.q.cpu(), qt.scale.cpu(), qt.bits, hi, qt.hi_scale.cpu() if hi >= 0 else None)
     return out
 
 
@@ -1620,7 +2471,7 @@ HEADER_ALLOWANCE = 16_384  # JSON header and container bytes
 
 def entropy_bytes(q: Tensor) -> float:
     """Order-0 entropy of integer symbols in bytes. With fp16 counted at 2 bytes this bounds the packed size
-    from above: 0.1% over brotli on the full-size model, ~7% over on tiny ones where fp16 tensors dominate."""
+    from above (ZPAQ/brotli land within ~1% of it on int6 symbols)."""
     counts = torch.bincount(q.flatten().long() + 128)
     p = counts[counts > 0].double() / q.numel()
     return float(-(p * p.log2()).sum()) * q.numel() / 8
@@ -1647,22 +2498,22 @@ def fit_step(mats: list[tuple[Tensor, Tensor]], bits: int, budget: float) -> flo
     return hi
 
 
-def choose_step(sd: dict[str, Tensor], plan: dict, hs: dict[str, Tensor] | None, other: dict, cfg: Config,
+def choose_step(sd: dict[str, Tensor], plans: dict[str, QuantPlan], hs: dict[str, Tensor] | None, cfg: Config,
                 code_bytes: int, rt: Runtime, log: Logger) -> float:
-    """Rate control: estimate the artifact from symbol entropies; if it would exceed the cap, widen the
-    int6 steps of every 6-bit matrix by one common factor so that it fits."""
-    six = [n for n, p in plan.items() if p.bits == GPTQ_BITS]
+    """Rate control: estimate the artifact from symbol entropies; if it would exceed the cap, widen the int6
+    steps of every 6-bit matrix by one common factor so that it fits."""
+    six = [n for n, p in plans.items() if p.bits == 6]
     if not cfg.artifact_fit or not six:
         return 1.0
     mats = []
     for n in six:
         w = sd[n].to(rt.device)
         hd = torch.diag(hs[n]) if (hs is not None and n in hs) else None
-        mats.append((w, row_scales(w, GPTQ_BITS, plan[n].clip_sigmas, hd)))
-    fixed = sum(entropy_bytes(v.q) + 2 * v.scale.numel() if isinstance(v, QTensor) else 2 * v.numel()
-                for v in other.values()) + sum(2 * sd[n].size(0) for n in six) + HEADER_ALLOWANCE
+        mats.append((w, row_scales(w, 6, plans[n].clip_sigmas, hd)))
+    fixed = sum(other_entropy_bytes(sd[n], p) for n, p in plans.items() if p.bits != 6)
+    fixed += sum(2 * sd[n].size(0) for n in six) + HEADER_ALLOWANCE
     budget = cfg.artifact_limit_bytes * (1 - ARTIFACT_MARGIN) - code_bytes - fixed
-    step = fit_step(mats, GPTQ_BITS, budget) if budget > 0 else None
+    step = fit_step(mats, 6, budget) if budget > 0 else None
     if step is None:
         log(f"artifact_fit: cannot fit {cfg.artifact_limit_bytes} bytes (code {code_bytes}, other tensors "
             f"{fixed:.0f}); keeping the native int6 steps")
@@ -1672,51 +2523,68 @@ def choose_step(sd: dict[str, Tensor], plan: dict, hs: dict[str, Tensor] | None,
     return step
 
 
-def quantize_model(model: GPT, cfg: Config, rt: Runtime, batches: list[Tensor], log: Logger,
+def other_entropy_bytes(t: Tensor, p: QuantPlan) -> float:
+    """Estimated bytes of a tensor that is not int6: fp16 at 2 bytes, other ints by their RTN entropy."""
+    if p.method == "fp16":
+        return 2 * t.numel()
+    return entropy_bytes(quantize_rtn(t, p.bits, p.clip_sigmas).q) + 2 * t.size(0)
+
+
+@dataclass
+class Calibration:
+    """Hessians (phase 1, all quantized linears) and token counts from training batches."""
+    hs: dict[str, Tensor]
+    counts: dict[str, int]
+    batches: list[Micro]
+
+
+def quantize_model(model: GPT, cfg: Config, rt: Runtime, batches: list[Micro], log: Logger,
                    code_bytes: int = 0) -> dict[str, QTensor | Tensor]:
-    """Quantize every tensor of the model. Loop-aware: flat layers first from phase-1 Hessians, patch
-    them in, then collect the crawler's Hessians through the quantized flat layers (phase 2)."""
+    """Quantize every tensor. Loop-aware: flat layers first from phase-1 Hessians, patch them in, then collect
+    the crawler's Hessians through the quantized flat layers (phase 2). LQER corrects the worst tensors last."""
     model.set_active_loops(cfg.n_loops)
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    plan = {n: quant_plan(n, t, cfg) for n, t in sd.items()}
-    gptq_names = sorted(n for n, p in plan.items() if p.method == "gptq")
-    crawler = [n for n in gptq_names if n.startswith("crawler.")]
-    flat = [n for n in gptq_names if not n.startswith("crawler.")]
-    hs = collect_hessians(model, batches, set(gptq_names), rt) if gptq_names else None
-    two_phase = cfg.loop_aware_gptq and crawler and flat and hs is not None
-    log(f"gptq:phase1 hessians:{len(gptq_names)} samples:{cfg.gptq_cal_samples} loop_aware:{int(bool(two_phase))}")
-    rest = sorted(n for n, p in plan.items() if p.method == "rtn" and p.bits != GPTQ_BITS)
-    out: dict[str, QTensor | Tensor] = dict(_quantize_names(model, sd, rest, None, cfg, rt))
-    out |= {n: sd[n].half() for n, p in plan.items() if p.method == "fp16"}
-    step = choose_step(sd, plan, hs, out, cfg, code_bytes, rt, log)
-    six_rtn = sorted(n for n, p in plan.items() if p.method == "rtn" and p.bits == GPTQ_BITS)  # SKIP_GPTQ=1
-    out |= _quantize_names(model, sd, six_rtn, None, cfg, rt, step)
-    out |= _quantize_names(model, sd, flat if two_phase else gptq_names, hs, cfg, rt, step)
+    plans = {n: quant_plan(n, t, cfg) for n, t in sd.items()}
+    gptq = sorted(n for n, p in plans.items() if p.method == "gptq")
+    hs, counts = collect_hessians(model, batches, set(gptq), rt) if gptq else ({}, {})
+    crawler = [n for n in gptq if is_crawler(n, cfg)]
+    flat = [n for n in gptq if not is_crawler(n, cfg)]
+    two_phase = bool(cfg.loop_aware_gptq and crawler and flat)
+    log(f"gptq:phase1 hessians:{len(gptq)} samples:{cfg.gptq_cal_samples} loop_aware:{int(two_phase)}")
+    awq = awq_groups(sd, hs, counts, [n for n in gptq if plans[n].extras], cfg.awq_groups) if cfg.awq_groups else {}
+    if awq:
+        log("awq_lite: " + ",".join(f"{n}[{s}:{s + AWQ_GROUP}]" for n, s in awq.items()))
+    out: dict[str, QTensor | Tensor] = {n: sd[n].half() for n, p in plans.items() if p.method == "fp16"}
+    step = choose_step(sd, plans, hs, cfg, code_bytes, rt, log)
+    rest = sorted(n for n, p in plans.items() if p.method in ("rtn", "int8row"))
+    out |= quantize_names(sd, plans, rest, None, rt, step)
+    out |= quantize_names(sd, plans, flat if two_phase else gptq, hs, rt, step, awq)
     if two_phase:
-        hs2 = crawler_hessians_through_quantized_flat(model, out, flat, crawler, hs, batches, rt, log)
-        out |= _quantize_names(model, sd, crawler, hs2, cfg, rt, step)
+        hs2, _ = crawler_hessians_through_quantized_flat(model, out, flat, crawler, hs, batches, rt, log)
+        out |= quantize_names(sd, plans, crawler, hs2, rt, step, awq)
+    add_lqer(out, sd, sorted(n for n in gptq + rest if plans[n].extras and isinstance(out[n], QTensor)), cfg, log)
     return out
 
 
 def crawler_hessians_through_quantized_flat(model: GPT, out: dict, flat: list[str], crawler: list[str],
-                                            hs: dict[str, Tensor], batches: list[Tensor], rt: Runtime,
-                                            log: Logger) -> dict[str, Tensor]:
-    """Loop-aware phase 2 (#1283): with the flat layers temporarily replaced by their quantized weights,
-    the shared crawler block's Hessians are collected again, so it is quantized for the activations it
-    will really see. The model's own weights are restored afterwards."""
+                                            hs: dict[str, Tensor], batches: list[Micro], rt: Runtime,
+                                            log: Logger) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Loop-aware phase 2 (#1283): with the flat layers temporarily replaced by their quantized weights, the
+    shared crawler blocks' Hessians are collected again, so they are quantized for the activations they will
+    really see. The model's own weights are restored afterwards."""
     live = model.state_dict()
     saved = {n: live[n].detach().clone() for n in flat}
     with torch.no_grad():
         for n in flat:
             live[n].copy_(out[n].dequant().to(live[n].dtype))
-    hs2 = collect_hessians(model, batches, set(crawler), rt)
+    hs2, counts = collect_hessians(model, batches, set(crawler), rt)
     with torch.no_grad():
         for n in flat:
             live[n].copy_(saved[n])
     shift = max((hs2[n] - hs[n]).norm().item() / hs[n].norm().clamp_min(1e-12).item() for n in crawler)
     log(f"gptq:phase2 crawler_hessians:{len(crawler)} through quantized flat layers:{len(flat)} "
         f"max_rel_change:{shift:.4f}")
-    return hs2
+    return hs2, counts
 
 
 def dequantize_state(qm: dict[str, QTensor | Tensor]) -> dict[str, Tensor]:
@@ -1727,32 +2595,42 @@ def dequantize_state(qm: dict[str, QTensor | Tensor]) -> dict[str, Tensor]:
 # Packing: one self-describing artifact, and the counted code wrapper
 # =============================================================================================
 
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGCRAWL\x00", 1
-COMPRESSORS = ("brotli", "zstd", "lzma")
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGCRAWL\x00", 2
+STREAM_CODECS = ("brotli", "zstd", "lzma", "zpaq")
+# Per-group packing (#1855): the int codes of one role (all layers' c_q, all mlp.fc, ...) are one stream, laid
+# out column by column; the rows of the roles below are first reordered so similar rows sit together.
+PACK_ROLES = ("tok_emb", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "delta")
+SORTED_ROLES = ("tok_emb", "attn.c_q", "mlp.fc")
 
 
 class ArtifactError(ValueError):
     pass
 
 
-def _compress(data: bytes, kind: str) -> bytes:
-    if kind == "brotli":
+def compress(data: bytes, codec: str) -> bytes:
+    if codec == "brotli":
         import brotli
         return brotli.compress(data, quality=11, lgwin=24)
-    if kind == "zstd":
+    if codec == "zstd":
         import zstandard
         return zstandard.ZstdCompressor(level=22).compress(data)
+    if codec == "zpaq":
+        import zpaq
+        return zpaq.compress(data, 5, threads=1)  # one block: the best ratio (ZPAQ max, as #1855's lrzip -z)
     import lzma
     return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
 
 
-def _decompress(data: bytes, kind: str) -> bytes:
-    if kind == "brotli":
+def decompress(data: bytes, codec: str) -> bytes:
+    if codec == "brotli":
         import brotli
         return brotli.decompress(data)
-    if kind == "zstd":
+    if codec == "zstd":
         import zstandard
         return zstandard.ZstdDecompressor().decompress(data)
+    if codec == "zpaq":
+        import zpaq
+        return zpaq.decompress(data)
     import lzma
     return lzma.decompress(data)
 
@@ -1768,70 +2646,215 @@ def byte_unshuffle(raw: bytes, width: int) -> bytes:
     return a.reshape(width, -1).T.copy().tobytes() if width > 1 else raw
 
 
-def pack_artifact(qm: dict[str, QTensor | Tensor], cfg: Config, compressor: str) -> bytes:
-    """magic | u16 version | u8 compressor | u32 crc32 | u64 payload length | compressed payload.
-    Payload: u32 header length | JSON header (config, tensor table) | int8 region | shuffled fp16 region."""
-    import zlib
+def similarity_order(q: Tensor) -> Tensor:
+    """Greedy nearest-neighbour chain over rows by L1 distance of their codes (#1855): start at row 0, always
+    append the unused row closest to the last one. Neighbouring rows then share statistics for the coder."""
+    x = q.float().to("cuda" if torch.cuda.is_available() else "cpu")
+    n = x.size(0)
+    used = torch.zeros(n, dtype=torch.bool, device=x.device)
+    order, last = [0], 0
+    used[0] = True
+    for _ in range(n - 1):
+        d = (x - x[last]).abs().sum(dim=1).masked_fill(used, float("inf"))
+        last = int(d.argmin())
+        order.append(last)
+        used[last] = True
+    return torch.tensor(order, dtype=torch.int64)
 
-    ints, halves, table = [], [], []
-    for name in sorted(qm):
-        v = qm[name]
-        if isinstance(v, QTensor):
-            ints.append(v.q.numpy().tobytes())
-            halves.append(v.scale.numpy().astype("<f2").tobytes())
-            table.append({"name": name, "kind": "q", "shape": list(v.q.shape), "bits": v.bits})
-        else:
+
+@dataclass(frozen=True)
+class PackPlan:
+    """How the quantized state is laid out: which tensors' codes form each role stream (in order), whose rows
+    are similarity-sorted, and the codecs a role stream may use (the smaller result is kept; ZPAQ wins on
+    large streams, brotli on small ones). The remainder and the row orders use brotli."""
+    groups: dict[str, list[str]]
+    sorted_rows: frozenset
+    codec: str
+
+    @classmethod
+    def build(cls, qm: dict, compressor: str) -> "PackPlan":
+        if compressor != "pergroup":
+            return cls({}, frozenset(), compressor)
+        groups: dict[str, list[str]] = {r: [] for r in PACK_ROLES}
+        for name in sorted(qm, key=layer_order):
+            role = tensor_role(name)
+            if role in groups and isinstance(qm[name], QTensor) and qm[name].bits <= 7:
+                groups[role].append(name)
+        sorted_rows = frozenset(n for r in SORTED_ROLES for n in groups[r] if qm[n].q.size(0) <= 65535)
+        return cls({r: v for r, v in groups.items() if v}, sorted_rows, "zpaq,brotli")
+
+
+def tensor_role(name: str) -> str | None:
+    if name == "tok_emb.weight":
+        return "tok_emb"
+    parts = name.split(".")
+    if parts[0] == "delta":
+        return "delta"
+    return ".".join(parts[-3:-1]) if parts[0] == "blocks" and len(parts) >= 4 else None
+
+
+def layer_order(name: str) -> tuple:
+    parts = name.split(".")
+    return (int(parts[1]) if parts[0] == "blocks" else -1, name)
+
+
+def tensor_entry(name: str, v: "QTensor | Tensor", where: dict[str, dict]) -> dict:
+    """The table row of one tensor; `where` gives a grouped tensor's stream, byte offset and row-order offset."""
+    if not isinstance(v, QTensor):
+        return {"name": name, "kind": "f16", "shape": list(v.shape)}
+    e = {"name": name, "kind": "q", "shape": list(v.q.shape), "bits": v.bits, "hi_start": v.hi_start}
+    if v.lqer is not None:
+        e["lqer"] = [list(v.lqer[0].shape), list(v.lqer[2].shape)]
+    return e | where.get(name, {"group": None})
+
+
+def remainder_parts(table: list[dict], qm: dict) -> tuple[bytes, bytes]:
+    """(int8 region, fp16 region) of everything not in a role stream, in table order."""
+    ints, halves = [], []
+    for e in table:
+        v = qm[e["name"]]
+        if e["kind"] == "f16":
             halves.append(v.numpy().astype("<f2").tobytes())
-            table.append({"name": name, "kind": "f16", "shape": list(v.shape)})
-    header = json.dumps({"format": "parameter-golf flat+crawler int-quantized", "version": ARTIFACT_VERSION,
-                         "config": dataclasses.asdict(cfg), "tensors": table}, separators=(",", ":")).encode()
-    body = b"".join(ints) + byte_shuffle(b"".join(halves), 2)
-    payload = _compress(len(header).to_bytes(4, "little") + header + body, compressor)
-    return (ARTIFACT_MAGIC + ARTIFACT_VERSION.to_bytes(2, "little") + bytes([COMPRESSORS.index(compressor)])
-            + zlib.crc32(payload).to_bytes(4, "little") + len(payload).to_bytes(8, "little") + payload)
+            continue
+        if e["group"] is None:
+            ints.append(v.q.numpy().tobytes())
+        halves.append(v.scale.numpy().astype("<f2").tobytes())
+        if v.hi_start >= 0:
+            halves.append(v.hi_scale.numpy().astype("<f2").tobytes())
+        if v.lqer is not None:
+            qa, sa, qb, sb = v.lqer
+            ints += [qa.numpy().tobytes(), qb.numpy().tobytes()]
+            halves += [sa.numpy().astype("<f2").tobytes(), sb.numpy().astype("<f2").tobytes()]
+    return b"".join(ints), b"".join(halves)
 
 
-def unpack_artifact(blob: bytes) -> tuple[Config, dict[str, QTensor | Tensor]]:
+def role_streams(qm: dict, plan: PackPlan) -> tuple[list[tuple[str, bytes]], bytes, dict[str, dict]]:
+    """The codes of each role, each tensor (rows sorted if planned) written column by column (#1855); the row
+    orders as uint16; and where each tensor sits (stream, byte offset, order offset)."""
+    streams, orders, where, n_orders = [], [], {}, 0
+    for g, names in plan.groups.items():
+        out, at = [], 0
+        for n in names:
+            q = qm[n].q
+            where[n] = {"group": g, "at": at, "order_at": -1}
+            if n in plan.sorted_rows:
+                order = similarity_order(q)
+                orders.append(order)
+                where[n]["order_at"], n_orders = n_orders, n_orders + order.numel()
+                q = q[order]
+            out.append(q.T.contiguous().numpy().tobytes())
+            at += q.numel()
+        streams.append((g, b"".join(out)))
+    order_bytes = torch.cat(orders).numpy().astype("<u2").tobytes() if orders else b""
+    return streams, order_bytes, where
+
+
+def pack_artifact(qm: dict[str, QTensor | Tensor], cfg: Config, compressor: str) -> bytes:
+    """magic | u16 version | u32 crc32 | u64 length | payload. Payload: u32 header length | JSON header
+    (config, pack plan, tensor table, stream lengths) | streams: one per role (its codec), the remainder
+    (int8 region + byte-shuffled fp16 region) and the row orders (uint16), each compressed."""
     import zlib
 
-    if len(blob) < 23 or blob[:8] != ARTIFACT_MAGIC:
+    plan = PackPlan.build(qm, compressor)
+    roles, order_bytes, where = role_streams(qm, plan)
+    table = [tensor_entry(n, qm[n], where) for n in sorted(qm)]
+    ints, halves = remainder_parts(table, qm)
+    rest_codec = compressor if compressor != "pergroup" else "brotli"
+    streams = [(g, plan.codec, raw) for g, raw in roles]
+    streams += [("remainder", rest_codec, ints + byte_shuffle(halves, 2)), ("orders", "brotli", order_bytes)]
+    packed = [(name,) + smallest(raw, codecs.split(",")) for name, codecs, raw in streams]
+    header = compress(json.dumps({
+        "format": "parameter-golf flat+crawler int-quantized", "version": ARTIFACT_VERSION,
+        "config": dataclasses.asdict(cfg), "tensors": table, "ints": len(ints),
+        "streams": [[n, c, len(b), len(raw)] for (n, c, b), (_, _, raw) in zip(packed, streams)]},
+        separators=(",", ":")).encode(), "brotli")
+    payload = len(header).to_bytes(4, "little") + header + b"".join(b for _, _, b in packed)
+    return (ARTIFACT_MAGIC + ARTIFACT_VERSION.to_bytes(2, "little") + zlib.crc32(payload).to_bytes(4, "little")
+            + len(payload).to_bytes(8, "little") + payload)
+
+
+def smallest(raw: bytes, codecs: list[str]) -> tuple[str, bytes]:
+    """(codec, bytes) of the codec that compresses `raw` best."""
+    return min(((c, compress(raw, c)) for c in codecs), key=lambda cb: len(cb[1]))
+
+
+def read_container(blob: bytes) -> tuple[dict, dict[str, bytes]]:
+    """Check the container and decompress its streams (role streams in parallel threads)."""
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(blob) < 22 or blob[:8] != ARTIFACT_MAGIC:
         raise ArtifactError("not a flat+crawler artifact (bad magic)")
     version = int.from_bytes(blob[8:10], "little")
     if version != ARTIFACT_VERSION:
         raise ArtifactError(f"artifact format version {version}; this script reads {ARTIFACT_VERSION}")
-    comp, crc, n = COMPRESSORS[blob[10]], int.from_bytes(blob[11:15], "little"), int.from_bytes(blob[15:23], "little")
-    payload = blob[23:]
+    crc, n, payload = int.from_bytes(blob[10:14], "little"), int.from_bytes(blob[14:22], "little"), blob[22:]
     if len(payload) != n:
         raise ArtifactError(f"artifact truncated: payload is {len(payload)} bytes, header says {n}")
     if zlib.crc32(payload) != crc:
         raise ArtifactError("artifact corrupted: checksum mismatch")
-    raw = _decompress(payload, comp)
-    hlen = int.from_bytes(raw[:4], "little")
-    header = json.loads(raw[4:4 + hlen])
-    cfg = config_from_dict(header["config"])
-    n_int = sum(math.prod(t["shape"]) for t in header["tensors"] if t["kind"] == "q")
-    ints = np.frombuffer(raw, dtype=np.int8, count=n_int, offset=4 + hlen)
-    halves = np.frombuffer(byte_unshuffle(raw[4 + hlen + n_int:], 2), dtype="<f2")
-    out, io, ho = {}, 0, 0
-    for t in header["tensors"]:
-        shape, k = t["shape"], math.prod(t["shape"])
-        if t["kind"] == "q":
-            q = torch.from_numpy(ints[io:io + k].copy()).view(shape)
-            out[t["name"]] = QTensor(q, torch.from_numpy(halves[ho:ho + shape[0]].copy()), t["bits"])
-            io, ho = io + k, ho + shape[0]
+    hlen = int.from_bytes(payload[:4], "little")
+    header, pos, jobs = json.loads(decompress(payload[4:4 + hlen], "brotli")), 4 + hlen, []
+    for name, codec, size, _ in header["streams"]:
+        jobs.append((name, codec, payload[pos:pos + size]))
+        pos += size
+    with ThreadPoolExecutor(max(1, len(jobs))) as ex:
+        raw = dict(zip([j[0] for j in jobs], ex.map(lambda j: decompress(j[2], j[1]), jobs)))
+    return header, raw
+
+
+def unpack_artifact(blob: bytes) -> tuple[Config, dict[str, QTensor | Tensor]]:
+    header, raw = read_container(blob)
+    table, rest = header["tensors"], raw["remainder"]
+    ints = np.frombuffer(rest, dtype=np.int8, count=header["ints"])
+    halves = np.frombuffer(byte_unshuffle(rest[header["ints"]:], 2), dtype="<f2")
+    orders = np.frombuffer(raw["orders"], dtype="<u2").astype(np.int64)
+    cur = {"i": 0, "h": 0}
+
+    def take(kind: str, arr: np.ndarray, k: int) -> np.ndarray:
+        out = arr[cur[kind]:cur[kind] + k].copy()
+        cur[kind] += k
+        return out
+
+    out: dict[str, QTensor | Tensor] = {}
+    for e in table:
+        shape, k = e["shape"], math.prod(e["shape"])
+        if e["kind"] == "f16":
+            out[e["name"]] = torch.from_numpy(take("h", halves, k)).view(shape)
+            continue
+        if e["group"] is None:
+            q = torch.from_numpy(take("i", ints, k)).view(shape)
         else:
-            out[t["name"]] = torch.from_numpy(halves[ho:ho + k].copy()).view(shape)
-            ho += k
-    return cfg, out
+            codes = np.frombuffer(raw[e["group"]], dtype=np.int8, count=k, offset=e["at"]).reshape(shape[1], shape[0])
+            q = torch.from_numpy(codes.T.copy())
+            if e["order_at"] >= 0:
+                order = torch.from_numpy(orders[e["order_at"]:e["order_at"] + shape[0]].copy())
+                q = torch.empty_like(q).index_copy_(0, order, q)
+        scale = torch.from_numpy(take("h", halves, shape[0]))
+        hi = torch.from_numpy(take("h", halves, shape[0])) if e["hi_start"] >= 0 else None
+        lqer = None
+        if "lqer" in e:
+            (ra, ca), (rb, cb) = e["lqer"]
+            qa = torch.from_numpy(take("i", ints, ra * ca)).view(ra, ca)
+            qb = torch.from_numpy(take("i", ints, rb * cb)).view(rb, cb)
+            lqer = (qa, torch.from_numpy(take("h", halves, 1)), qb,
+                    torch.from_numpy(take("h", halves, rb * cb // LQER_GROUP)))
+        out[e["name"]] = QTensor(q, scale, e["bits"], e["hi_start"], hi, lqer)
+    return config_from_dict(header["config"]), out
 
 
 def load_artifact_model(path: str | Path, rt: Runtime) -> tuple[Config, GPT]:
     """Rebuild the model from the artifact alone, as a reviewer would."""
     cfg, qm = unpack_artifact(Path(path).read_bytes())
+    return cfg, model_from_quantized(cfg, qm, rt)
+
+
+def model_from_quantized(cfg: Config, qm: dict, rt: Runtime) -> GPT:
     model = GPT(cfg, rt.attn).to(rt.device)
     sd = model.state_dict()
     model.load_state_dict({k: v.to(sd[k].dtype) for k, v in dequantize_state(qm).items()})
-    return cfg, model
+    model.set_active_loops(cfg.n_loops)
+    return model
 
 
 def minify_source(src: str) -> str:
@@ -1857,7 +2880,7 @@ def counted_code(src: str) -> bytes:
 
 
 # =============================================================================================
-# Evaluation: exact BPB from the artifact, windowed scoring, phased score-first TTT
+# Evaluation: exact BPB from the artifact, windowed scoring, phased score-first TTT, the budget plan
 # =============================================================================================
 
 ScoreHook = typing.Callable[[Tensor, Tensor], None]  # (absolute target indices, nll) of scored tokens
@@ -1905,8 +2928,9 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int
 
 
 def eval_windows(model: nn.Module, val: ValidationData, seq_len: int, stride: int, batch_tokens: int, rt: Runtime,
-                 hook: ScoreHook | None = None) -> EvalSums:
-    """Windowed scoring split across ranks; exact sums all-reduced."""
+                 doc_masked: bool = False, hook: ScoreHook | None = None) -> EvalSums:
+    """Windowed scoring split across ranks; exact sums all-reduced. With document masking a window's tokens
+    attend only within their own document, as in training."""
     wins = sliding_windows(val.tokens.numel() - 1, seq_len, stride)[rt.rank::rt.world_size]
     per_batch = max(1, batch_tokens // seq_len)
     sums = EvalSums()
@@ -1918,9 +2942,11 @@ def eval_windows(model: nn.Module, val: ValidationData, seq_len: int, stride: in
             i += len(group)
             length = group[0][1]
             idx = torch.tensor([w[0] for w in group])[:, None] + torch.arange(length + 1)[None]
-            chunk = val.tokens[idx].to(rt.device)
+            chunk = val.tokens[idx]
+            seg = make_segments(chunk[:, :-1], val.bos_id, seq_len, rt.device) if doc_masked else None
+            chunk = chunk.to(rt.device)
             with rt.autocast():
-                nll = token_losses(model, chunk[:, :-1], chunk[:, 1:]).float().cpu()
+                nll = model(chunk[:, :-1], chunk[:, 1:], seg).float().cpu()
             keep = torch.arange(length)[None] >= torch.tensor([w[2] for w in group])[:, None]
             tgt = idx[:, 1:][keep]
             sums.add(nll[keep], val.token_bytes[tgt])
@@ -1930,187 +2956,334 @@ def eval_windows(model: nn.Module, val: ValidationData, seq_len: int, stride: in
     return sums.reduce(rt)
 
 
-def evaluate_val(model: nn.Module, val: ValidationData, seq_len: int, batch_tokens: int, rt: Runtime) -> tuple[float, float]:
-    s = eval_windows(model, val, seq_len, seq_len, batch_tokens, rt)
+def evaluate_val(model: nn.Module, val: ValidationData, cfg: Config, rt: Runtime) -> tuple[float, float]:
+    s = eval_windows(model, val, cfg.eval_seq_len, cfg.eval_seq_len, cfg.val_batch_tokens // rt.world_size, rt,
+                     cfg.doc_masked_attn)
     return s.loss, s.bpb
 
 
-class BatchedLoRA(nn.Module):
-    """One low-rank adapter per document of a batch, on every Q/K/V/O/MLP linear and the head. A starts
-    from a fixed random draw (the same for every document), B from zero, so the model starts unchanged."""
-
-    def __init__(self, shapes: dict[str, tuple[int, int]], batch: int, rank: int, device: torch.device, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.keys = {k: k.replace(".", "_") for k in shapes}
-        self.a = nn.ParameterDict({self.keys[k]: nn.Parameter(
-            (torch.randn(i, rank, generator=g) / math.sqrt(i)).expand(batch, i, rank).contiguous().to(device))
-            for k, (i, o) in shapes.items()})
-        self.b = nn.ParameterDict({self.keys[k]: nn.Parameter(torch.zeros(batch, rank, o, device=device))
-                                   for k, (i, o) in shapes.items()})
-
-    def forward(self, key: str, x: Tensor) -> Tensor | None:
-        k = self.keys.get(key)
-        if k is None:
-            return None
-        return (x @ self.a[k].to(x.dtype)) @ self.b[k].to(x.dtype)
+# ------------------------------------------------------------------------------------- test-time training
 
 
-def lora_shapes(model: GPT) -> dict[str, tuple[int, int]]:
-    shapes = {"head": (model.cfg.model_dim, model.cfg.vocab_size)}
-    for blk in [*model.encoder, *model.crawler, *model.decoder]:
-        a, m = blk.attn, blk.mlp
-        for name, lin_ in (("q", a.c_q), ("k", a.c_k), ("v", a.c_v), ("o", a.proj), ("fc", m.fc), ("mlp_proj", m.proj)):
-            shapes[f"{blk.idx}.{name}"] = (lin_.in_features, lin_.out_features)
-    return shapes
+def lora_shapes(cfg: Config, mask: str) -> dict[str, tuple[int, int]]:
+    """Adapter sites at full crawler depth: per block application (slot), K and the O / MLP bypasses, plus Q
+    and V unless TTT_MASK=no_qv (#1953); one adapter on the tied head."""
+    d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+    names = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}
+    if mask == "no_qv":
+        names = {k: v for k, v in names.items() if k not in ("q", "v")}
+    shapes = {f"{slot}.{n}": s for slot in range(len(application_plan(cfg, cfg.n_loops))) for n, s in names.items()}
+    return shapes | {"head": (d, cfg.vocab_size)}
 
 
 def document_spans(tokens: Tensor, bos_id: int) -> list[tuple[int, int]]:
-    """(start, end) of each document: tokens[start] is BOS, targets are tokens[start+1:end]."""
+    """(start, end) of each document: tokens[start] is its BOS and its targets are tokens[start+1:end+1], up to
+    and including the next document's BOS (#1736): every target of the stream belongs to exactly one
+    document, as in the windowed modes."""
     starts = torch.nonzero(tokens == bos_id).flatten().tolist()
-    ends = starts[1:] + [tokens.numel()]
-    return [(s, e) for s, e in zip(starts, ends) if e - s >= 2]
+    ends = starts[1:] + [tokens.numel() - 1]
+    return [(s, e) for s, e in zip(starts, ends) if e > s]
 
 
-def ttt_score_batch(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg: Config, rt: Runtime,
-                    adapt: bool, hook: ScoreHook | None) -> EvalSums:
-    """Score a batch of documents chunk by chunk; after a chunk is scored, one optimizer step on that
-    chunk adapts the document's own LoRA for the chunks after it (score first, then adapt)."""
-    B, C, L = len(docs), cfg.ttt_chunk_size, cfg.eval_seq_len
-    n = [e - s - 1 for s, e in docs]  # targets per document
-    lora = BatchedLoRA(lora_shapes(model), B, cfg.ttt_lora_rank, rt.device, cfg.seed)
-    opt = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lr, betas=(0.0, 0.999), weight_decay=cfg.ttt_weight_decay)
+@dataclass(frozen=True)
+class TTTSchedule:
+    """Batches of similar-length documents in processing order (longest first, #1736), each assigned to a rank
+    by its exact token-pass cost, and the batch indices after which a global SGD phase runs."""
+    batches: list[list[tuple[int, int]]]
+    owner: list[int]
+    phase_ends: list[int]  # a phase runs after batches[:i] for each i here
+    phase_docs: list[int]  # ... training on that many of the first scored documents
+
+
+def chunk_size_for(cfg: Config, longest: int) -> int:
+    """#2014: batches of short documents take smaller chunks (more score-then-adapt steps per document)."""
+    return next((c for limit, c in cfg.short_chunks if longest <= limit), cfg.ttt_chunk_size)
+
+
+def batch_cost(docs: list[tuple[int, int]], cfg: Config) -> int:
+    """Token positions the batch's forwards process: each chunk runs only the rows still active, each as wide
+    as its window (finished documents are skipped, windows stay within the document)."""
+    n = [e - s for s, e in docs]
+    c, L = chunk_size_for(cfg, max(n)), cfg.eval_seq_len
+    total = 0
+    for k in range(math.ceil(max(n) / c)):
+        widths = [min((k + 1) * c, p) - max(0, min((k + 1) * c, p) - L) for p in n if k * c < p]
+        total += len(widths) * max(widths)
+    return total
+
+
+def ttt_schedule(docs: list[tuple[int, int]], cfg: Config, world: int, phases: int, prefix: int) -> TTTSchedule:
+    order = sorted(docs, key=lambda d: d[1] - d[0])
+    batches = [order[i:i + cfg.ttt_batch_docs] for i in range(0, len(order), cfg.ttt_batch_docs)][::-1]
+    prefix = min(prefix, len(docs)) if phases else 0
+    bounds = [prefix * (k + 1) // phases for k in range(phases)] if prefix else []
+    seen, ends = np.cumsum([len(b) for b in batches]), []
+    for b in bounds:
+        ends.append(int(np.searchsorted(seen, b)) + 1)
+    owner, segs = [0] * len(batches), [0] + ends + [len(batches)]
+    for a, z in zip(segs, segs[1:]):  # balance each segment between phases separately
+        load = [0] * world
+        for i in sorted(range(a, z), key=lambda j: -batch_cost(batches[j], cfg)):
+            r = load.index(min(load))
+            owner[i], load[r] = r, load[r] + batch_cost(batches[i], cfg)
+    return TTTSchedule(batches, owner, ends, bounds)
+
+
+def chunk_rows(val: ValidationData, docs: list[tuple[int, int]], k: int, c: int, L: int):
+    """Inputs, targets, score mask and target indices of chunk k for the documents that still have targets
+    there, each row its own document's window (position 0 = the window start)."""
+    n = [e - s for s, e in docs]
+    rows = [i for i, p in enumerate(n) if k * c < p]
+    ends = [min((k + 1) * c, n[i]) for i in rows]
+    starts = [max(0, e - L) for e in ends]
+    T = max(e - s for s, e in zip(starts, ends))
+    x, y, tgt = (torch.zeros(len(rows), T, dtype=torch.long) for _ in range(3))
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for r, (i, s, e) in enumerate(zip(rows, starts, ends)):
+        span = torch.arange(docs[i][0] + s, docs[i][0] + e)
+        x[r, :e - s], y[r, :e - s], tgt[r, :e - s] = val.tokens[span], val.tokens[span + 1], span + 1
+        mask[r, k * c - s:e - s] = True
+    return torch.tensor(rows), x, y, mask, tgt
+
+
+def ttt_score_batch(model: nn.Module, lora: BatchedLoRA, opt: torch.optim.Optimizer, val: ValidationData,
+                    docs: list[tuple[int, int]], cfg: Config, rt: Runtime, adapt: bool, hook: ScoreHook | None) -> EvalSums:
+    """Score a batch of documents chunk by chunk; after a chunk is scored, one optimizer step on that same
+    chunk adapts each document's own LoRA for the chunks after it (score first, then adapt; #1736). A
+    document's last chunk is scored but not trained on."""
+    c, L = chunk_size_for(cfg, max(e - s for s, e in docs)), cfg.eval_seq_len
+    n_chunks = math.ceil(max(e - s for s, e in docs) / c)
     sums = EvalSums()
-    n_chunks = math.ceil(max(n) / C)
-    for c in range(n_chunks):
-        p1 = [min((c + 1) * C, k) for k in n]
-        w0 = [max(0, p - L) for p in p1]
-        T = max(p - w for p, w in zip(p1, w0))
-        x = torch.zeros(B, T, dtype=torch.long)
-        y = torch.zeros(B, T, dtype=torch.long)
-        mask = torch.zeros(B, T, dtype=torch.bool)
-        tgt = torch.zeros(B, T, dtype=torch.long)
-        for i, (s, _) in enumerate(docs):
-            if n[i] <= c * C:
-                continue
-            span = torch.arange(s + w0[i], s + p1[i])
-            x[i, :span.numel()] = val.tokens[span]
-            y[i, :span.numel()] = val.tokens[span + 1]
-            tgt[i, :span.numel()] = span + 1
-            mask[i, c * C - w0[i]:p1[i] - w0[i]] = True
+    for k in range(n_chunks):
+        rows, x, y, mask, tgt = chunk_rows(val, docs, k, c, L)
+        lora.rows = rows.to(rt.device)
         with rt.autocast():
-            nll = token_losses(model, x.to(rt.device), y.to(rt.device), lora).float()
+            nll = model(x.to(rt.device), y.to(rt.device), None, lora).float()
         scored = nll.detach().cpu()[mask]
         sums.add(scored, val.token_bytes[tgt[mask]])
         if hook:
             hook(tgt[mask], scored)
-        if adapt and c + 1 < n_chunks:
+        more = torch.tensor([docs[i][1] - docs[i][0] > (k + 1) * c for i in rows.tolist()], device=rt.device)
+        if adapt and bool(more.any()):
             m = mask.to(rt.device)
             per_doc = (nll * m).sum(1) / m.sum(1).clamp_min(1)
-            per_doc.sum().backward()
+            (per_doc * more).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+    lora.rows = None
     return sums
 
 
-def global_sgd(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg: Config, rt: Runtime) -> None:
-    """One SGD pass of the base model over documents that have all been scored already."""
-    L, rows_per_step = cfg.eval_seq_len, 32
-    stream = torch.cat([val.tokens[s:e] for s, e in docs])
-    rows = [stream[i:i + L + 1] for i in range(0, stream.numel() - 1, L)]
+def new_lora(cfg: Config, rt: Runtime, seed: int) -> tuple[BatchedLoRA, torch.optim.Optimizer]:
+    """One adapter set per rank, reused batch after batch (A warm-started, #1855): AdamW with beta1 = 0."""
+    lora = BatchedLoRA(lora_shapes(cfg, cfg.ttt_mask), cfg.ttt_batch_docs, cfg.ttt_lora_rank, cfg.ttt_lora_alpha,
+                       rt.device)
+    lora.reset(seed)
+    opt = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lora_lr * cfg.ttt_local_lr_mult,
+                            betas=(0.0, cfg.ttt_beta2), eps=1e-10, weight_decay=cfg.ttt_weight_decay)
+    return lora, opt
+
+
+def reset_lora(lora: BatchedLoRA, opt: torch.optim.Optimizer, cfg: Config, batch: int) -> None:
+    lora.reset(None if cfg.ttt_warm_start_a else cfg.seed * 1_000_003 + batch)
+    opt.state.clear()
+
+
+def global_sgd(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg: Config, rt: Runtime) -> int:
+    """One pass of SGD (momentum 0.9) over the base model on documents that have all been scored already:
+    TTT_GLOBAL_CHUNK_TOKENS per step, cosine LR from TTT_GLOBAL_LR to 0, the last chunk skipped, attention
+    kept within documents, gradients clipped at 1 (#1855). Returns the number of steps."""
+    L = cfg.eval_seq_len
+    stream = torch.cat([val.tokens[s:e + 1] for s, e in docs])
+    n_chunks = max(1, math.ceil((stream.numel() - 1) / cfg.ttt_global_chunk_tokens))
     params = [p for p in model.parameters()]
-    opt = torch.optim.SGD(params, lr=cfg.ttt_global_lr, momentum=0.9)
     model.requires_grad_(True)
-    for k in range(0, len(rows), rows_per_step):
-        step_rows = rows[k:k + rows_per_step]
-        total = sum(r.numel() - 1 for r in step_rows)
-        for r in step_rows[rt.rank::rt.world_size]:
-            r = r.to(rt.device)
+    opt = torch.optim.SGD(params, lr=cfg.ttt_global_lr, momentum=0.9)
+    for ci in range(n_chunks - 1):
+        for g in opt.param_groups:
+            g["lr"] = cfg.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * ci / max(1, n_chunks - 2)))
+        chunk = stream[ci * cfg.ttt_global_chunk_tokens:(ci + 1) * cfg.ttt_global_chunk_tokens + 1]
+        rows = [chunk[i:i + L + 1] for i in range(0, chunk.numel() - 1, L)]
+        mine = rows[rt.rank::rt.world_size]
+        total = sum(r.numel() - 1 for r in rows)
+        for r in mine:
+            x, y = r[None, :-1], r[None, 1:]
+            seg = make_segments(x, val.bos_id, L, rt.device) if cfg.doc_masked_attn else None
             with rt.autocast():
-                loss = token_losses(model, r[None, :-1], r[None, 1:]).sum() / total
+                loss = model(x.to(rt.device), y.to(rt.device), seg).sum() / total
             loss.backward()
         sync_grads_(params, rt, average=False)  # each rank's loss is already divided by the global token count
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.requires_grad_(False)
-
-
-def balance(batches: list[list[tuple[int, int]]], world: int) -> list[list[int]]:
-    """Greedy longest-first assignment of batches to ranks by token cost (same on every rank)."""
-    cost = [sum((e - s) ** 2 for s, e in b) for b in batches]
-    load, out = [0] * world, [[] for _ in range(world)]
-    for i in sorted(range(len(batches)), key=lambda j: -cost[j]):
-        r = load.index(min(load))
-        out[r].append(i)
-        load[r] += cost[i]
-    return [sorted(o) for o in out]
+    return n_chunks - 1
 
 
 def ttt_eval(model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Logger, adapt: bool = True,
-             hook: ScoreHook | None = None, budget_left: float = float("inf")) -> EvalSums:
-    """Phased score-first TTT (#1736 lineage): the first PHASED_TTT_PREFIX_DOCS documents are scored in
-    PHASED_TTT_NUM_PHASES groups; after each group the base model takes one SGD pass over that group's
-    (already scored) tokens. The remaining documents are then scored. Every document gets a fresh LoRA."""
-    docs = document_spans(val.tokens, cfg.bos_id)
+             hook: ScoreHook | None = None) -> EvalSums:
+    """Phased score-first TTT (#1736 lineage): documents are scored in batches, longest first, each adapting
+    its own LoRA chunk by chunk. After the first b_k documents have been scored (b_k = cumulative prefix
+    boundaries of PHASED_TTT_PREFIX_DOCS over PHASED_TTT_NUM_PHASES), the base model takes a global SGD pass
+    over exactly those documents, and the LoRA starts afresh."""
+    docs = document_spans(val.tokens, val.bos_id)
     if not docs:
         raise DataError("validation has no BOS-delimited documents; TTT needs BOS markers")
-    prefix = min(cfg.phased_ttt_prefix_docs, len(docs)) if cfg.phased_ttt_num_phases else 0
-    cuts = np.linspace(0, prefix, cfg.phased_ttt_num_phases + 1).astype(int).tolist() if prefix else [0]
-    groups = [docs[a:b] for a, b in zip(cuts, cuts[1:])] + [docs[prefix:]]
+    sched = ttt_schedule(docs, cfg, rt.world_size, cfg.phased_ttt_num_phases if adapt else 0, cfg.phased_ttt_prefix_docs)
+    log(f"ttt:docs:{len(docs)} batches:{len(sched.batches)} phases_after_docs:{sched.phase_docs}")
     model.requires_grad_(False)
-    sums, t0, done_cost = EvalSums(), time.perf_counter(), 0
-    total_cost, projected = sum((e - s) ** 2 for s, e in docs), False
-    for gi, group in enumerate(groups):
-        order = sorted(group, key=lambda d: d[1] - d[0], reverse=True)  # similar lengths share a batch
-        batches = [order[i:i + cfg.ttt_batch_docs] for i in range(0, len(order), cfg.ttt_batch_docs)]
-        for bi in balance(batches, rt.world_size)[rt.rank]:
-            sums.merge(ttt_score_batch(model, val, batches[bi], cfg, rt, adapt, hook))
-            done_cost += sum((e - s_) ** 2 for s_, e in batches[bi]) * rt.world_size
-            if not projected and done_cost >= 0.02 * total_cost:
-                projected = True
-                est = (time.perf_counter() - t0) * total_cost / done_cost
-                log(f"ttt:projected_time:{est:.0f}s budget_left:{budget_left:.0f}s")
-                if est > budget_left:
-                    log(f"WARNING: phased TTT is projected to take {est:.0f}s but only {budget_left:.0f}s of "
-                        f"EVAL_BUDGET_SECONDS remain; lower PHASED_TTT_PREFIX_DOCS/TTT_CHUNK_SIZE cost or disable TTT")
-        if adapt and gi < len(groups) - 1 and cfg.ttt_global_lr > 0:
-            global_sgd(model, val, group, cfg, rt)
-            log(f"ttt:phase:{gi + 1}/{len(groups) - 1} docs:{len(group)} global_sgd_done "
-                f"elapsed:{time.perf_counter() - t0:.1f}s")
+    lora, opt = new_lora(cfg, rt, cfg.seed * 7919 + rt.rank)
+    sums, t0, start = EvalSums(), time.perf_counter(), 0
+    for end, n_docs in list(zip(sched.phase_ends, sched.phase_docs)) + [(len(sched.batches), 0)]:
+        for i in range(start, end):
+            if sched.owner[i] == rt.rank:
+                reset_lora(lora, opt, cfg, i)
+                sums.merge(ttt_score_batch(model, lora, opt, val, sched.batches[i], cfg, rt, adapt, hook))
+        start = end
+        if n_docs:
+            barrier()
+            scored = [d for b in sched.batches[:end] for d in b][:n_docs]
+            steps = global_sgd(model, val, scored, cfg, rt)
+            lora, opt = new_lora(cfg, rt, cfg.seed * 7919 + rt.rank + 104_729 * end)  # a fresh A after each phase (#1855)
+            log(f"ttt:phase docs:{n_docs} global_sgd_steps:{steps} elapsed:{time.perf_counter() - t0:.1f}s")
     return sums.reduce(rt)
 
 
-def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime, log: Logger) -> dict:
-    """All evaluations, each from a fresh load of the packed artifact, timed against EVAL_BUDGET_SECONDS."""
-    results, t_all = {}, time.perf_counter()
-    stages = [("roundtrip", "final_int6_roundtrip_exact", cfg.eval_seq_len),
-              ("sliding", "final_int6_sliding_window_exact", cfg.eval_stride)]
-    for key, line, stride in stages:
+# ------------------------------------------------------------------------------------- the evaluation plan
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What the evaluation will do: decided from Config, then cut by the budget projector before any
+    validation token is scored; the log shows both plans."""
+    sliding: bool
+    ttt: bool
+    phases: int
+    prefix_docs: int
+
+    def describe(self) -> str:
+        return (f"roundtrip sliding:{int(self.sliding)} ttt:{int(self.ttt)} phases:{self.phases} "
+                f"prefix_docs:{self.prefix_docs}")
+
+
+@dataclass(frozen=True)
+class EvalCosts:
+    """Seconds per token position of a forward (no grad) and of a forward + backward, measured on the device
+    on random tokens (never validation), plus the fixed cost of a global SGD step."""
+    fwd_s: float
+    train_s: float
+
+
+def plan_token_work(plan: EvalPlan, docs: list[tuple[int, int]], n_targets: int, cfg: Config, world: int) -> dict:
+    """Token positions each stage processes on the busiest rank: the time model's inputs."""
+    work = {"roundtrip": n_targets / world, "sliding": 0.0, "ttt_score": 0.0, "ttt_sgd": 0.0}
+    if plan.sliding:
+        work["sliding"] = sum(w[1] for w in sliding_windows(n_targets, cfg.eval_seq_len, cfg.eval_stride)) / world
+    if plan.ttt:
+        sched = ttt_schedule(docs, cfg, world, plan.phases, plan.prefix_docs)
+        per_rank = [0] * world
+        for b, r in zip(sched.batches, sched.owner):
+            per_rank[r] += batch_cost(b, cfg)
+        work["ttt_score"] = max(per_rank)
+        lens = [e - s + 1 for b in sched.batches for s, e in b]
+        work["ttt_sgd"] = sum(sum(lens[:n]) for n in sched.phase_docs) / world
+    return work
+
+
+def project_seconds(plan: EvalPlan, docs, n_targets: int, cfg: Config, world: int, costs: EvalCosts) -> dict:
+    w = plan_token_work(plan, docs, n_targets, cfg, world)
+    return {"roundtrip": w["roundtrip"] * costs.fwd_s, "sliding": w["sliding"] * costs.fwd_s,
+            "ttt": (w["ttt_score"] + w["ttt_sgd"]) * costs.train_s}
+
+
+def fit_plan(cfg: Config, docs, n_targets: int, world: int, costs: EvalCosts, budget_s: float,
+             log: Logger) -> EvalPlan:
+    """The configured plan, cut step by step until its projection fits 90% of the budget: drop the sliding
+    window first (a diagnostic; TTT is the score), then halve the global SGD prefix, then drop the phases,
+    then TTT itself."""
+    plan = EvalPlan(cfg.sliding_eval, cfg.ttt_enabled, cfg.phased_ttt_num_phases, cfg.phased_ttt_prefix_docs)
+    cuts = [lambda p: dataclasses.replace(p, sliding=False)]
+    cuts += [lambda p: dataclasses.replace(p, prefix_docs=p.prefix_docs // 2)] * 3
+    cuts += [lambda p: dataclasses.replace(p, phases=0), lambda p: dataclasses.replace(p, ttt=False)]
+    first = plan
+    for cut in [None] + cuts:
+        plan = cut(plan) if cut else plan
+        secs = project_seconds(plan, docs, n_targets, cfg, world, costs)
+        if sum(secs.values()) <= 0.9 * budget_s:
+            break
+    log(f"eval_plan: configured [{first.describe()}] -> planned [{plan.describe()}] projected:"
+        + " ".join(f"{k}={v:.0f}s" for k, v in secs.items()) + f" budget:{budget_s:.0f}s")
+    if plan != first:
+        log("WARNING: the configured evaluation does not fit EVAL_BUDGET_SECONDS; running the reduced plan above")
+    return plan
+
+
+def measure_costs(model: GPT, cfg: Config, rt: Runtime, seq: int = 256, rows: int = 4) -> EvalCosts:
+    """Time a forward and a forward + backward on random tokens (no validation data reaches this)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (rows, seq + 1), generator=g).to(rt.device)
+    out = []
+    for grad in (False, True):
+        model.requires_grad_(grad)
+        for rep in range(2):  # the first repetition warms caches (and compiles on CUDA)
+            sync(rt.device)
+            t0 = time.perf_counter()
+            with torch.set_grad_enabled(grad), rt.autocast():
+                loss = model(x[:, :-1], x[:, 1:]).mean()
+                if grad:
+                    loss.backward()
+            sync(rt.device)
+        out.append((time.perf_counter() - t0) / (rows * seq))
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+    return EvalCosts(*out)
+
+
+def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime, log: Logger,
+                   costs: EvalCosts | None = None) -> dict:
+    """All evaluations, each on a fresh model rebuilt from the packed artifact (read once), in a plan cut to
+    fit EVAL_BUDGET_SECONDS before any validation token is scored. Every mode scores the same targets."""
+    t_all = time.perf_counter()
+    acfg, qm = unpack_artifact(artifact.read_bytes())
+    log(f"artifact_load_time:{time.perf_counter() - t_all:.1f}s")
+    docs, n_targets = document_spans(val.tokens, val.bos_id), val.tokens.numel() - 1
+    costs = costs or measure_costs(model_from_quantized(acfg, qm, rt), cfg, rt)
+    left = cfg.eval_budget_seconds - (time.perf_counter() - t_all)
+    plan = fit_plan(cfg, docs, n_targets, rt.world_size, costs, left, log)
+    stages = [("roundtrip", "final_int6_roundtrip_exact", True), ("sliding", "final_int6_sliding_window_exact",
+              plan.sliding), ("ttt", "quantized_ttt_phased", plan.ttt)]
+    results = {}
+    for key, line, run in stages:
+        if not run:
+            continue
         t0 = time.perf_counter()
-        _, model = load_artifact_model(artifact, rt)
-        s = eval_windows(model, val, cfg.eval_seq_len, stride, cfg.eval_batch_tokens, rt)
+        s = run_stage(key, model_from_quantized(acfg, qm, rt), val, dataclasses.replace(
+            cfg, phased_ttt_num_phases=plan.phases, phased_ttt_prefix_docs=plan.prefix_docs), rt, log)
         ms = 1000 * (time.perf_counter() - t0)
-        log(f"{line} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} stride:{stride} eval_time:{ms:.0f}ms")
+        log(f"{line} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms")
+        log(f"{key}_targets:{s.tokens} {key}_bytes:{s.bytes}")
         results[key] = {"val_loss": s.loss, "val_bpb": s.bpb, "eval_ms": ms, "tokens": s.tokens, "bytes": s.bytes}
-    if cfg.ttt_enabled:
-        t0 = time.perf_counter()
-        _, model = load_artifact_model(artifact, rt)
-        left = cfg.eval_budget_seconds - (time.perf_counter() - t_all)
-        s = ttt_eval(model, val, cfg, rt, log, budget_left=left)
-        ms = 1000 * (time.perf_counter() - t0)
-        log(f"quantized_ttt_phased val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms")
-        results["ttt"] = {"val_loss": s.loss, "val_bpb": s.bpb, "eval_ms": ms, "tokens": s.tokens, "bytes": s.bytes}
-    total = time.perf_counter() - t_all
-    results["eval_total_s"] = total
-    results["eval_within_budget"] = total <= cfg.eval_budget_seconds
+    return finish_evaluation(results, plan, cfg, time.perf_counter() - t_all, log)
+
+
+def run_stage(key: str, model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Logger) -> EvalSums:
+    if key == "ttt":
+        return ttt_eval(model, val, cfg, rt, log)
+    stride = cfg.eval_seq_len if key == "roundtrip" else cfg.eval_stride
+    return eval_windows(model, val, cfg.eval_seq_len, stride, cfg.eval_batch_tokens, rt, cfg.doc_masked_attn)
+
+
+def finish_evaluation(results: dict, plan: EvalPlan, cfg: Config, total: float, log: Logger) -> dict:
+    counts = {k: v["tokens"] for k, v in results.items()}
+    if len(set(counts.values())) > 1:
+        log(f"ERROR: the evaluation modes scored different target counts {counts}; this run is NOT valid")
+    results |= {"eval_total_s": total, "eval_within_budget": total <= cfg.eval_budget_seconds,
+                "plan": dataclasses.asdict(plan), "same_targets": len(set(counts.values())) == 1}
     log(f"eval_total_time:{total:.1f}s budget:{cfg.eval_budget_seconds:.0f}s")
     if total > cfg.eval_budget_seconds:
         log(f"WARNING: evaluation took {total:.1f}s > EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:.0f}; "
             "this run is NOT a valid submission")
     return results
-
-
 # =============================================================================================
 # Main: the pipeline, one stage per call
 # =============================================================================================
@@ -2137,8 +3310,10 @@ def log_header(cfg: Config, rt: Runtime, log: Logger, warnings: list[str]) -> No
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         log(f"config: {f.name.upper()}={','.join(map(str, v)) if isinstance(v, tuple) else v}")
-    for w in warnings:
-        log(f"WARNING: {w}")
+    for w in warnings + list(rt.notes):
+        log(w if w.startswith("WARNING") else f"WARNING: {w}")
+    if cfg.ve_dim and not cfg.ve_layers:
+        log("WARNING: VE_DIM is set but VE_LAYERS is empty: the value embedding feeds no block (as in the seeds)")
     slow = rt.device.type == "cuda" and rt.attn.name != "fa3"
     log(f"attention_backend:{rt.attn.name}"
         + (" (FlashAttention 3 not importable: using PyTorch SDPA, slower on H100)" if slow else ""))
@@ -2165,12 +3340,14 @@ def config_from_checkpoint(cfg: Config, explicit: set[str]) -> Config:
 
 
 def check_compressor(cfg: Config) -> None:
-    try:
-        _compress(b"probe", cfg.compressor)
-    except ImportError:
-        pkg = {"brotli": "brotli", "zstd": "zstandard"}.get(cfg.compressor, cfg.compressor)
-        raise ConfigError(f"COMPRESSOR={cfg.compressor} but its package is missing: pip install {pkg} "
-                          "(or set COMPRESSOR=lzma)") from None
+    """The artifact's codecs must be importable now, not after ten paid minutes of training."""
+    for codec in ("zpaq", "brotli") if cfg.compressor == "pergroup" else (cfg.compressor,):
+        try:
+            compress(b"probe", codec)
+        except ImportError:
+            pkg = {"zstd": "zstandard"}.get(codec, codec)
+            raise ConfigError(f"COMPRESSOR={cfg.compressor} needs the {pkg} package: pip install {pkg} "
+                              "(or set COMPRESSOR=brotli)") from None
 
 
 def shipped_code() -> bytes:

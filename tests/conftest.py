@@ -73,17 +73,18 @@ def plain_data(tmp_path_factory) -> dict:
     return {"data_dir": root, "tokenizer": model, "data_path": root / "datasets" / "fineweb10B_sp512", "docs": docs}
 
 
-TINY = {
-    "VOCAB_SIZE": "512", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "NUM_FLAT_LAYERS": "2",
-    "NUM_CRAWLER_LAYERS": "1", "CRAWLER_LOOPS": "2", "CRAWLER_MLP_MULT": "2", "MLP_MULT": "2",
-    "INST_DIM": "8", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16", "ROPE_DIMS": "8",
-    "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "2048", "GRAD_ACCUM_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0",
-    "GPTQ_RESERVE_SECONDS": "0", "VAL_TOKEN_LIMIT": "8192", "VAL_BATCH_TOKENS": "4096",
+TINY = {  # the frontier defaults, shrunk to a model that learns the generated corpus in a CPU minute
+    "VOCAB_SIZE": "512", "CASEOPS_ENABLED": "0", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+    "NUM_FLAT_LAYERS": "2", "FLAT_ENCODER_LAYERS": "1", "NUM_CRAWLER_LAYERS": "1", "CRAWLER_LOOPS": "2",
+    "CRAWLER_START_FRAC": "0", "CRAWLER_MLP_MULT": "2", "MLP_MULT": "2", "INST_DIM": "8", "ROPE_DIMS": "8",
+    "PARALLEL_RESIDUAL_START": "2", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16",
+    "TRAIN_SEQ_LEN": "64", "TRAIN_SEQ_SCHEDULE": "", "TRAIN_BATCH_TOKENS": "2048", "GRAD_ACCUM_STEPS": "1",
+    "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_RESERVE_SECONDS": "0", "VAL_TOKEN_LIMIT": "8192", "VAL_BATCH_TOKENS": "4096",
     "WARMDOWN_FRAC": "0.3", "TRAIN_LOG_EVERY": "10", "VAL_LOSS_EVERY": "0", "MUON_MOMENTUM_WARMUP_STEPS": "10",
     "MATRIX_LR": "0.02", "EMBED_LR": "0.05", "SCALAR_LR": "0.02",
     "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "EVAL_BATCH_TOKENS": "4096", "TTT_LORA_RANK": "8",
-    "TTT_CHUNK_SIZE": "32", "TTT_BATCH_DOCS": "8", "PHASED_TTT_PREFIX_DOCS": "16", "PHASED_TTT_NUM_PHASES": "2",
-    "GPTQ_CAL_SAMPLES": "16", "GPTQ_CAL_SEQ_LEN": "64",
+    "TTT_CHUNK_SIZE": "32", "TTT_SHORT_CHUNKS": "", "TTT_BATCH_DOCS": "8", "PHASED_TTT_PREFIX_DOCS": "16",
+    "PHASED_TTT_NUM_PHASES": "2", "TTT_GLOBAL_CHUNK_TOKENS": "512", "GPTQ_CAL_SAMPLES": "16", "GPTQ_CAL_SEQ_LEN": "64",
 }
 
 

@@ -14,13 +14,10 @@ rt = tg.setup_runtime(cfg)
 sp = tg.load_sentencepiece(cfg.tokenizer_path)
 val = tg.load_validation(cfg, sp)
 out = {}
-for name, stride in (("roundtrip", cfg.eval_seq_len), ("sliding", cfg.eval_stride)):
+for name in ("roundtrip", "sliding", "ttt"):
     _, m = tg.load_artifact_model(art, rt)
-    s = tg.eval_windows(m, val, cfg.eval_seq_len, stride, cfg.eval_batch_tokens, rt)
+    s = tg.run_stage(name, m, val, cfg, rt, lambda msg: None)
     out[name] = [s.nll, s.tokens, s.bytes]
-_, m = tg.load_artifact_model(art, rt)
-s = tg.ttt_eval(m, val, cfg, rt, lambda msg: None)
-out["ttt"] = [s.nll, s.tokens, s.bytes]
 if rt.is_main:
     print("RESULT " + json.dumps(out))
 if torch.distributed.is_initialized():

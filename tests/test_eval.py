@@ -1,8 +1,10 @@
-"""Issue 4: exact byte accounting, windowed evaluation, legal phased TTT, distributed equality."""
+"""Evaluation: exact byte accounting, windowed scoring, the #1855 phased score-first TTT recipe, equal target
+sets in every mode, the budget plan, and distributed equality."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import subprocess
 import sys
@@ -70,8 +72,8 @@ class Uniform(nn.Module):
         super().__init__()
         self.vocab = vocab
 
-    def forward(self, ids, adapter=None):
-        return torch.zeros(*ids.shape, self.vocab)
+    def forward(self, ids, targets, seg=None, lora=None):
+        return torch.full(targets.shape, math.log(self.vocab))
 
 
 def _val(tokens, nbytes=None):
@@ -84,12 +86,7 @@ def test_uniform_model_bpb_is_log2_vocab_per_byte():
     val = _val(np.random.default_rng(1).integers(0, 97, 1001))
     s = tg.eval_windows(Uniform(97), val, 64, 16, 4096, CPU)
     assert s.tokens == 1000 and s.bytes == int(val.token_bytes[1:].sum())
-    # per-token NLL is float32 (ln 97 to ~3e-8 relative); the sums are float64
-    assert s.bpb == pytest.approx(math_log2(97) * s.tokens / s.bytes, rel=1e-7)
-
-
-def math_log2(x):
-    return float(np.log2(x))
+    assert s.bpb == pytest.approx(math.log2(97) * s.tokens / s.bytes, rel=1e-7)
 
 
 @pytest.mark.parametrize("n,seq,stride", [(1000, 64, 64), (1000, 64, 16), (1000, 64, 1), (777, 100, 37), (5, 64, 8)])
@@ -105,23 +102,23 @@ def test_sliding_stride_equal_seq_len_is_plain_eval_and_ranks_partition(trained_
     cfg, model = tg.load_artifact_model(trained_tiny["out"] / "final_model.int6.ptz", CPU)
     val = _val(np.random.default_rng(2).integers(0, cfg.vocab_size, 2000))
     plain = tg.eval_windows(model, val, 64, 64, 1024, CPU)
-    # an independent plain evaluation: non-overlapping 64-token windows, the tail window shorter
-    nll = 0.0
+    nll = 0.0  # an independent plain evaluation: non-overlapping 64-token windows, the tail window shorter
     with torch.no_grad():
         for a in range(0, 1999, 64):
             x = val.tokens[a:min(a + 65, 2000)]
-            nll += float(tg.token_losses(model, x[None, :-1], x[None, 1:]).double().sum())
+            nll += float(model(x[None, :-1], x[None, 1:]).double().sum())
     assert plain.nll == pytest.approx(nll, rel=1e-9) and plain.tokens == 1999
     seen = []
     for r in range(3):  # what each of 3 ranks scores covers every target once
-        rt = tg.Runtime.cpu(rank=r, world_size=3)
-        tg.eval_windows(model, val, 64, 16, 1024, rt, hook=lambda idx, v: seen.extend(idx.tolist()))
+        tg.eval_windows(model, val, 64, 16, 1024, tg.Runtime.cpu(rank=r, world_size=3),
+                        hook=lambda idx, v: seen.extend(idx.tolist()))
     assert sorted(seen) == list(range(1, 2000))
 
 
 def _ttt_cfg(cfg, **kw):
     base = dict(eval_seq_len=128, ttt_chunk_size=16, ttt_lora_rank=8, ttt_batch_docs=3, phased_ttt_prefix_docs=6,
-                phased_ttt_num_phases=2, ttt_lr=0.01, ttt_global_lr=0.01)
+                phased_ttt_num_phases=2, ttt_lora_lr=0.01, ttt_local_lr_mult=1.0, ttt_global_lr=0.01,
+                ttt_global_chunk_tokens=128, ttt_short_chunks="")
     return dataclasses.replace(cfg, **(base | kw))
 
 
@@ -138,30 +135,108 @@ def _scores(art, val, cfg, adapt=True):
     return s, got
 
 
-def test_ttt_score_first_flip_test(trained_tiny):
+def test_every_mode_scores_the_same_targets_including_document_ends(trained_tiny):
+    """TTT scores each document's targets up to and including the next BOS, like the windowed modes (#1736);
+    the run logs each mode's target count and they agree."""
     art = trained_tiny["out"] / "final_model.int6.ptz"
     cfg = _ttt_cfg(tg.unpack_artifact(art.read_bytes())[0])
     val = _val_docs(cfg)
-    base, scores = _scores(art, val, cfg)
-    assert sorted(scores) == [i for i in range(1, val.tokens.numel()) if val.tokens[i] != 1]
+    s, scores = _scores(art, val, cfg)
+    assert sorted(scores) == list(range(1, val.tokens.numel()))
+    windows = tg.eval_windows(tg.load_artifact_model(art, CPU)[1], val, 64, 16, 1024, CPU)
+    assert (s.tokens, s.bytes) == (windows.tokens, windows.bytes)
+    log = trained_tiny["stdout"]
+    counts = {k: int(log.split(f"{k}_targets:")[1].split()[0]) for k in ("roundtrip", "sliding", "ttt")}
+    assert len(set(counts.values())) == 1 and counts["ttt"] == 8192, counts
+
+
+def test_ttt_score_first_flip_test(trained_tiny):
+    """A document's scores depend only on its own earlier tokens and on documents scored before it (the global
+    SGD phases learn only from those): changing anything scored later changes none of its scores."""
+    art = trained_tiny["out"] / "final_model.int6.ptz"
+    cfg = _ttt_cfg(tg.unpack_artifact(art.read_bytes())[0])
+    val = _val_docs(cfg, n_docs=12)
+    docs = tg.document_spans(val.tokens, 1)
+    sched = tg.ttt_schedule(docs, cfg, 1, cfg.phased_ttt_num_phases, cfg.phased_ttt_prefix_docs)
+    order = [d for b in sched.batches for d in b]  # scoring order: longest batches first
+    base_s, base = _scores(art, val, cfg)
     rng = np.random.default_rng(4)
-    n = val.tokens.numel()
-    for t in [5, n // 4, n // 2, 3 * n // 4, n - 3]:  # early, around the phases, in the remainder
+    for k in (2, len(order) // 2, len(order) - 2):
+        s, e = order[k]
+        t = s + (e - s) // 2
         flipped = val.tokens.clone()
-        later = torch.arange(t + 1, n)
-        later = later[flipped[later] != 1]  # keep document boundaries
-        flipped[later] = torch.as_tensor(rng.integers(4, cfg.vocab_size, later.numel()))
+        later = [torch.arange(t + 1, e)] + [torch.arange(a + 1, b) for a, b in order[k + 1:]]
+        for idx in later:  # this document after t, and every document scored after it (BOS kept)
+            flipped[idx] = torch.as_tensor(rng.integers(4, cfg.vocab_size, idx.numel()))
         _, after = _scores(art, tg.ValidationData(flipped, val.token_bytes, val.n_docs), cfg)
-        changed = [i for i in scores if i <= t and scores[i] != after[i]]
-        assert not changed, f"scores at {changed[:5]} depend on tokens after {t}"
-        assert any(scores[i] != after[i] for i in scores if i > t), "later scores should react"
+        earlier = [i for a, b in order[:k] for i in range(a + 1, b + 1)] + list(range(s + 1, t + 1))
+        changed = [i for i in earlier if base[i] != after[i]]
+        assert not changed, f"scores at {changed[:5]} depend on tokens scored after them"
+        assert any(base[i] != after[i] for i in range(t + 1, e + 1)), "later scores should react"
+
+
+def test_lora_recipe_is_1855s():
+    cfg, _ = tg.load_config({})
+    shapes = tg.lora_shapes(cfg, "all")
+    assert len([k for k in shapes if k.endswith(".q")]) == 17 and shapes["head"] == (512, 8192)  # one per application
+    assert not any(k.endswith((".q", ".v")) for k in tg.lora_shapes(cfg, "no_qv"))  # #1953
+    lora = tg.BatchedLoRA({"0.k": (512, 256)}, 2, 80, 144.0, torch.device("cpu"))
+    lora.reset(7)
+    a = lora.a["0_k"]
+    top = float(a.detach().abs().max())
+    assert 0.9 / math.sqrt(512) < top <= 1 / math.sqrt(512)
+    assert not lora.b["0_k"].any() and lora.scale == pytest.approx(144 / 80)
+    before = a.detach().clone()
+    lora.reset(None)  # warm start: A carried to the next batch, B zeroed
+    assert torch.equal(lora.a["0_k"], before)
+    opt = tg.new_lora(cfg, CPU, 0)[1]
+    assert opt.defaults["lr"] == pytest.approx(1e-4 * 0.75) and opt.defaults["betas"] == (0.0, 0.99)
+    assert opt.defaults["weight_decay"] == 0.5 and opt.defaults["eps"] == 1e-10
+
+
+def test_phases_train_on_cumulative_prefixes_of_scored_documents():
+    cfg, _ = tg.load_config({"TTT_BATCH_DOCS": "64", "PHASED_TTT_NUM_PHASES": "3", "PHASED_TTT_PREFIX_DOCS": "2500"})
+    docs = [(i * 100, i * 100 + 1 + (i * 7919) % 97) for i in range(5000)]
+    sched = tg.ttt_schedule(docs, cfg, 8, 3, 2500)
+    assert sched.phase_docs == [833, 1666, 2500]  # #1855's boundaries
+    lens = [max(e - s for s, e in b) for b in sched.batches]
+    assert lens == sorted(lens, reverse=True)  # longest batches first
+    scored = np.cumsum([len(b) for b in sched.batches])
+    for end, n in zip(sched.phase_ends, sched.phase_docs):
+        assert scored[end - 1] >= n and (end == 1 or scored[end - 2] < n)  # the phase waits for exactly enough
+
+
+def test_global_sgd_cosine_schedule_skips_the_last_chunk(trained_tiny, monkeypatch):
+    art = trained_tiny["out"] / "final_model.int6.ptz"
+    cfg = _ttt_cfg(tg.unpack_artifact(art.read_bytes())[0], ttt_global_chunk_tokens=64)
+    val = _val_docs(cfg)
+    docs = tg.document_spans(val.tokens, 1)[:4]
+    lrs = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a: (lrs.append(self.param_groups[0]["lr"]), real_step(self, *a))[1])
+    _, model = tg.load_artifact_model(art, CPU)
+    steps = tg.global_sgd(model, val, docs, cfg, CPU)
+    n_chunks = math.ceil(sum(e - s + 1 for s, e in docs) / 64)
+    assert steps == len(lrs) == n_chunks - 1
+    assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_short_documents_get_smaller_chunks_and_costs_are_exact():
+    cfg, _ = tg.load_config({})
+    assert [tg.chunk_size_for(cfg, n) for n in (100, 256, 257, 2000, 2001)] == [8, 8, 24, 24, 48]  # #2014
+    docs = [(0, 100), (200, 230), (300, 305)]
+    small = dataclasses.replace(cfg, ttt_short_chunks="", ttt_chunk_size=16, eval_seq_len=40)
+    n = [100, 30, 5]
+    expect = sum(len([p for p in n if k * 16 < p]) * max(min((k + 1) * 16, p) - max(0, min((k + 1) * 16, p) - 40)
+                                                            for p in n if k * 16 < p) for k in range(7))
+    assert tg.batch_cost(docs, small) == expect
 
 
 def test_ttt_lr_zero_equals_plain_scoring_and_ttt_helps_on_repeats(trained_tiny):
     art = trained_tiny["out"] / "final_model.int6.ptz"
     cfg = _ttt_cfg(tg.unpack_artifact(art.read_bytes())[0])
     val = _val_docs(cfg)
-    zero, _ = _scores(art, val, dataclasses.replace(cfg, ttt_lr=0.0, ttt_global_lr=0.0))
+    zero, _ = _scores(art, val, dataclasses.replace(cfg, ttt_lora_lr=0.0, ttt_global_lr=0.0))
     plain, _ = _scores(art, val, cfg, adapt=False)
     assert (zero.nll, zero.tokens, zero.bytes) == (plain.nll, plain.tokens, plain.bytes)
     g = torch.Generator().manual_seed(0)
@@ -181,10 +256,61 @@ def test_ttt_requires_bos(trained_tiny):
         _scores(art, _val(np.full(100, 7)), cfg)
 
 
+def test_budget_plan_cuts_in_order_until_the_projection_fits():
+    cfg, _ = tg.load_config({"PHASED_TTT_NUM_PHASES": "3", "PHASED_TTT_PREFIX_DOCS": "2000"})
+    docs = [(i * 1000, i * 1000 + 999) for i in range(2000)]
+    n = 2_000_000
+    lines = []
+    plans = {}
+    for budget in (1e9, 30.0, 22.0, 10.0):  # projected: roundtrip 0.25 s, sliding 12 s, TTT 17 s + 3 s of phases
+        plans[budget] = tg.fit_plan(cfg, docs, n, 8, tg.EvalCosts(1e-6, 3e-6), budget, lines.append)
+    assert plans[1e9] == tg.EvalPlan(True, True, 3, 2000)
+    assert plans[30.0] == tg.EvalPlan(False, True, 3, 2000)
+    assert plans[22.0].ttt and (plans[22.0].prefix_docs < 2000 or plans[22.0].phases == 0)
+    assert not plans[10.0].ttt and not plans[10.0].sliding
+    for b, p in plans.items():
+        secs = tg.project_seconds(p, docs, n, cfg, 8, tg.EvalCosts(1e-6, 3e-6))
+        assert sum(secs.values()) <= 0.9 * b or not p.ttt
+    assert any("does not fit EVAL_BUDGET_SECONDS" in l for l in lines)
+
+
+def test_time_model_counts_what_the_evaluation_runs(trained_tiny):
+    """The projector's token counts equal the positions the real evaluation feeds through the model."""
+    art = trained_tiny["out"] / "final_model.int6.ptz"
+    cfg = _ttt_cfg(tg.unpack_artifact(art.read_bytes())[0], phased_ttt_num_phases=0)
+    val = _val_docs(cfg, n_docs=9)
+    _, model = tg.load_artifact_model(art, CPU)
+    fed = []
+    model.register_forward_pre_hook(lambda m, args: fed.append(args[0].numel()))
+    tg.ttt_eval(model, val, cfg, CPU, lambda s: None)
+    work = tg.plan_token_work(tg.EvalPlan(False, True, 0, 0), tg.document_spans(val.tokens, 1), val.tokens.numel() - 1, cfg, 1)
+    assert work["ttt_score"] == sum(fed)
+
+
+def test_no_validation_token_reaches_warmups(trained_tiny, plain_data):
+    """Compile priming runs on training data and the eval cost probe on random tokens (#1530's lesson)."""
+    env = trained_tiny["env"]
+    cfg, _ = tg.load_config(env | {"WARMUP_STEPS": "4", "DATA_PATH": str(plain_data["data_path"])})
+    val = tg.load_validation(cfg, tg.load_sentencepiece(str(plain_data["tokenizer"])))
+    grams = {tuple(val.tokens[i:i + 12].tolist()) for i in range(val.tokens.numel() - 12)}
+    rt = dataclasses.replace(CPU, compile=True)
+    model = tg.GPT(cfg)
+    fed = []
+    model.register_forward_pre_hook(lambda m, args: fed.append(args[0].clone()))
+    opts = tg.build_optimizers(model, cfg, CPU)
+    tg.prime_compile(model, model, opts, tg.TrainData(tg.shard_paths(cfg.data_path, "train"), cfg, CPU, 1), cfg, rt,
+                     lambda s: None)
+    tg.measure_costs(model, cfg, CPU)
+    assert len(fed) >= 5
+    hits = sum(tuple(x[r, i:i + 12].tolist()) in grams for x in fed for r in range(x.size(0))
+               for i in range(0, x.size(1) - 12, 7))
+    assert hits == 0
+
+
 def test_two_ranks_match_one_for_every_eval_mode(trained_tiny, plain_data):
     env = trained_tiny["env"] | {"EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "TTT_CHUNK_SIZE": "32",
                                  "TTT_BATCH_DOCS": "4", "PHASED_TTT_PREFIX_DOCS": "12", "PHASED_TTT_NUM_PHASES": "2",
-                                 "VAL_TOKEN_LIMIT": "4000", "TTT_LORA_RANK": "8"}
+                                 "VAL_TOKEN_LIMIT": "4000", "TTT_LORA_RANK": "8", "TTT_WARM_START_A": "0"}
     art = str(trained_tiny["out"] / "final_model.int6.ptz")
     res = {}
     for nproc in (1, 2):
@@ -202,20 +328,21 @@ def test_two_ranks_match_one_for_every_eval_mode(trained_tiny, plain_data):
 def test_pipeline_summary_and_final_lines(trained_tiny):
     out, log = trained_tiny["out"], trained_tiny["stdout"]
     for line in ("final_int6_roundtrip_exact val_loss:", "final_int6_sliding_window_exact val_loss:",
-                 "quantized_ttt_phased val_loss:", "eval_total_time:", "val_tokens: ", "data_check: tokenization:"):
+                 "quantized_ttt_phased val_loss:", "eval_total_time:", "val_tokens: ", "data_check: tokenization:",
+                 "eval_plan: configured"):
         assert line in log, line
     summary = json.loads((out / "logs" / "seed1337.summary.json").read_text())
-    assert summary["valid"] is True
+    assert summary["valid"] is True and summary["eval"]["same_targets"] is True
     assert summary["sizes"]["bytes_total"] == summary["sizes"]["bytes_model"] + summary["sizes"]["bytes_code"]
-    assert set(summary["eval"]) >= {"roundtrip", "sliding", "ttt", "eval_total_s"}
+    assert set(summary["eval"]) >= {"roundtrip", "sliding", "ttt", "eval_total_s", "plan"}
     assert summary["eval"]["sliding"]["tokens"] == summary["val"]["tokens"]
 
 
-def test_eval_budget_overrun_is_reported(trained_tiny, tmp_path):
+def test_eval_budget_is_planned_before_scoring(trained_tiny, tmp_path):
     env = trained_tiny["env"] | {"SKIP_TRAIN": "1", "INIT_MODEL_PATH": str(trained_tiny["out"] / "final_model.pt"),
                                  "EVAL_BUDGET_SECONDS": "1", "EVAL_STRIDE": "8"}
     r = run_trainer(env, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "WARNING: phased TTT is projected to take" in r.stdout or "ttt:projected_time" in r.stdout
-    assert "NOT a valid submission" in r.stdout
-    assert json.loads((tmp_path / "logs" / "seed1337.summary.json").read_text())["valid"] is False
+    plan_line = [l for l in r.stdout.splitlines() if l.startswith("eval_plan:")][0]
+    assert "-> planned [roundtrip sliding:0" in plan_line and "does not fit EVAL_BUDGET_SECONDS" in r.stdout
+    assert "final_int6_sliding_window_exact" not in r.stdout

@@ -25,17 +25,18 @@ import synthetic_corpus  # noqa: E402
 from tools import make_record  # noqa: E402
 
 VAL_DOCS = 300
-TINY = {  # a 1-flat-pair + crawler model that learns this corpus in about a CPU minute
+TINY = {  # the frontier defaults on a tiny flat + crawler model that learns this corpus in about a CPU minute
     "CASEOPS_ENABLED": "1", "VOCAB_SIZE": "512", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-    "NUM_FLAT_LAYERS": "2", "NUM_CRAWLER_LAYERS": "1", "CRAWLER_LOOPS": "2", "CRAWLER_MLP_MULT": "2", "MLP_MULT": "2",
-    "INST_DIM": "8", "BIGRAM_VOCAB_SIZE": "256", "BIGRAM_DIM": "16", "ROPE_DIMS": "8", "TRAIN_SEQ_LEN": "128",
-    "TRAIN_BATCH_TOKENS": "4096", "GRAD_ACCUM_STEPS": "1", "ITERATIONS": "2000", "MAX_WALLCLOCK_SECONDS": "45",
-    "GPTQ_RESERVE_SECONDS": "3", "WARMDOWN_FRAC": "0.3", "TRAIN_LOG_EVERY": "25", "VAL_LOSS_EVERY": "100",
-    "VAL_BATCH_TOKENS": "16384", "MATRIX_LR": "0.02", "EMBED_LR": "0.05", "SCALAR_LR": "0.02",
+    "NUM_FLAT_LAYERS": "2", "FLAT_ENCODER_LAYERS": "1", "NUM_CRAWLER_LAYERS": "1", "CRAWLER_LOOPS": "2",
+    "CRAWLER_START_FRAC": "0.35", "CRAWLER_MLP_MULT": "2", "MLP_MULT": "2", "ROPE_DIMS": "8",
+    "PARALLEL_RESIDUAL_START": "2", "TRAIN_SEQ_LEN": "128", "TRAIN_SEQ_SCHEDULE": "64@0.3,128@1.0",
+    "SEQ_CHANGE_WARMUP_STEPS": "8", "TRAIN_BATCH_TOKENS": "4096", "GRAD_ACCUM_STEPS": "1", "ITERATIONS": "250",
+    "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_RESERVE_SECONDS": "0", "WARMDOWN_FRAC": "0.3", "TRAIN_LOG_EVERY": "25",
+    "VAL_LOSS_EVERY": "100", "VAL_BATCH_TOKENS": "16384", "MATRIX_LR": "0.02", "EMBED_LR": "0.05", "SCALAR_LR": "0.02",
     "MUON_MOMENTUM_WARMUP_STEPS": "50", "GPTQ_CAL_SAMPLES": "32", "GPTQ_CAL_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128",
     "EVAL_STRIDE": "32", "EVAL_BATCH_TOKENS": "8192", "TTT_LORA_RANK": "8", "TTT_CHUNK_SIZE": "32",
-    "TTT_BATCH_DOCS": "16", "PHASED_TTT_PREFIX_DOCS": "100", "PHASED_TTT_NUM_PHASES": "2", "TTT_LR": "0.003",
-    "EVAL_BUDGET_SECONDS": "120",
+    "TTT_SHORT_CHUNKS": "64:8", "TTT_BATCH_DOCS": "16", "PHASED_TTT_PREFIX_DOCS": "100", "PHASED_TTT_NUM_PHASES": "2",
+    "TTT_LORA_LR": "0.003", "TTT_GLOBAL_CHUNK_TOKENS": "2048", "EVAL_BUDGET_SECONDS": "300",
 }
 
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - t0:5.1f}s] seed {seed}: " + " | ".join(final))
         logs.append(record_dir / f"train_seed{seed}.log")
     folder = make_record.build_record(logs, "CPUPipeline", "cpu-pipeline", "none", work / "records",
-                                      train_budget=float(TINY["MAX_WALLCLOCK_SECONDS"]) + 30,
+                                      train_budget=3600.0,
                                       eval_budget=float(TINY["EVAL_BUDGET_SECONDS"]))
     print(f"[{time.time() - t0:5.1f}s] record: {folder}")
     for f in sorted(folder.iterdir()):
