@@ -19,9 +19,9 @@ fail() { echo "preflight: FAIL: $*" >&2; exit 2; }
 echo "preflight: packages"
 "$PY" - <<'PY' || fail "install the requirements: $PY -m pip install -r requirements.txt"
 import importlib, os, sys
-comp = {"brotli": "brotli", "zstd": "zstandard", "lzma": "lzma"}[os.environ.get("COMPRESSOR", "brotli")]
+comp = {"brotli": ["brotli"], "zstd": ["zstandard"], "lzma": ["lzma"], "pergroup": ["zpaq", "brotli"]}
 missing = []
-for m in ("torch", "numpy", "sentencepiece", comp):
+for m in ["torch", "numpy", "sentencepiece"] + comp.get(os.environ.get("COMPRESSOR", "pergroup"), []):
     try:
         importlib.import_module(m)  # a real import: a present but broken package counts as missing
     except ImportError:
@@ -30,7 +30,7 @@ if missing:
     sys.exit(f"missing Python packages: {' '.join(missing)}")
 PY
 echo "preflight: data and tokenizer"
-VARIANT=sp1024; [ "${CASEOPS_ENABLED:-0}" = 1 ] && VARIANT=sp8192_caseops
+VARIANT=sp8192_caseops; [ "${CASEOPS_ENABLED:-1}" = 0 ] && VARIANT=sp1024
 SEED=$SEED "$PY" check_data.py >/dev/null || fail "fix the data above (download: $PY data/cached_challenge_fineweb.py --variant $VARIANT)"
 if [ "$DEVICE" = cuda ]; then
   echo "preflight: GPUs"

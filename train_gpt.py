@@ -41,163 +41,201 @@ from torch import Tensor
 # =============================================================================================
 
 
-def _f(default, help: str, lo: float | None = None, hi: float | None = None, choices: tuple = (), model=False):
+class ConfigError(ValueError):
+    """A configuration problem found before any work was done; the message names the fix."""
+
+
+def _parse(name: str, raw: str, typ) -> object:
+    raw = raw.strip()
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(float(raw)) if "e" in raw.lower() else int(raw)
+        if typ is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        kind = {bool: "0 or 1", int: "an integer", float: "a number"}[typ]
+        raise ConfigError(f"{name}={raw!r} is not {kind}") from None
+
+
+def _f(default, help: str, spec: str, model: bool = False):
+    """A config field: its default, its help line (README table) and its valid values: "lo..hi" (either side may
+    be empty), "a|b|c" for a choice, or "" for anything of the type."""
+    lo = hi = None
+    choices: tuple = ()
+    if "|" in spec:
+        choices = tuple(spec.split("|"))
+    elif ".." in spec:
+        a, b = spec.split("..")
+        lo, hi = (float(a) if a else None), (float(b) if b else None)
     return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices, "model": model})
 
 
-def _m(default, help: str, lo: float | None = None, hi: float | None = None, choices: tuple = ()):
+def _m(default, help: str, spec: str):
     """A model field: it shapes the weights or the forward pass, so a checkpoint or an artifact carries it."""
-    return _f(default, help, lo, hi, choices, model=True)
+    return _f(default, help, spec, model=True)
+
+
+def env_defaults(cls):
+    """Defaults are written as they would be typed in the environment ("1337", "0.85", "1"); parse them with the
+    field's type before @dataclass reads them."""
+    types = {"int": int, "float": float, "bool": bool, "str": str}
+    for name, typ in cls.__annotations__.items():
+        f = cls.__dict__[name]
+        f.default = _parse(name.upper(), f.default, types[typ])
+    return cls
 
 
 @dataclass(frozen=True)
+@env_defaults
 class Config:
     """Every knob of the run. Env var name = field name in upper case. Defaults = the reference run: the
     crawler form of #2014/#1953 (3 flat + 3 shared blocks x3 loops from 35% + 5 flat, SP8192 CaseOps).
     The README's "Defaults and where they come from" table gives the source of each non-trivial default."""
 
     # --- run and data ---
-    seed: int = _f(1337, "random seed (weights, data order)", 0)
-    run_id: str = _f("", "name of this run; default: seed<SEED>")
-    output_dir: str = _f(".", "where final_model.pt, the artifact, logs/ and the summary go")
-    data_dir: str = _f("./data", "root holding datasets/ and tokenizers/")
-    data_path: str = _f("", "shard folder; default: DATA_DIR/datasets/<variant>")
-    tokenizer_path: str = _f("", "SentencePiece model; default: DATA_DIR/tokenizers/<variant>.model")
-    vocab_size: int = _m(8192, "must equal the tokenizer's piece count", 2, 65536)
-    caseops_enabled: bool = _f(True, "CaseOps data (#1736): byte counts come from the val byte sidecar")
-    bos_id: int = _m(1, "document separator id; checked against the tokenizer", 0)
-    val_token_limit: int = _f(0, "score only the first N val tokens (0 = all; smoke tests only)", 0)
-    allow_unknown_env: bool = _f(False, "continue despite env vars that look like ours but are not read")
+    seed: int = _f("1337", "random seed (weights, data order)", "0..")
+    run_id: str = _f("", "name of this run; default: seed<SEED>", "")
+    output_dir: str = _f(".", "where final_model.pt, the artifact, logs/ and the summary go", "")
+    data_dir: str = _f("./data", "root holding datasets/ and tokenizers/", "")
+    data_path: str = _f("", "shard folder; default: DATA_DIR/datasets/<variant>", "")
+    tokenizer_path: str = _f("", "SentencePiece model; default: DATA_DIR/tokenizers/<variant>.model", "")
+    vocab_size: int = _m("8192", "must equal the tokenizer's piece count", "2..65536")
+    caseops_enabled: bool = _f("1", "CaseOps data (#1736): byte counts come from the val byte sidecar", "")
+    bos_id: int = _m("1", "document separator id; checked against the tokenizer", "0..")
+    val_token_limit: int = _f("0", "score only the first N val tokens (0 = all; smoke tests only)", "0..")
+    allow_unknown_env: bool = _f("0", "continue despite env vars that look like ours but are not read", "")
     # --- schedule and batch ---
-    iterations: int = _f(20000, "maximum optimizer steps", 1)
-    max_wallclock_seconds: float = _f(600.0, "training wallclock cap incl. calibration (0 = none)", 0)
-    gptq_reserve_seconds: float = _f(10.0, "part of the cap kept for GPTQ calibration and quantization", 0)
-    train_batch_tokens: int = _f(786_432, "global tokens per optimizer step", 1)
-    train_seq_len: int = _f(3072, "training row length = the longest context of TRAIN_SEQ_SCHEDULE", 8)
-    train_seq_schedule: str = _f("1024@0.1,2048@0.7,3072@1.0",
-                                 "context growth LEN@UNTIL_FRACTION,... (#2014); empty = TRAIN_SEQ_LEN throughout")
-    seq_change_warmup_steps: int = _f(32, "LR re-warmup steps after each context change (#2014)", 0)
-    grad_accum_steps: int = _f(0, "micro-batches per rank per step (0 = 8 // world size)", 0)
-    warmup_steps: int = _f(20, "compile priming steps whose updates are discarded (CUDA only)", 0)
-    warmdown_iters: int = _f(0, "warmdown length in steps, converted to time under a cap (seeds)", 0)
-    warmdown_frac: float = _f(0.85, "warmdown as a fraction of the budget (#1855)", 0, 1)
-    min_lr: float = _f(0.1, "LR floor as a fraction of each group's peak LR (#1787)", 0, 1)
-    train_log_every: int = _f(500, "log a train line every N steps (and the first 10)", 1)
-    val_loss_every: int = _f(0, "validate every N steps (0 = only at the end)", 0)
-    val_batch_tokens: int = _f(524_288, "tokens per validation forward across all ranks", 1)
+    iterations: int = _f("20000", "maximum optimizer steps", "1..")
+    max_wallclock_seconds: float = _f("600.0", "training wallclock cap incl. calibration (0 = none)", "0..")
+    gptq_reserve_seconds: float = _f("10.0", "part of the cap kept for GPTQ calibration and quantization", "0..")
+    train_batch_tokens: int = _f("786_432", "global tokens per optimizer step", "1..")
+    train_seq_len: int = _f("3072", "training row length = the longest context of TRAIN_SEQ_SCHEDULE", "8..")
+    train_seq_schedule: str = _f("1024@0.1,2048@0.7,3072@1.0", "context growth LEN@UNTIL_FRACTION,... (#2014)", "")
+    seq_change_warmup_steps: int = _f("32", "LR re-warmup steps after each context change (#2014)", "0..")
+    grad_accum_steps: int = _f("0", "micro-batches per rank per step (0 = 8 // world size)", "0..")
+    warmup_steps: int = _f("20", "compile priming steps whose updates are discarded (CUDA only)", "0..")
+    warmdown_iters: int = _f("0", "warmdown length in steps, converted to time under a cap (seeds)", "0..")
+    warmdown_frac: float = _f("0.85", "warmdown as a fraction of the budget (#1855)", "0..1")
+    min_lr: float = _f("0.1", "LR floor as a fraction of each group's peak LR (#1787)", "0..1")
+    train_log_every: int = _f("500", "log a train line every N steps (and the first 10)", "1..")
+    val_loss_every: int = _f("0", "validate every N steps (0 = only at the end)", "0..")
+    val_batch_tokens: int = _f("524_288", "tokens per validation forward across all ranks", "1..")
     # --- model ---
-    use_crawler: bool = _m(True, "flat + crawler model; 0 gives a plain GPT of NUM_LAYERS blocks")
-    num_layers: int = _m(11, "blocks of the plain GPT (USE_CRAWLER=0)", 1)
-    num_flat_layers: int = _m(8, "unique blocks around the crawler", 0)
-    flat_encoder_layers: int = _m(3, "flat blocks before the crawler (-1 = NUM_FLAT_LAYERS // 2)", -1)
-    num_crawler_layers: int = _m(3, "shared blocks in the crawler (#1736's looped layers 3-5)", 1)
-    crawler_loops: int = _m(3, "passes through the shared blocks (#1736: 3)", 1)
-    crawler_start_frac: float = _f(0.35, "training fraction before which the crawler runs once (#1736)", 0, 1)
-    crawler_mlp_mult: float = _m(4.0, "crawler MLP hidden = mult * MODEL_DIM", 0.25)
-    crawler_mlp_leaky_slope: float = _m(0.5, "crawler LeakyReLU slope (0 = ReLU^2)", 0, 1)
-    crawler_loop_rope_scales: tuple = _m((1, 1, 1), "per-loop RoPE frequency divisors, comma list (Nightcrawler: 9,1,1)")
-    inst_dim: int = _m(0, "flow-instruction bottleneck width (0 = off; crawler seeds: 32)", 0)
-    unet_skips: str = _m("virtual", "U-Net skips over block applications (virtual, #1736) or flat blocks only",
-                         choices=("virtual", "flat"))
-    skip_gates: bool = _m(True, "sigmoid gate on each U-Net skip (#1736)")
-    model_dim: int = _m(512, "residual width", 16)
-    num_heads: int = _m(8, "query heads", 1)
-    num_kv_heads: int = _m(4, "key/value heads (GQA)", 1)
-    mlp_mult: float = _m(4.0, "flat MLP hidden = mult * MODEL_DIM (#1736)", 0.25)
-    mlp_leaky_slope: float = _m(0.5, "flat LeakyReLU slope (0 = ReLU^2)", 0, 1)
-    rope_base: float = _m(10000.0, "RoPE base", 1)
-    rope_dims: int = _m(16, "rotated dims per head (partial RoPE)", 2)
-    qk_gain_init: float = _m(5.25, "initial per-head query gain (#1953)", 0)
-    xsa_last_n: int = _m(11, "exclusive self-attention on the last N distinct blocks", 0)
-    sparse_attn_gate_enabled: bool = _m(True, "per-head sigmoid output gate read from GATE_WINDOW channels (#1787)")
-    gated_attn_enabled: bool = _m(False, "per-head sigmoid output gate read from all channels (#1736)")
-    gate_window: int = _m(12, "channels the sparse attention gate and window SmearGate read (#1787)", 1)
-    sparse_attn_gate_scale: float = _m(0.5, "logit scale of the sparse attention gate (#1855)", 0)
-    gated_attn_init_std: float = _m(0.005, "init std of the dense attention gate (#1736)", 0)
-    parallel_residual_start: int = _m(8, "distinct blocks from this index run two parallel lanes (#1736; -1 = off)", -1)
-    resid_mix: bool = _m(True, "each block mixes the embedding stream x0 into its input (Ouroboros, #1736)")
-    doc_masked_attn: bool = _m(True, "attention never crosses a BOS: varlen segments (#1530)")
-    bigram_vocab_size: int = _m(0, "BigramHash buckets (0 = off; crawler seeds: 2048)", 0)
-    bigram_dim: int = _m(128, "BigramHash embedding width", 1)
-    smear_gate: str = _m("window", "SmearGate: window (#1855, input-dependent, before the norm), channel "
-                         "(crawler seeds, after the norm) or off; never across BOS", choices=("window", "channel", "off"))
-    ve_dim: int = _m(0, "value-embedding width (0 = off; Ouroboros: 128)", 0)
-    ve_layers: tuple = _m((), "distinct blocks whose values add the value embedding, comma list")
-    delta_net_heads: int = _m(0, "DeltaNet crawler memory heads (ClownCar_II; 0 = off)", 0)
-    asym_logit_rescale: bool = _m(False, "two learnable softcaps for positive/negative logits, trained by TTT (#1923)")
-    ln_scale: bool = _m(True, "scale block inputs by 1/sqrt(layer+1)")
-    logit_softcap: float = _m(30.0, "tanh soft cap on logits", 1)
-    tied_embed_init_std: float = _m(0.005, "init std of the tied embedding", 0)
-    fused_ce: bool = _f(True, "fused softcapped cross-entropy (Triton on CUDA, #1787)")
+    use_crawler: bool = _m("1", "flat + crawler model; 0 gives a plain GPT of NUM_LAYERS blocks", "")
+    num_layers: int = _m("11", "blocks of the plain GPT (USE_CRAWLER=0)", "1..")
+    num_flat_layers: int = _m("8", "unique blocks around the crawler", "0..")
+    flat_encoder_layers: int = _m("3", "flat blocks before the crawler (-1 = NUM_FLAT_LAYERS // 2)", "-1..")
+    num_crawler_layers: int = _m("3", "shared blocks in the crawler (#1736's looped layers 3-5)", "1..")
+    crawler_loops: int = _m("3", "passes through the shared blocks (#1736: 3)", "1..")
+    crawler_start_frac: float = _f("0.35", "training fraction before which the crawler runs once (#1736)", "0..1")
+    crawler_mlp_mult: float = _m("4.0", "crawler MLP hidden = mult * MODEL_DIM", "0.25..")
+    crawler_mlp_leaky_slope: float = _m("0.5", "crawler LeakyReLU slope (0 = ReLU^2)", "0..1")
+    crawler_loop_rope_scales: str = _m("1,1,1", "per-loop RoPE frequency divisors (Nightcrawler: 9,1,1)", "")
+    inst_dim: int = _m("0", "flow-instruction bottleneck width (0 = off; crawler seeds: 32)", "0..")
+    unet_skips: str = _m("virtual", "U-Net skips over block applications (#1736) or flat blocks", "virtual|flat")
+    skip_gates: bool = _m("1", "sigmoid gate on each U-Net skip (#1736)", "")
+    model_dim: int = _m("512", "residual width", "16..")
+    num_heads: int = _m("8", "query heads", "1..")
+    num_kv_heads: int = _m("4", "key/value heads (GQA)", "1..")
+    mlp_mult: float = _m("4.0", "flat MLP hidden = mult * MODEL_DIM (#1736)", "0.25..")
+    mlp_leaky_slope: float = _m("0.5", "flat LeakyReLU slope (0 = ReLU^2)", "0..1")
+    rope_base: float = _m("10000.0", "RoPE base", "1..")
+    rope_dims: int = _m("16", "rotated dims per head (partial RoPE)", "2..")
+    qk_gain_init: float = _m("5.25", "initial per-head query gain (#1953)", "0..")
+    xsa_last_n: int = _m("11", "exclusive self-attention on the last N distinct blocks", "0..")
+    sparse_attn_gate_enabled: bool = _m("1", "per-head sigmoid output gate read from GATE_WINDOW channels (#1787)", "")
+    gated_attn_enabled: bool = _m("0", "per-head sigmoid output gate read from all channels (#1736)", "")
+    gate_window: int = _m("12", "channels the sparse attention gate and window SmearGate read (#1787)", "1..")
+    sparse_attn_gate_scale: float = _m("0.5", "logit scale of the sparse attention gate (#1855)", "0..")
+    gated_attn_init_std: float = _m("0.005", "init std of the dense attention gate (#1736)", "0..")
+    parallel_residual_start: int = _m("8", "first block with two parallel lanes (#1736; -1 = off)", "-1..")
+    resid_mix: bool = _m("1", "each block mixes the embedding stream x0 into its input (Ouroboros, #1736)", "")
+    doc_masked_attn: bool = _m("1", "attention never crosses a BOS: varlen segments (#1530)", "")
+    bigram_vocab_size: int = _m("0", "BigramHash buckets (0 = off; crawler seeds: 2048)", "0..")
+    bigram_dim: int = _m("128", "BigramHash embedding width", "1..")
+    smear_gate: str = _m("window", "BOS-masked SmearGate: window (#1855) or channel (seeds)", "window|channel|off")
+    ve_dim: int = _m("0", "value-embedding width (0 = off; Ouroboros: 128)", "0..")
+    ve_layers: str = _m("", "distinct blocks whose values add the value embedding, comma list", "")
+    delta_net_heads: int = _m("0", "DeltaNet crawler memory heads (ClownCar_II; 0 = off)", "0..")
+    asym_logit_rescale: bool = _m("0", "learnable +/- logit softcaps, trained by TTT only (#1923)", "")
+    ln_scale: bool = _m("1", "scale block inputs by 1/sqrt(layer+1)", "")
+    logit_softcap: float = _m("30.0", "tanh soft cap on logits", "1..")
+    tied_embed_init_std: float = _m("0.005", "init std of the tied embedding", "0..")
+    fused_ce: bool = _f("1", "fused softcapped cross-entropy (Triton on CUDA, #1787)", "")
     # --- optimizers ---
-    matrix_lr: float = _f(0.026, "Muon LR for 2-D block matrices (#1736)", 0)
-    embed_lr: float = _f(0.03, "AdamW LR for embeddings, tied head included (#1736)", 0)
-    scalar_lr: float = _f(0.02, "AdamW LR for gains, scales, gates (#1736)", 0)
-    muon_momentum: float = _f(0.97, "Muon momentum after warmup (#1736)", 0, 1)
-    muon_momentum_warmup_start: float = _f(0.92, "Muon momentum at step 0", 0, 1)
-    muon_momentum_warmup_steps: int = _f(1500, "steps to reach MUON_MOMENTUM", 0)
-    muon_backend_steps: int = _f(5, "Newton-Schulz iterations (Polar-Express coefficients for the first 5)", 1, 20)
-    muon_ns: str = _f("polar", "Newton-Schulz coefficients: polar (#1344/#1787) or quintic (modded-nanogpt)",
-                      choices=("polar", "quintic"))
-    muon_row_norm: bool = _f(True, "normalise each update row before Newton-Schulz (MuonEq-R, #1736)")
-    muon_wd: float = _f(0.095, "decoupled weight decay on Muon matrices (#1736)", 0)
-    embed_wd: float = _f(0.085, "decoupled weight decay on embeddings (#1736)", 0)
-    adam_wd: float = _f(0.02, "decoupled weight decay on scalars and gates (#1855)", 0)
-    beta1: float = _f(0.9, "AdamW beta1", 0, 1)
-    beta2: float = _f(0.99, "AdamW beta2 (#1855)", 0, 1)
-    adam_eps: float = _f(1e-8, "AdamW epsilon", 0)
-    grad_clip_norm: float = _f(0.3, "global grad-norm clip (0 = off)", 0)
-    skip_ema: bool = _f(False, "turn off the EMA of the weights (on by default, #1736)")
-    ema_decay: float = _f(0.9965, "EMA decay (#1736)", 0, 1)
-    swa_every: int = _f(0, "SWA instead of EMA: average every N steps once LR scale < 0.2 (0 = off)", 0)
+    matrix_lr: float = _f("0.026", "Muon LR for 2-D block matrices (#1736)", "0..")
+    embed_lr: float = _f("0.03", "AdamW LR for embeddings, tied head included (#1736)", "0..")
+    scalar_lr: float = _f("0.02", "AdamW LR for gains, scales, gates (#1736)", "0..")
+    muon_momentum: float = _f("0.97", "Muon momentum after warmup (#1736)", "0..1")
+    muon_momentum_warmup_start: float = _f("0.92", "Muon momentum at step 0", "0..1")
+    muon_momentum_warmup_steps: int = _f("1500", "steps to reach MUON_MOMENTUM", "0..")
+    muon_backend_steps: int = _f("5", "Newton-Schulz iterations (Polar-Express coefficients for the first 5)", "1..20")
+    muon_ns: str = _f("polar", "Newton-Schulz: Polar Express (#1787) or quintic", "polar|quintic")
+    muon_row_norm: bool = _f("1", "normalise each update row before Newton-Schulz (MuonEq-R, #1736)", "")
+    muon_wd: float = _f("0.095", "decoupled weight decay on Muon matrices (#1736)", "0..")
+    embed_wd: float = _f("0.085", "decoupled weight decay on embeddings (#1736)", "0..")
+    adam_wd: float = _f("0.02", "decoupled weight decay on scalars and gates (#1855)", "0..")
+    beta1: float = _f("0.9", "AdamW beta1", "0..1")
+    beta2: float = _f("0.99", "AdamW beta2 (#1855)", "0..1")
+    adam_eps: float = _f("1e-08", "AdamW epsilon", "0..")
+    grad_clip_norm: float = _f("0.3", "global grad-norm clip (0 = off)", "0..")
+    skip_ema: bool = _f("0", "turn off the EMA of the weights (on by default, #1736)", "")
+    ema_decay: float = _f("0.9965", "EMA decay (#1736)", "0..1")
+    swa_every: int = _f("0", "SWA instead of EMA: average every N steps once LR scale < 0.2 (0 = off)", "0..")
     # --- calibration, quantization, packing ---
-    skip_gptq: bool = _f(False, "round-to-nearest instead of GPTQ")
-    loop_aware_gptq: bool = _f(True, "re-collect crawler Hessians through the quantized flat layers (#1283)")
-    gptq_cal_samples: int = _f(768, "calibration sequences (training data), over all ranks (#1855: ~1.57M tokens)", 1)
-    gptq_cal_seq_len: int = _f(2048, "calibration sequence length (0 = TRAIN_SEQ_LEN)", 0)
-    gptq_damp: float = _f(0.01, "GPTQ damping as a fraction of the mean Hessian diagonal (#1855)", 0)
-    gptq_damp_embed: float = _f(0.0, "embedding damping (0 = GPTQ_DAMP; #2051: 0.005)", 0)
-    gptq_damp_mlp: float = _f(0.0, "MLP damping (0 = GPTQ_DAMP; #2051: 0.02)", 0)
-    embed_bits: int = _f(7, "bits of the tied embedding, quantized by GPTQ (#1855)", 6, 8)
-    mlp_clip_sigmas: float = _f(11.5, "MLP per-row step = k std devs / qmax (#1855; 0 = search the clip)", 0)
-    attn_clip_sigmas: float = _f(13.0, "attention per-row step = k std devs / qmax (#1855; 0 = search)", 0)
-    embed_clip_sigmas: float = _f(14.0, "embedding per-row step = k std devs / qmax (#1855; 0 = search)", 0)
-    gated_attn_quant_gate: bool = _f(True, "store attention gate rows as int8 instead of fp16 (#1736)")
-    crawler_quant_int8: bool = _f(False, "crawler matrices as int8 per row instead of int6 GPTQ (ClownCar #990)")
-    lqer_rank: int = _f(4, "LQER low-rank correction of the GPTQ error (#1797; 0 = off)", 0)
-    lqer_top_k: int = _f(3, "tensors with the largest GPTQ error that get LQER (#1797)", 0)
-    awq_groups: int = _f(1, "AWQ-lite: 64-column groups promoted to int8 by activation salience (#1908)", 0)
-    compressor: str = _f("pergroup", "artifact compressor: per-group packing (#1855) or one stream",
-                         choices=("pergroup", "brotli", "zstd", "lzma"))
-    artifact_limit_bytes: int = _f(16_000_000, "cap on model + code bytes (decimal)", 1)
-    artifact_fit: bool = _f(True, "widen the int6 steps just enough that the estimated artifact fits the cap")
-    skip_train: bool = _f(False, "skip training: calibrate, quantize, pack and evaluate INIT_MODEL_PATH")
-    init_model_path: str = _f("", "float checkpoint for SKIP_TRAIN (default OUTPUT_DIR/final_model.pt)")
+    skip_gptq: bool = _f("0", "round-to-nearest instead of GPTQ", "")
+    loop_aware_gptq: bool = _f("1", "re-collect crawler Hessians through the quantized flat layers (#1283)", "")
+    gptq_cal_samples: int = _f("768", "calibration sequences of training data, all ranks (#1855)", "1..")
+    gptq_cal_seq_len: int = _f("2048", "calibration sequence length (0 = TRAIN_SEQ_LEN)", "0..")
+    gptq_damp: float = _f("0.01", "GPTQ damping as a fraction of the mean Hessian diagonal (#1855)", "0..")
+    gptq_damp_embed: float = _f("0.0", "embedding damping (0 = GPTQ_DAMP; #2051: 0.005)", "0..")
+    gptq_damp_mlp: float = _f("0.0", "MLP damping (0 = GPTQ_DAMP; #2051: 0.02)", "0..")
+    embed_bits: int = _f("7", "bits of the tied embedding, quantized by GPTQ (#1855)", "6..8")
+    mlp_clip_sigmas: float = _f("11.5", "MLP per-row step = k std devs / qmax (#1855; 0 = search the clip)", "0..")
+    attn_clip_sigmas: float = _f("13.0", "attention per-row step = k std devs / qmax (#1855; 0 = search)", "0..")
+    embed_clip_sigmas: float = _f("14.0", "embedding per-row step = k std devs / qmax (#1855; 0 = search)", "0..")
+    gated_attn_quant_gate: bool = _f("1", "store attention gate rows as int8 instead of fp16 (#1736)", "")
+    crawler_quant_int8: bool = _f("0", "crawler matrices as int8 per row instead of int6 GPTQ (ClownCar #990)", "")
+    lqer_rank: int = _f("4", "LQER low-rank correction of the GPTQ error (#1797; 0 = off)", "0..")
+    lqer_top_k: int = _f("3", "tensors with the largest GPTQ error that get LQER (#1797)", "0..")
+    awq_groups: int = _f("1", "AWQ-lite: 64-column groups promoted to int8 by activation salience (#1908)", "0..")
+    compressor: str = _f("pergroup", "per-group packing (#1855) or one stream", "pergroup|brotli|zstd|lzma")
+    artifact_limit_bytes: int = _f("16_000_000", "cap on model + code bytes (decimal)", "1..")
+    artifact_fit: bool = _f("1", "widen the int6 steps just enough that the estimated artifact fits the cap", "")
+    skip_train: bool = _f("0", "skip training: calibrate, quantize, pack and evaluate INIT_MODEL_PATH", "")
+    init_model_path: str = _f("", "float checkpoint for SKIP_TRAIN (default OUTPUT_DIR/final_model.pt)", "")
     # --- evaluation and test-time training ---
-    eval_seq_len: int = _f(3072, "evaluation window length (#2014)", 8)
-    eval_stride: int = _f(64, "sliding-window stride (tokens scored per window after the first)", 1)
-    sliding_eval: bool = _f(True, "run the sliding-window evaluation (dropped first when the budget is short)")
-    eval_batch_tokens: int = _f(262_144, "tokens per evaluation forward on each rank", 1)
-    eval_budget_seconds: float = _f(600.0, "evaluation time budget; the plan is cut to fit before scoring", 1)
-    ttt_enabled: bool = _f(True, "phased score-first test-time training after the plain evaluations")
-    ttt_lora_rank: int = _f(80, "rank of the per-document LoRA (#1855)", 1)
-    ttt_lora_alpha: float = _f(144.0, "LoRA output scale alpha/rank (#1855)", 0)
-    ttt_lora_lr: float = _f(1e-4, "LoRA AdamW learning rate (#1736)", 0)
-    ttt_local_lr_mult: float = _f(0.75, "multiplier on TTT_LORA_LR (#1953)", 0)
-    ttt_beta2: float = _f(0.99, "LoRA AdamW beta2, beta1 = 0 (#1855)", 0, 1)
-    ttt_weight_decay: float = _f(0.5, "decoupled weight decay on the LoRA (#1855)", 0)
-    ttt_warm_start_a: bool = _f(True, "carry each LoRA slot's A to the next batch on the rank (#1855)")
-    ttt_mask: str = _f("no_qv", "LoRA adapters: all (Q,K,V,O,MLP,head) or no_qv (#1953)", choices=("all", "no_qv"))
-    ttt_chunk_size: int = _f(48, "tokens scored per chunk before each LoRA step (#1855)", 1)
-    ttt_short_chunks: str = _f("256:8,2000:24", "MAXLEN:CHUNK for batches of short documents (#2014); empty = off")
-    ttt_batch_docs: int = _f(24, "documents adapted in parallel per batch (#2014)", 1)
-    phased_ttt_prefix_docs: int = _f(2500, "scored documents whose tokens feed the global SGD phases (#1855)", 0)
-    phased_ttt_num_phases: int = _f(1, "global SGD phases over cumulative prefixes of the scored documents (#2014)", 0)
-    ttt_global_lr: float = _f(1e-3, "peak SGD LR of the global phases, cosine to 0 (#1855)", 0)
-    ttt_global_chunk_tokens: int = _f(32_768, "tokens per global SGD step (#1855)", 1)
+    eval_seq_len: int = _f("3072", "evaluation window length (#2014)", "8..")
+    eval_stride: int = _f("64", "sliding-window stride (tokens scored per window after the first)", "1..")
+    sliding_eval: bool = _f("1", "run the sliding-window evaluation (dropped first when the budget is short)", "")
+    eval_batch_tokens: int = _f("262_144", "tokens per evaluation forward on each rank", "1..")
+    eval_budget_seconds: float = _f("600.0", "evaluation time budget; the plan is cut to fit before scoring", "1..")
+    ttt_enabled: bool = _f("1", "phased score-first test-time training after the plain evaluations", "")
+    ttt_lora_rank: int = _f("80", "rank of the per-document LoRA (#1855)", "1..")
+    ttt_lora_alpha: float = _f("144.0", "LoRA output scale alpha/rank (#1855)", "0..")
+    ttt_lora_lr: float = _f("0.0001", "LoRA AdamW learning rate (#1736)", "0..")
+    ttt_local_lr_mult: float = _f("0.75", "multiplier on TTT_LORA_LR (#1953)", "0..")
+    ttt_beta2: float = _f("0.99", "LoRA AdamW beta2, beta1 = 0 (#1855)", "0..1")
+    ttt_weight_decay: float = _f("0.5", "decoupled weight decay on the LoRA (#1855)", "0..")
+    ttt_warm_start_a: bool = _f("1", "carry each LoRA slot's A to the next batch on the rank (#1855)", "")
+    ttt_mask: str = _f("no_qv", "LoRA adapters: all (Q,K,V,O,MLP,head) or no_qv (#1953)", "all|no_qv")
+    ttt_chunk_size: int = _f("48", "tokens scored per chunk before each LoRA step (#1855)", "1..")
+    ttt_short_chunks: str = _f("256:8,2000:24", "MAXLEN:CHUNK for batches of short documents (#2014); empty = off", "")
+    ttt_batch_docs: int = _f("24", "documents adapted in parallel per batch (#2014)", "1..")
+    phased_ttt_prefix_docs: int = _f("2500", "scored documents whose tokens feed the global SGD phases (#1855)", "0..")
+    phased_ttt_num_phases: int = _f("1", "global SGD phases over scored-document prefixes (#2014)", "0..")
+    ttt_global_lr: float = _f("0.001", "peak SGD LR of the global phases, cosine to 0 (#1855)", "0..")
+    ttt_global_chunk_tokens: int = _f("32768", "tokens per global SGD step (#1855)", "1..")
     # --- device ---
-    compile_enabled: bool = _f(True, "torch.compile the model on CUDA")
-    compile_fullgraph: bool = _f(True, "compile with fullgraph=True")
+    compile_enabled: bool = _f("1", "torch.compile the model on CUDA", "")
+    compile_fullgraph: bool = _f("1", "compile with fullgraph=True", "")
 
     # ---------------------------------------------------------------- derived properties
     @property
@@ -223,6 +261,14 @@ class Config:
     @property
     def n_blocks(self) -> int:
         return self.n_encoder + self.n_crawler + self.n_decoder
+
+    @property
+    def loop_rope_scales(self) -> tuple[int, ...]:
+        return int_list(self.crawler_loop_rope_scales, "CRAWLER_LOOP_ROPE_SCALES")
+
+    @property
+    def ve_blocks(self) -> tuple[int, ...]:
+        return int_list(self.ve_layers, "VE_LAYERS")
 
     @property
     def n_loops(self) -> int:
@@ -277,29 +323,11 @@ SEED_RENAMES = {  # names the frontier seeds use for what this trainer calls oth
 }
 
 
-class ConfigError(ValueError):
-    """A configuration problem found before any work was done; the message names the fix."""
-
-
-def _parse(name: str, raw: str, typ) -> object:
-    raw = raw.strip()
+def int_list(raw: str, name: str) -> tuple[int, ...]:
     try:
-        if typ is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError
-        if typ is int:
-            return int(float(raw)) if "e" in raw.lower() else int(raw)
-        if typ is float:
-            return float(raw)
-        if typ is tuple:
-            return tuple(int(x) for x in raw.split(",") if x.strip())
-        return raw
+        return tuple(int(x) for x in raw.split(",") if x.strip())
     except ValueError:
-        kind = {bool: "0 or 1", int: "an integer", float: "a number", tuple: "a comma list of integers"}[typ]
-        raise ConfigError(f"{name}={raw!r} is not {kind}") from None
+        raise ConfigError(f"{name}={raw!r} is not a comma list of integers") from None
 
 
 def unknown_env_report(environ: typing.Mapping[str, str]) -> list[str]:
@@ -328,9 +356,8 @@ def load_config(environ: typing.Mapping[str, str] | None = None) -> tuple[Config
 
 
 def config_from_dict(d: dict) -> Config:
-    """A Config saved as a dict (checkpoint, artifact header); JSON turns tuples into lists."""
-    hints = typing.get_type_hints(Config)
-    return Config(**{k: (tuple(v) if hints[k] is tuple else v) for k, v in d.items()})
+    """A Config saved as a dict (checkpoint, artifact header)."""
+    return Config(**d)
 
 
 def load_config_explicit(environ: typing.Mapping[str, str] | None = None) -> tuple[Config, list[str], set[str]]:
@@ -391,8 +418,8 @@ def shape_errors(cfg: Config) -> list[str]:
         errs.append(f"DELTA_NET_HEADS={cfg.delta_net_heads} does not divide MODEL_DIM={cfg.model_dim}")
     if cfg.bigram_vocab_size == 1:
         errs.append("BIGRAM_VOCAB_SIZE must be 0 (off) or at least 2")
-    if any(not 0 <= i < cfg.n_blocks for i in cfg.ve_layers):
-        errs.append(f"VE_LAYERS={','.join(map(str, cfg.ve_layers))} names blocks outside 0..{cfg.n_blocks - 1}")
+    if any(not 0 <= i < cfg.n_blocks for i in cfg.ve_blocks):
+        errs.append(f"VE_LAYERS={cfg.ve_layers} names blocks outside 0..{cfg.n_blocks - 1}")
     if cfg.ve_layers and not cfg.ve_dim:
         errs.append("VE_LAYERS is set but VE_DIM=0; set VE_DIM")
     if 0 <= cfg.parallel_residual_start < cfg.n_encoder + cfg.n_crawler:
@@ -404,8 +431,8 @@ def shape_errors(cfg: Config) -> list[str]:
 def crawler_errors(cfg: Config) -> list[str]:
     errs = []
     if cfg.use_crawler:
-        if len(cfg.crawler_loop_rope_scales) < cfg.crawler_loops or min(cfg.crawler_loop_rope_scales, default=1) < 1:
-            errs.append(f"CRAWLER_LOOP_ROPE_SCALES={','.join(map(str, cfg.crawler_loop_rope_scales))} needs at "
+        if len(cfg.loop_rope_scales) < cfg.crawler_loops or min(cfg.loop_rope_scales, default=1) < 1:
+            errs.append(f"CRAWLER_LOOP_ROPE_SCALES={cfg.crawler_loop_rope_scales} needs at "
                         f"least CRAWLER_LOOPS={cfg.crawler_loops} positive entries")
         if cfg.n_encoder > cfg.num_flat_layers:
             errs.append(f"FLAT_ENCODER_LAYERS={cfg.flat_encoder_layers} exceeds NUM_FLAT_LAYERS={cfg.num_flat_layers}")
@@ -461,8 +488,7 @@ def config_reference_markdown() -> str:
     """The README's configuration table, generated from the dataclass."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(Config):
-        d = f.default
-        d = ",".join(map(str, d)) if isinstance(d, tuple) else (int(d) if isinstance(d, bool) else d)
+        d = int(f.default) if isinstance(f.default, bool) else f.default
         rows.append(f"| `{f.name.upper()}` | `{d}` | {f.metadata['help']} |")
     return "\n".join(rows)
 
@@ -546,8 +572,11 @@ def probe_traceable(backend: AttentionBackend, device: torch.device, doc_masked:
     return None
 
 
-def choose_attention(cfg: Config, device: torch.device, compiled: bool, log_lines: list[str]) -> AttentionBackend:
-    fa3, fa3_varlen = load_fa3() if device.type == "cuda" else (None, None)
+def choose_attention(cfg: Config, device: torch.device, compiled: bool, log_lines: list[str],
+                     look_for_fa3: bool | None = None) -> AttentionBackend:
+    """FA3 when it is importable (on CUDA) and, for a compiled run, traces; SDPA otherwise, said in the log."""
+    look = device.type == "cuda" if look_for_fa3 is None else look_for_fa3
+    fa3, fa3_varlen = load_fa3() if look else (None, None)
     if fa3 is None:
         return SDPA
     backend = AttentionBackend("fa3", fa3, fa3_varlen)
@@ -605,6 +634,16 @@ def setup_runtime(cfg: Config) -> Runtime:
     hardware = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
     return Runtime(rank, world_size, local_rank, device, torch.bfloat16 if cuda else None, compiled, attn, hardware,
                    tuple(notes))
+
+
+def compile_model(model: nn.Module, cfg: Config, rt: Runtime, dynamic: bool = False) -> nn.Module:
+    """The one place models are compiled (CUDA only): training and the windowed evaluations with static shapes,
+    TTT with dynamic ones (its chunk widths and active rows vary). The residual stream runs in the autocast
+    dtype (bf16 on CUDA, as Ouroboros) instead of fp32: half the activation bytes per block."""
+    model.act_dtype = rt.autocast_dtype
+    if not rt.compile:
+        return model
+    return torch.compile(model, fullgraph=cfg.compile_fullgraph, dynamic=dynamic)
 
 
 class Logger:
@@ -1360,8 +1399,8 @@ class ValueEmbedding(nn.Module):
         self.proj = nn.Linear(cfg.ve_dim, kv, bias=False)
         nn.init.orthogonal_(self.proj.weight, gain=proj_gain)
         self.scale = nn.Parameter(torch.tensor(0.1))
-        self.layer_scales = nn.Parameter(torch.ones(len(cfg.ve_layers)))
-        self.slot_of = {b: i for i, b in enumerate(cfg.ve_layers)}
+        self.layer_scales = nn.Parameter(torch.ones(len(cfg.ve_blocks)))
+        self.slot_of = {b: i for i, b in enumerate(cfg.ve_blocks)}
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.proj(self.embed(ids)) * self.scale
@@ -1383,7 +1422,7 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, seg: Tenso
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         beta = F.pad(beta, (0, pad))
-        seg = F.pad(seg, (0, pad), value=int(seg.max()) + 1)
+        seg = F.pad(seg, (0, pad), value=-2)  # padding is a document of its own (ids are >= 0; -1 marks "none")
     n = (T + pad) // chunk
     q, k, v = (t.float().reshape(B, H, n, chunk, -1) for t in (q * D ** -0.5, k, v))
     beta = beta.float().reshape(B, H, n, chunk, 1)
@@ -1535,17 +1574,16 @@ class GPT(nn.Module):
         self.delta = DeltaMemory(cfg) if (cfg.n_crawler and cfg.delta_net_heads) else None
         # Asymmetric logit softcaps (#1923): start equal to LOGIT_SOFTCAP, frozen in training, trained by TTT.
         self.softcaps = nn.Parameter(torch.full((2,), cfg.logit_softcap)) if cfg.asym_logit_rescale else None
-        self.rope_scales = tuple(float(s) for s in cfg.crawler_loop_rope_scales[:cfg.n_loops])
+        self.rope_scales = tuple(float(s) for s in cfg.loop_rope_scales[:cfg.n_loops])
         self.active_loops = cfg.n_loops if cfg.crawler_start_frac == 0 else min(cfg.n_loops, 1)
-        self._plans: dict[int, tuple[App, ...]] = {}
+        self.plans = {n: application_plan(cfg, n) for n in range(cfg.n_loops + 1)}  # static: nothing built in forward
+        self.act_dtype: torch.dtype | None = None  # bf16 on CUDA: the residual stream stays in it (build_model)
 
     def set_active_loops(self, n: int) -> None:
         self.active_loops = n
 
     def plan(self) -> tuple[App, ...]:
-        if self.active_loops not in self._plans:
-            self._plans[self.active_loops] = application_plan(self.cfg, self.active_loops)
-        return self._plans[self.active_loops]
+        return self.plans[self.active_loops]
 
     def embed(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids)
@@ -1568,7 +1606,8 @@ class GPT(nn.Module):
     def hidden(self, ids: Tensor, seg: Segments | None = None, lora: BatchedLoRA | None = None) -> Tensor:
         """The final-normed hidden state (the tied head's input)."""
         cfg, T = self.cfg, ids.size(1)
-        x = x0 = self.embed(ids)
+        x = self.embed(ids)
+        x = x0 = x if self.act_dtype is None else x.to(self.act_dtype)
         ve = self.ve(ids) if self.ve is not None else None
         ropes = {1.0: rope_tables(T, cfg.rope_dims, cfg.rope_base, 1.0, ids.device, x.dtype)}
         for s in self.rope_scales:
@@ -2749,13 +2788,13 @@ def role_streams(qm: dict, plan: PackPlan) -> tuple[list[tuple[str, bytes]], byt
     return streams, order_bytes, where
 
 
-def pack_artifact(qm: dict[str, QTensor | Tensor], cfg: Config, compressor: str) -> bytes:
+def pack_artifact(qm: dict[str, QTensor | Tensor], cfg: Config, compressor: str, plan: PackPlan | None = None) -> bytes:
     """magic | u16 version | u32 crc32 | u64 length | payload. Payload: u32 header length | JSON header
     (config, pack plan, tensor table, stream lengths) | streams: one per role (its codec), the remainder
     (int8 region + byte-shuffled fp16 region) and the row orders (uint16), each compressed."""
     import zlib
 
-    plan = PackPlan.build(qm, compressor)
+    plan = plan or PackPlan.build(qm, compressor)
     roles, order_bytes, where = role_streams(qm, plan)
     table = [tensor_entry(n, qm[n], where) for n in sorted(qm)]
     ints, halves = remainder_parts(table, qm)
@@ -2932,14 +2971,10 @@ def eval_windows(model: nn.Module, val: ValidationData, seq_len: int, stride: in
     """Windowed scoring split across ranks; exact sums all-reduced. With document masking a window's tokens
     attend only within their own document, as in training."""
     wins = sliding_windows(val.tokens.numel() - 1, seq_len, stride)[rt.rank::rt.world_size]
-    per_batch = max(1, batch_tokens // seq_len)
     sums = EvalSums()
     model.eval()
     with torch.no_grad():
-        i = 0
-        while i < len(wins):
-            group = [w for w in wins[i:i + per_batch] if w[1] == wins[i][1]]  # equal lengths stack
-            i += len(group)
+        for group in window_batches(wins, max(1, batch_tokens // seq_len)):
             length = group[0][1]
             idx = torch.tensor([w[0] for w in group])[:, None] + torch.arange(length + 1)[None]
             chunk = val.tokens[idx]
@@ -3089,7 +3124,8 @@ def reset_lora(lora: BatchedLoRA, opt: torch.optim.Optimizer, cfg: Config, batch
     opt.state.clear()
 
 
-def global_sgd(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg: Config, rt: Runtime) -> int:
+def global_sgd(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg: Config, rt: Runtime,
+               compiled: nn.Module | None = None) -> int:
     """One pass of SGD (momentum 0.9) over the base model on documents that have all been scored already:
     TTT_GLOBAL_CHUNK_TOKENS per step, cosine LR from TTT_GLOBAL_LR to 0, the last chunk skipped, attention
     kept within documents, gradients clipped at 1 (#1855). Returns the number of steps."""
@@ -3110,7 +3146,7 @@ def global_sgd(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg
             x, y = r[None, :-1], r[None, 1:]
             seg = make_segments(x, val.bos_id, L, rt.device) if cfg.doc_masked_attn else None
             with rt.autocast():
-                loss = model(x.to(rt.device), y.to(rt.device), seg).sum() / total
+                loss = (compiled or model)(x.to(rt.device), y.to(rt.device), seg).sum() / total
             loss.backward()
         sync_grads_(params, rt, average=False)  # each rank's loss is already divided by the global token count
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -3121,7 +3157,7 @@ def global_sgd(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg
 
 
 def ttt_eval(model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Logger, adapt: bool = True,
-             hook: ScoreHook | None = None) -> EvalSums:
+             hook: ScoreHook | None = None, compiled: nn.Module | None = None) -> EvalSums:
     """Phased score-first TTT (#1736 lineage): documents are scored in batches, longest first, each adapting
     its own LoRA chunk by chunk. After the first b_k documents have been scored (b_k = cumulative prefix
     boundaries of PHASED_TTT_PREFIX_DOCS over PHASED_TTT_NUM_PHASES), the base model takes a global SGD pass
@@ -3138,12 +3174,12 @@ def ttt_eval(model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Log
         for i in range(start, end):
             if sched.owner[i] == rt.rank:
                 reset_lora(lora, opt, cfg, i)
-                sums.merge(ttt_score_batch(model, lora, opt, val, sched.batches[i], cfg, rt, adapt, hook))
+                sums.merge(ttt_score_batch(compiled or model, lora, opt, val, sched.batches[i], cfg, rt, adapt, hook))
         start = end
         if n_docs:
             barrier()
             scored = [d for b in sched.batches[:end] for d in b][:n_docs]
-            steps = global_sgd(model, val, scored, cfg, rt)
+            steps = global_sgd(model, val, scored, cfg, rt, compiled)
             lora, opt = new_lora(cfg, rt, cfg.seed * 7919 + rt.rank + 104_729 * end)  # a fresh A after each phase (#1855)
             log(f"ttt:phase docs:{n_docs} global_sgd_steps:{steps} elapsed:{time.perf_counter() - t0:.1f}s")
     return sums.reduce(rt)
@@ -3168,32 +3204,59 @@ class EvalPlan:
 
 @dataclass(frozen=True)
 class EvalCosts:
-    """Seconds per token position of a forward (no grad) and of a forward + backward, measured on the device
-    on random tokens (never validation), plus the fixed cost of a global SGD step."""
+    """The time model: seconds per token position and per call, of a forward (no grad) and of a TTT step
+    (LoRA forward + backward + AdamW), measured on the device on random tokens (never validation)."""
     fwd_s: float
     train_s: float
+    fwd_call_s: float = 0.0
+    train_call_s: float = 0.0
+
+    def seconds(self, work: dict) -> dict:
+        return {"roundtrip": work["roundtrip"][0] * self.fwd_s + work["roundtrip"][1] * self.fwd_call_s,
+                "sliding": work["sliding"][0] * self.fwd_s + work["sliding"][1] * self.fwd_call_s,
+                "ttt": work["ttt"][0] * self.train_s + work["ttt"][1] * self.train_call_s}
+
+
+def window_work(n_targets: int, cfg: Config, stride: int, world: int) -> tuple[float, int]:
+    """(token positions, forward calls) of a windowed evaluation on rank 0, batched as eval_windows batches."""
+    wins = sliding_windows(n_targets, cfg.eval_seq_len, stride)[::world]
+    return sum(w[1] for w in wins), len(window_batches(wins, max(1, cfg.eval_batch_tokens // cfg.eval_seq_len)))
+
+
+def window_batches(wins: list[tuple[int, int, int]], per_batch: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive windows of equal length, at most `per_batch` at a time (they stack into one forward)."""
+    out, i = [], 0
+    while i < len(wins):
+        group = [w for w in wins[i:i + per_batch] if w[1] == wins[i][1]]
+        out.append(group)
+        i += len(group)
+    return out
+
+
+def ttt_work(plan: EvalPlan, docs: list[tuple[int, int]], cfg: Config, world: int) -> tuple[float, int]:
+    """(token positions, steps) of TTT on the busiest rank: its batches' chunks plus its share of global SGD."""
+    sched = ttt_schedule(docs, cfg, world, plan.phases, plan.prefix_docs)
+    tokens, calls = [0.0] * world, [0] * world
+    for b, r in zip(sched.batches, sched.owner):
+        tokens[r] += batch_cost(b, cfg)
+        calls[r] += math.ceil(max(e - s for s, e in b) / chunk_size_for(cfg, max(e - s for s, e in b)))
+    lens = [e - s + 1 for b in sched.batches for s, e in b]
+    sgd_tokens = sum(sum(lens[:n]) for n in sched.phase_docs)
+    sgd_calls = sum(math.ceil(sum(lens[:n]) / cfg.ttt_global_chunk_tokens) for n in sched.phase_docs)
+    r = max(range(world), key=lambda i: tokens[i])
+    return tokens[r] + sgd_tokens / world, calls[r] + sgd_calls * math.ceil(
+        cfg.ttt_global_chunk_tokens / cfg.eval_seq_len / world)
 
 
 def plan_token_work(plan: EvalPlan, docs: list[tuple[int, int]], n_targets: int, cfg: Config, world: int) -> dict:
-    """Token positions each stage processes on the busiest rank: the time model's inputs."""
-    work = {"roundtrip": n_targets / world, "sliding": 0.0, "ttt_score": 0.0, "ttt_sgd": 0.0}
-    if plan.sliding:
-        work["sliding"] = sum(w[1] for w in sliding_windows(n_targets, cfg.eval_seq_len, cfg.eval_stride)) / world
-    if plan.ttt:
-        sched = ttt_schedule(docs, cfg, world, plan.phases, plan.prefix_docs)
-        per_rank = [0] * world
-        for b, r in zip(sched.batches, sched.owner):
-            per_rank[r] += batch_cost(b, cfg)
-        work["ttt_score"] = max(per_rank)
-        lens = [e - s + 1 for b in sched.batches for s, e in b]
-        work["ttt_sgd"] = sum(sum(lens[:n]) for n in sched.phase_docs) / world
-    return work
+    """(token positions, calls) each stage runs on the busiest rank: the time model's inputs."""
+    return {"roundtrip": window_work(n_targets, cfg, cfg.eval_seq_len, world),
+            "sliding": window_work(n_targets, cfg, cfg.eval_stride, world) if plan.sliding else (0.0, 0),
+            "ttt": ttt_work(plan, docs, cfg, world) if plan.ttt else (0.0, 0)}
 
 
 def project_seconds(plan: EvalPlan, docs, n_targets: int, cfg: Config, world: int, costs: EvalCosts) -> dict:
-    w = plan_token_work(plan, docs, n_targets, cfg, world)
-    return {"roundtrip": w["roundtrip"] * costs.fwd_s, "sliding": w["sliding"] * costs.fwd_s,
-            "ttt": (w["ttt_score"] + w["ttt_sgd"]) * costs.train_s}
+    return costs.seconds(plan_token_work(plan, docs, n_targets, cfg, world))
 
 
 def fit_plan(cfg: Config, docs, n_targets: int, world: int, costs: EvalCosts, budget_s: float,
@@ -3218,25 +3281,42 @@ def fit_plan(cfg: Config, docs, n_targets: int, world: int, costs: EvalCosts, bu
     return plan
 
 
-def measure_costs(model: GPT, cfg: Config, rt: Runtime, seq: int = 256, rows: int = 4) -> EvalCosts:
-    """Time a forward and a forward + backward on random tokens (no validation data reaches this)."""
+def measure_costs(model: nn.Module, cfg: Config, rt: Runtime, seq: int = 256, rows: int = 4) -> EvalCosts:
+    """Fit t = per_call + per_token * tokens for a forward and for a TTT step (LoRA forward + backward + AdamW)
+    from a small and a large call on random tokens (no validation data reaches this; on CUDA it also compiles)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (rows, seq + 1), generator=g).to(rt.device)
-    out = []
-    for grad in (False, True):
-        model.requires_grad_(grad)
-        for rep in range(2):  # the first repetition warms caches (and compiles on CUDA)
-            sync(rt.device)
-            t0 = time.perf_counter()
-            with torch.set_grad_enabled(grad), rt.autocast():
-                loss = model(x[:, :-1], x[:, 1:]).mean()
-                if grad:
-                    loss.backward()
-            sync(rt.device)
-        out.append((time.perf_counter() - t0) / (rows * seq))
-    model.zero_grad(set_to_none=True)
-    model.requires_grad_(False)
-    return EvalCosts(*out)
+    sizes = [(1, 16), (rows, seq)]
+    data = {n: torch.randint(0, cfg.vocab_size, (n, t + 1), generator=g).to(rt.device) for n, t in sizes}
+    lora, opt = new_lora(dataclasses.replace(cfg, ttt_batch_docs=rows), rt, 0)
+    fits = []
+    for train in (False, True):
+        times = []
+        for n, t in sizes:
+            x = data[n]
+            lora.rows = torch.arange(n, device=rt.device)
+            for _ in range(2):  # the first call warms caches (and compiles on CUDA)
+                dt = timed_call(lambda: ttt_probe_step(model, x, lora if train else None, opt, rt), rt.device)
+            times.append(dt)
+        per_token = max(0.0, (times[1] - times[0]) / (sizes[1][0] * sizes[1][1] - 16))
+        fits.append((per_token, max(0.0, times[0] - per_token * 16)))
+    return EvalCosts(fits[0][0], fits[1][0], fits[0][1], fits[1][1])
+
+
+def ttt_probe_step(model: nn.Module, x: Tensor, lora: BatchedLoRA | None, opt, rt: Runtime) -> None:
+    with torch.set_grad_enabled(lora is not None), rt.autocast():
+        loss = model(x[:, :-1], x[:, 1:], None, lora).mean()
+    if lora is not None:
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def timed_call(fn, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime, log: Logger,
@@ -3247,7 +3327,7 @@ def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime
     acfg, qm = unpack_artifact(artifact.read_bytes())
     log(f"artifact_load_time:{time.perf_counter() - t_all:.1f}s")
     docs, n_targets = document_spans(val.tokens, val.bos_id), val.tokens.numel() - 1
-    costs = costs or measure_costs(model_from_quantized(acfg, qm, rt), cfg, rt)
+    costs = costs or measure_costs(compile_model(model_from_quantized(acfg, qm, rt), cfg, rt), cfg, rt)
     left = cfg.eval_budget_seconds - (time.perf_counter() - t_all)
     plan = fit_plan(cfg, docs, n_targets, rt.world_size, costs, left, log)
     stages = [("roundtrip", "final_int6_roundtrip_exact", True), ("sliding", "final_int6_sliding_window_exact",
@@ -3257,7 +3337,8 @@ def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime
         if not run:
             continue
         t0 = time.perf_counter()
-        s = run_stage(key, model_from_quantized(acfg, qm, rt), val, dataclasses.replace(
+        model = model_from_quantized(acfg, qm, rt)  # a fresh model per stage, as a fresh load would give
+        s = run_stage(key, compile_model(model, cfg, rt, dynamic=key == "ttt"), model, val, dataclasses.replace(
             cfg, phased_ttt_num_phases=plan.phases, phased_ttt_prefix_docs=plan.prefix_docs), rt, log)
         ms = 1000 * (time.perf_counter() - t0)
         log(f"{line} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms")
@@ -3266,11 +3347,12 @@ def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime
     return finish_evaluation(results, plan, cfg, time.perf_counter() - t_all, log)
 
 
-def run_stage(key: str, model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Logger) -> EvalSums:
+def run_stage(key: str, compiled: nn.Module, model: GPT, val: ValidationData, cfg: Config, rt: Runtime,
+              log: Logger) -> EvalSums:
     if key == "ttt":
-        return ttt_eval(model, val, cfg, rt, log)
+        return ttt_eval(model, val, cfg, rt, log, compiled=compiled)
     stride = cfg.eval_seq_len if key == "roundtrip" else cfg.eval_stride
-    return eval_windows(model, val, cfg.eval_seq_len, stride, cfg.eval_batch_tokens, rt, cfg.doc_masked_attn)
+    return eval_windows(compiled, val, cfg.eval_seq_len, stride, cfg.eval_batch_tokens, rt, cfg.doc_masked_attn)
 
 
 def finish_evaluation(results: dict, plan: EvalPlan, cfg: Config, total: float, log: Logger) -> dict:
@@ -3300,8 +3382,7 @@ class RunInputs:
 def build_model(cfg: Config, rt: Runtime) -> tuple[GPT, nn.Module]:
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, rt.attn).to(rt.device)
-    compiled = torch.compile(model, fullgraph=cfg.compile_fullgraph) if rt.compile else model
-    return model, compiled
+    return model, compile_model(model, cfg, rt)
 
 
 def log_header(cfg: Config, rt: Runtime, log: Logger, warnings: list[str]) -> None:
@@ -3309,7 +3390,7 @@ def log_header(cfg: Config, rt: Runtime, log: Logger, warnings: list[str]) -> No
     log(f"hardware: device:{rt.device.type} name:{rt.hardware} world_size:{rt.world_size}")
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        log(f"config: {f.name.upper()}={','.join(map(str, v)) if isinstance(v, tuple) else v}")
+        log(f"config: {f.name.upper()}={v}")
     for w in warnings + list(rt.notes):
         log(w if w.startswith("WARNING") else f"WARNING: {w}")
     if cfg.ve_dim and not cfg.ve_layers:

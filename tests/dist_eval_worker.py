@@ -16,7 +16,7 @@ val = tg.load_validation(cfg, sp)
 out = {}
 for name in ("roundtrip", "sliding", "ttt"):
     _, m = tg.load_artifact_model(art, rt)
-    s = tg.run_stage(name, m, val, cfg, rt, lambda msg: None)
+    s = tg.run_stage(name, m, m, val, cfg, rt, lambda msg: None)
     out[name] = [s.nll, s.tokens, s.bytes]
 if rt.is_main:
     print("RESULT " + json.dumps(out))

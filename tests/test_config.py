@@ -7,28 +7,28 @@ import train_gpt as tg
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"MODEL_DIM": "100", "NUM_HEADS": "8"}, "NUM_HEADS"),
-    ({"NUM_HEADS": "8", "NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
-    ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_SEQ_LEN"),
-    ({"WARMDOWN_ITER": "100"}, "did you mean WARMDOWN_ITERS"),
-    ({"CRAWLER_MLP_CHOKE_DIM": "0"}, "CRAWLER_MLP_CHOKE_DIM"),
-    ({"TIED_EMBED_LR": "0.03"}, "here it is EMBED_LR"),
-    ({"MATRIX_LR": "fast"}, "MATRIX_LR"),
-    ({"CRAWLER_LOOPS": "4"}, "CRAWLER_LOOP_ROPE_SCALES"),
-    ({"WARMDOWN_ITERS": "10", "WARMDOWN_FRAC": "0.2"}, "both set"),
-    ({"MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "20"}, "GPTQ_RESERVE_SECONDS"),
-    ({"GATED_ATTN_ENABLED": "1"}, "choose one attention gate"),
-    ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,2048@1.0"}, "must end with TRAIN_SEQ_LEN=3072@1.0"),
-    ({"TRAIN_SEQ_SCHEDULE": "1024,3072"}, "LEN@FRACTION"),
-    ({"PARALLEL_RESIDUAL_START": "2"}, "flat decoder block"),
-    ({"VE_LAYERS": "3"}, "set VE_DIM"),
-    ({"USE_CRAWLER": "0", "DELTA_NET_HEADS": "4"}, "belong to the crawler"),
-    ({"DOC_MASKED_ATTN": "0"}, "needs DOC_MASKED_ATTN=1"),
+@pytest.mark.parametrize("env,needle", [  # variables as typed in a shell, and what the error must name
+    ("MODEL_DIM=100 NUM_HEADS=8", "NUM_HEADS"),
+    ("NUM_HEADS=8 NUM_KV_HEADS=3", "NUM_KV_HEADS"),
+    ("TRAIN_BATCH_TOKENS=1000", "TRAIN_SEQ_LEN"),
+    ("WARMDOWN_ITER=100", "did you mean WARMDOWN_ITERS"),
+    ("CRAWLER_MLP_CHOKE_DIM=0", "CRAWLER_MLP_CHOKE_DIM"),
+    ("TIED_EMBED_LR=0.03", "here it is EMBED_LR"),
+    ("MATRIX_LR=fast", "MATRIX_LR"),
+    ("CRAWLER_LOOPS=4", "CRAWLER_LOOP_ROPE_SCALES"),
+    ("WARMDOWN_ITERS=10 WARMDOWN_FRAC=0.2", "both set"),
+    ("MAX_WALLCLOCK_SECONDS=10 GPTQ_RESERVE_SECONDS=20", "GPTQ_RESERVE_SECONDS"),
+    ("GATED_ATTN_ENABLED=1", "choose one attention gate"),
+    ("TRAIN_SEQ_SCHEDULE=1024@0.5,2048@1.0", "must end with TRAIN_SEQ_LEN=3072@1.0"),
+    ("TRAIN_SEQ_SCHEDULE=1024,3072", "LEN@FRACTION"),
+    ("PARALLEL_RESIDUAL_START=2", "flat decoder block"),
+    ("VE_LAYERS=3", "set VE_DIM"),
+    ("USE_CRAWLER=0 DELTA_NET_HEADS=4", "belong to the crawler"),
+    ("DOC_MASKED_ATTN=0", "needs DOC_MASKED_ATTN=1"),
 ])
 def test_bad_config_names_the_variable(env, needle):
     with pytest.raises(tg.ConfigError, match=needle):
-        tg.load_config(env)
+        tg.load_config(dict(kv.split("=", 1) for kv in env.split()))
 
 
 def test_defaults_are_valid_and_the_frontier_crawler_form():

@@ -284,7 +284,11 @@ def test_time_model_counts_what_the_evaluation_runs(trained_tiny):
     model.register_forward_pre_hook(lambda m, args: fed.append(args[0].numel()))
     tg.ttt_eval(model, val, cfg, CPU, lambda s: None)
     work = tg.plan_token_work(tg.EvalPlan(False, True, 0, 0), tg.document_spans(val.tokens, 1), val.tokens.numel() - 1, cfg, 1)
-    assert work["ttt_score"] == sum(fed)
+    assert work["ttt"] == (sum(fed), len(fed))
+    fed.clear()
+    tg.eval_windows(model, val, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_tokens, CPU)
+    assert tg.plan_token_work(tg.EvalPlan(True, False, 0, 0), [], val.tokens.numel() - 1, cfg, 1)["sliding"] == \
+        (sum(fed), len(fed))
 
 
 def test_no_validation_token_reaches_warmups(trained_tiny, plain_data):
