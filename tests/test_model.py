@@ -266,3 +266,15 @@ def test_fused_softcapped_ce_matches_torch_values_and_gradients(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     d_loss, d_grad = map(float, r.stdout.split("MAXDIFF")[1].split())
     assert d_loss < 1e-4 and d_grad < 1e-5, (d_loss, d_grad)
+
+
+def test_xsa_placement_follows_its_scope():
+    """XSA_SCOPE=crawler is the seeds' placement: XSA_LAST_N counts crawler blocks and no flat block gets XSA."""
+    env = {"NUM_FLAT_LAYERS": "4", "FLAT_ENCODER_LAYERS": "2", "NUM_CRAWLER_LAYERS": "2", "CRAWLER_LOOPS": "2",
+           "CRAWLER_LOOP_ROPE_SCALES": "1,1", "PARALLEL_RESIDUAL_START": "-1"}
+    for extra, want in (({"XSA_SCOPE": "crawler", "XSA_LAST_N": "11"}, [0, 0, 1, 1, 0, 0]),
+                        ({"XSA_SCOPE": "crawler", "XSA_LAST_N": "1"}, [0, 0, 0, 1, 0, 0]),
+                        ({"XSA_SCOPE": "all", "XSA_LAST_N": "3"}, [0, 0, 0, 1, 1, 1])):
+        cfg, _ = tg.load_config(env | extra)
+        with torch.device("meta"):
+            assert [int(b.attn.xsa) for b in tg.GPT(cfg).blocks] == want, extra

@@ -2,6 +2,7 @@
 wrapper, SKIP_TRAIN from the checkpoint's own architecture, and rate control."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -151,6 +152,35 @@ def test_artifact_fit_brings_a_run_under_the_cap(trained_tiny, tmp_path):
     assert log_value(r.stdout, "Total submission size", "pergroup:") <= limit
     assert "ARTIFACT OVER LIMIT" not in r.stdout
     assert "int6 step multiplier 1.0000" in trained_tiny["stdout"]  # the default cap needed no widening
+
+
+def test_rate_control_repacks_when_the_packer_does_worse_than_the_estimate(trained_tiny, plain_data, monkeypatch):
+    """A pack over the cap is not final: the step is re-fitted with the measured packed/estimated ratio and the
+    model packed again, and the first attempt keeps the native steps whenever the estimate fits."""
+    cfg, _ = tg.load_config(trained_tiny["env"])
+    rt = tg.Runtime.cpu()
+    model = tg.GPT(cfg)
+    model.load_state_dict(torch.load(trained_tiny["out"] / "final_model.pt")["state_dict"])
+    batches = tg.TrainData(tg.shard_paths(str(plain_data["data_path"]), "train"), cfg, rt, 1).calibration_batches()
+    cal = tg.calibrate(model, cfg, rt, batches, lambda s: None)
+    estimate = tg.int6_bytes(cal.int6_rows(rt), 1.0) + cal.fixed_bytes()
+    real = tg.pack_artifact
+    native = len(real(tg.quantize_model(model, cal, cfg, rt, lambda s: None), cfg, cfg.compressor))
+    grow = 1.1 * estimate / native  # a packer that lands 10% over the estimate at the native steps
+
+    def worse(qm, c, comp):
+        blob = real(qm, c, comp)
+        return blob + bytes(int(len(blob) * (grow - 1)))
+
+    monkeypatch.setattr(tg, "pack_artifact", worse)
+    cfg = dataclasses.replace(cfg, artifact_limit_bytes=int(estimate) + 2000)  # the estimate fits: native first
+    lines = []
+    _, blob = tg.pack_within_cap(model, cal, cfg, rt, 1000, lines.append)
+    fits = [l for l in lines if l.startswith("artifact_fit: attempt")]
+    assert fits[0].startswith("artifact_fit: attempt 1 int6 step multiplier 1.0000"), fits
+    assert len(fits) >= 2 and float(fits[1].split("multiplier ")[1].split()[0]) > 1.0
+    assert len(blob) + 1000 <= cfg.artifact_limit_bytes
+    assert int(fits[-1].rsplit(": ", 1)[1].split()[0]) == len(blob) + 1000
 
 
 def test_skip_train_rebuilds_the_checkpoints_architecture(trained_tiny, tmp_path):

@@ -129,7 +129,7 @@ def test_loop_aware_calibration(trained_tiny, plain_data):
     lines = []
     names = {n for n, t in model.state_dict().items() if tg.is_crawler(n, cfg) and tg.quant_plan(n, t, cfg).method == "gptq"}
     h1, _ = tg.collect_hessians(model, batches, names, rt)
-    qm_two = tg.quantize_model(model, cfg, rt, batches, lines.append)
+    qm_two = tg.quantize_model(model, tg.calibrate(model, cfg, rt, batches, lines.append), cfg, rt, lines.append)
     shift = float([l for l in lines if "phase2" in l][0].split("max_rel_change:")[1])
     assert shift > 1e-4, "phase-2 crawler Hessians must differ from phase 1"
     h1_again, _ = tg.collect_hessians(model, batches, names, rt)  # the model itself is left unpatched
@@ -137,7 +137,7 @@ def test_loop_aware_calibration(trained_tiny, plain_data):
         torch.testing.assert_close(h1[n], h1_again[n])
     assert any(l.startswith("lqer:") for l in lines) and any(l.startswith("awq_lite:") for l in lines)
     one_cfg, _, _ = _load_trained(trained_tiny, LOOP_AWARE_GPTQ=0)
-    qm_one = tg.quantize_model(model, one_cfg, rt, batches, lines.append)
+    qm_one = tg.quantize_model(model, tg.calibrate(model, one_cfg, rt, batches, lines.append), one_cfg, rt, lines.append)
     val = tg.load_validation(cfg, tg.load_sentencepiece(str(plain_data["tokenizer"])))
 
     def loss(qm):
@@ -155,8 +155,9 @@ def test_fit_step_is_minimal_and_fits():
     def size(k):
         return sum(tg.entropy_bytes((w / (s * k)[:, None]).round().clamp(-31, 31)) for w, s in mats)
 
-    assert tg.fit_step(mats, 6, size(1.0) + 1) == 1.0
+    assert tg.int6_bytes(mats, 1.3) == size(1.3)
+    assert tg.fit_step(mats, size(1.0) + 1) == 1.0
     budget = 0.8 * size(1.0)
-    k = tg.fit_step(mats, 6, budget)
+    k = tg.fit_step(mats, budget)
     assert k > 1 and size(k) <= budget and size(k * 0.995) > budget
-    assert tg.fit_step(mats, 6, 10.0) is None
+    assert tg.fit_step(mats, 10.0) is None
