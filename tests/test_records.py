@@ -126,6 +126,7 @@ def test_run_sh_preflight_failures(plain_data, tmp_path):
     assert not (tmp_path / "rec" / "train_seed1337.log").exists()
 
 
+@pytest.mark.slow
 def test_cpu_pipeline_end_to_end(tmp_path):
     """The README's CPU pipeline command, as written, in a scratch directory."""
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "cpu_pipeline.py"), "--work", str(tmp_path / "w")],

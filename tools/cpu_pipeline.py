@@ -3,8 +3,11 @@
   python tools/cpu_pipeline.py            # -> runs/cpu_pipeline/records/track_10min_16mb/<date>_CPUPipeline/
 
 generated English-like corpus (with capitals) -> CaseOps tokenizer -> CaseOps shards + byte sidecar
--> two seeds through run.sh (2 gloo ranks each: train, loop-aware GPTQ, brotli pack, roundtrip /
+-> two seeds through run.sh (2 gloo ranks each: train, loop-aware GPTQ, per-group pack, roundtrip /
 sliding / phased-TTT evaluation from the artifact) -> a complete record folder.
+
+It prints its timings as it goes and `cpu_pipeline_seconds:N` at the end; `--max-seconds S` turns the total
+into a benchmark check (exit 3 when slower). Tests never assert it.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ TINY = {  # the frontier defaults on a tiny flat + crawler model that learns thi
     "MUON_MOMENTUM_WARMUP_STEPS": "50", "GPTQ_CAL_SAMPLES": "32", "GPTQ_CAL_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128",
     "EVAL_STRIDE": "32", "EVAL_BATCH_TOKENS": "8192", "TTT_LORA_RANK": "8", "TTT_CHUNK_SIZE": "32",
     "TTT_SHORT_CHUNKS": "64:8", "TTT_BATCH_DOCS": "16", "PHASED_TTT_PREFIX_DOCS": "100", "PHASED_TTT_NUM_PHASES": "2",
-    "TTT_LORA_LR": "0.003", "TTT_GLOBAL_CHUNK_TOKENS": "2048", "EVAL_BUDGET_SECONDS": "300",
+    "TTT_GLOBAL_CHUNK_TOKENS": "2048", "EVAL_BUDGET_SECONDS": "300",
 }
 
 
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=int, default=3000)
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--max-seconds", type=float, default=0.0, help="exit 3 if the whole run takes longer (0 = off)")
     a = ap.parse_args(argv)
     t0 = time.time()
     work = a.work.resolve()
@@ -80,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{time.time() - t0:5.1f}s] record: {folder}")
     for f in sorted(folder.iterdir()):
         print(f"    {f.name} ({f.stat().st_size} bytes)")
+    total = time.time() - t0
+    print(f"cpu_pipeline_seconds:{total:.1f}")
+    if a.max_seconds and total > a.max_seconds:
+        print(f"slower than --max-seconds {a.max_seconds:.0f}", file=sys.stderr)
+        return 3
     return 0
 
 
