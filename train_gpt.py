@@ -2553,11 +2553,10 @@ def fit_step(mats: list[tuple[Tensor, Tensor]], budget: float) -> float | None:
 @dataclass
 class Calibration:
     """Everything quantization needs from the trained model and the training batches: the float state, each
-    tensor's plan, phase-1 Hessians and row counts (summed over ranks) and the AWQ-lite choices."""
+    tensor's plan, phase-1 Hessians (summed over ranks) and the AWQ-lite choices."""
     sd: dict[str, Tensor]
     plans: dict[str, QuantPlan]
     hs: dict[str, Tensor]
-    counts: dict[str, int]
     awq: dict[str, int]
     batches: list[Micro]
     seconds: float = 0.0  # time spent reading training batches (phase 1 and every phase 2): inside the cap
@@ -2600,7 +2599,7 @@ def calibrate(model: GPT, cfg: Config, rt: Runtime, batches: list[Micro], log: L
     awq = awq_groups(sd, hs, counts, [n for n in gptq if plans[n].extras], cfg.awq_groups) if cfg.awq_groups else {}
     if awq:
         log("awq_lite: " + ",".join(f"{n}[{s}:{s + AWQ_GROUP}]" for n, s in awq.items()))
-    return Calibration(sd, plans, hs, counts, awq, batches, time.perf_counter() - t0)
+    return Calibration(sd, plans, hs, awq, batches, time.perf_counter() - t0)
 
 
 def quantize_model(model: GPT, cal: Calibration, cfg: Config, rt: Runtime, log: Logger,
@@ -2627,12 +2626,11 @@ def quantize_model(model: GPT, cal: Calibration, cfg: Config, rt: Runtime, log: 
     return out
 
 
-def pack_within_cap(model: GPT, cal: Calibration, cfg: Config, rt: Runtime, code_bytes: int,
-                    log: Logger) -> tuple[dict[str, QTensor | Tensor], bytes]:
+def pack_within_cap(model: GPT, cal: Calibration, cfg: Config, rt: Runtime, code_bytes: int, log: Logger) -> bytes:
     """Quantize and pack; rate control against ARTIFACT_LIMIT_BYTES. The first pack keeps the native int6 steps
     unless the entropy estimate is clearly over the cap (then it starts from the step the estimate fits); a pack
-    that lands over the cap re-fits the step with the measured packed/estimated ratio and packs again. Every
-    rank takes the same decisions."""
+    that lands over the cap re-fits the step with the measured packed/estimated ratio and packs again. Returns
+    the artifact; every rank takes the same decisions."""
     mats = cal.int6_rows(rt) if cfg.artifact_fit else []
     fixed, room, step = cal.fixed_bytes(), cfg.artifact_limit_bytes - code_bytes, 1.0
     if mats:
@@ -2654,7 +2652,7 @@ def pack_within_cap(model: GPT, cal: Calibration, cfg: Config, rt: Runtime, code
             log("artifact_fit: cannot fit the cap by widening the int6 steps up to 64x")
             break
         step = max(new, step * (1 + FIT_SLACK))
-    return qm, blob
+    return blob
 
 
 def crawler_hessians_through_quantized_flat(model: GPT, out: dict, flat: list[str], crawler: list[str],
@@ -3572,7 +3570,7 @@ def calibrate_and_pack(model: GPT, cfg: Config, rt: Runtime, inputs: RunInputs, 
     cal = calibrate(model, cfg, rt, inputs.train.calibration_batches(), log)
     t0, phase1_s = time.perf_counter(), cal.seconds
     code = shipped_code()
-    _, blob = pack_within_cap(model, cal, cfg, rt, len(code), log)
+    blob = pack_within_cap(model, cal, cfg, rt, len(code), log)
     total_s = result.train_ms / 1000 + cal.seconds
     log(f"gptq:calibration time:{cal.seconds:.1f}s train+calibration:{total_s:.1f}s "
         f"quantize_and_pack_time:{time.perf_counter() - t0 - (cal.seconds - phase1_s):.1f}s")

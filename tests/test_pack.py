@@ -175,7 +175,7 @@ def test_rate_control_repacks_when_the_packer_does_worse_than_the_estimate(train
     monkeypatch.setattr(tg, "pack_artifact", worse)
     cfg = dataclasses.replace(cfg, artifact_limit_bytes=int(estimate) + 2000)  # the estimate fits: native first
     lines = []
-    _, blob = tg.pack_within_cap(model, cal, cfg, rt, 1000, lines.append)
+    blob = tg.pack_within_cap(model, cal, cfg, rt, 1000, lines.append)
     fits = [l for l in lines if l.startswith("artifact_fit: attempt")]
     assert fits[0].startswith("artifact_fit: attempt 1 int6 step multiplier 1.0000"), fits
     assert len(fits) >= 2 and float(fits[1].split("multiplier ")[1].split()[0]) > 1.0

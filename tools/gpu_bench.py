@@ -143,10 +143,10 @@ def bench_quant(model: tg.GPT, cfg: tg.Config, rt: tg.Runtime, out: dict) -> Non
     out["quantize_and_pack_s"] = round(tg.timed_call(quantize_and_pack, rt.device), 1)
     out["artifact_estimate_bytes"] = next(l.split()[1] for l in lines if l.startswith("artifact_estimate:"))
     out["artifact_fit"] = [l.split(": ", 1)[1] for l in lines if l.startswith("artifact_fit:")]
-    out["artifact_model_bytes"] = len(packed[1])
+    out["artifact_model_bytes"] = len(packed)
     out["code_bytes"] = len(code)
-    out["artifact_total_bytes"] = len(packed[1]) + len(code)
-    out["unpack_s"] = round(tg.timed_call(lambda: tg.unpack_artifact(packed[1]), rt.device), 1)
+    out["artifact_total_bytes"] = len(packed) + len(code)
+    out["unpack_s"] = round(tg.timed_call(lambda: tg.unpack_artifact(packed), rt.device), 1)
 
 
 def train_flops_per_token(model: tg.GPT, cfg: tg.Config, seq: int, loops: int) -> float:
