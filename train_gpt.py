@@ -1682,11 +1682,6 @@ def softcapped_ce(z: Tensor, targets: Tensor, pos, neg, fused: bool) -> Tensor:
     return F.cross_entropy(zc.reshape(-1, zc.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
 
 
-def token_losses(model: nn.Module, x: Tensor, y: Tensor, seg: Segments | None = None,
-                 lora: BatchedLoRA | None = None) -> Tensor:
-    return model(x, y, seg, lora)
-
-
 # Fused softcapped cross-entropy (#1787): one Triton pass over the logits computes the softcap, log-sum-exp and
 # the target's log-probability; the backward recomputes them from the raw logits instead of storing fp32 copies.
 # z = 2c*sigmoid(2x/c) equals c*tanh(x/c) + c, a constant shift that cancels in the softmax.
@@ -2685,7 +2680,6 @@ def dequantize_state(qm: dict[str, QTensor | Tensor]) -> dict[str, Tensor]:
 # =============================================================================================
 
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGCRAWL\x00", 2
-STREAM_CODECS = ("brotli", "zstd", "lzma", "zpaq")
 # Per-group packing (#1855): the int codes of one role (all layers' c_q, all mlp.fc, ...) are one stream, laid
 # out column by column; the rows of the roles below are first reordered so similar rows sit together.
 PACK_ROLES = ("tok_emb", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "delta")
@@ -2970,9 +2964,7 @@ LITERAL_ESCAPES = {0: b"\\x00", 10: b"\\n", 13: b"\\r", 39: b"\\'", 92: b"\\\\"}
 def counted_code(src: str) -> bytes:
     """The script as it is counted and shipped: minified, ZPAQ-compressed (level 5: 14% smaller than lzma on this
     file) and stored as a latin-1 string literal (2% escapes, where base85 costs 25%), self-extracting."""
-    import zpaq
-
-    packed = zpaq.compress(minify_source(src).encode(), 5, threads=1)
+    packed = compress(minify_source(src).encode(), "zpaq")
     return WRAPPER_HEAD + b"".join(LITERAL_ESCAPES.get(c, bytes((c,))) for c in packed) + WRAPPER_TAIL
 
 
