@@ -43,6 +43,7 @@ VAL_DOCS_DEFAULT = 50_000  # the challenge's validation split: the first 50,000 
 SHARD_TOKENS_DEFAULT = 100_000_000  # published shard size (#1729 exporter)
 MAX_TRAIN_SHARDS_DEFAULT = 80  # the published export stops after 80 train shards
 BATCH_DOCS = 256  # documents per worker task; fixed so the output never depends on --workers
+SIDECAR_MAX = 65_535  # a val token's byte count is stored as uint16
 PUBLISHED_TOKENIZER_SHA256 = "97754754561f20def5edd99765ca0668f880bd94e67316d54aa10ab25f45cc4d"
 TOKENIZATIONS = {
     "published": "the tokenizer's own normalizer (nmt_nfkc, whitespace folding), as the published dataset",
@@ -68,7 +69,7 @@ def parse_line(raw: bytes) -> str:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+        raise ValueError(f"invalid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(obj, dict) or "text" not in obj:
         raise ValueError("no 'text' field")
     text = obj["text"]
@@ -140,6 +141,11 @@ def encode_docs(sp, texts: list[str], bos_id: int, with_bytes: bool) -> list[tup
         pieces = proto.pieces
         ids = np.array([bos_id] + [p.id for p in pieces], dtype=np.uint16)
         nbytes = lossless_caps.span_original_bytes(enc, [p.begin for p in pieces], [p.end for p in pieces])
+        if nbytes.size and int(nbytes.max()) > SIDECAR_MAX:
+            out.append((ids, ValueError(f"one token covers {int(nbytes.max())} original bytes (a run of whitespace "
+                                        f"folded into one piece), more than the uint16 byte sidecar holds "
+                                        f"({SIDECAR_MAX})")))
+            continue
         out.append((ids, np.concatenate([[0], nbytes]).astype(np.uint16)))
     return out
 
@@ -351,6 +357,11 @@ def prepare_shards(docs_path: str, tokenizer: str, out: Path, tokenization: str 
     for batch, encoded in encoded_batches(job, doc_batches(reader, job, skip), workers):
         for j, (toks, nbytes) in enumerate(encoded):
             doc = batch.start + j
+            if isinstance(nbytes, ValueError):  # a document the sidecar cannot represent
+                if not skip_bad:
+                    raise BadInput(job.docs_path, batch.marks[j].lines, doc, str(nbytes))
+                reader.skipped.append({"line": batch.marks[j].lines, "reason": str(nbytes)})
+                continue
             if doc == val_docs and stream.split == "val":  # the val split is complete: close its last shard
                 state.save(stream, doc, mark, reader, stream.close())
                 stream = open_stream(job, "train", 0)
@@ -367,12 +378,31 @@ def prepare_shards(docs_path: str, tokenizer: str, out: Path, tokenization: str 
         state.save(stream, doc + 1, mark, reader, stream.close())
     bar(0, finished=True)
     manifest = build_manifest(job, state, reader, time.perf_counter() - t0, skip)
+    if not manifest["train_docs"]:
+        raise SystemExit(f"{job.docs_path} has {manifest['val_docs']} documents, all taken by the validation split "
+                         f"(--val-docs {job.val_docs}): no training data was written; give more documents (the "
+                         "challenge's split is the first 50,000) or, for a test, a smaller --val-docs")
     (job.out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     state.finish()
     return manifest
 
 
 def check_job(job: PrepJob) -> None:
+    for path, what in ((job.docs_path, "--docs"), (job.tokenizer, "--tokenizer")):
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise SystemExit(f"{what} {path} is not a readable file")
+    try:
+        job.out.mkdir(parents=True, exist_ok=True)
+        probe = job.out / ".write_probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"--out {job.out} is not writable ({e.strerror}); choose another folder") from None
+    fresh = not (job.out / "prep_state.json").exists()
+    old = sorted(p.name for p in job.out.glob("fineweb_*.bin")) + (["manifest.json"] if (job.out / "manifest.json").exists() else [])
+    if fresh and old:
+        raise SystemExit(f"--out {job.out} already holds {len(old)} files of another prep ({', '.join(old[:3])}...); "
+                         "they would mix with this one's: delete them or choose an empty --out")
     if job.tokenization not in TOKENIZATIONS:
         raise SystemExit(f"--tokenization {job.tokenization}: choose one of {', '.join(TOKENIZATIONS)}")
     if job.val_docs != VAL_DOCS_DEFAULT:

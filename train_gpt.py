@@ -11,6 +11,7 @@ after the `Config` fields (upper case).
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -170,7 +172,8 @@ class Config:
     ln_scale: bool = _m("1", "scale block inputs by 1/sqrt(layer+1)", "")
     logit_softcap: float = _m("30.0", "tanh soft cap on logits", "1..")
     tied_embed_init_std: float = _m("0.005", "init std of the tied embedding", "0..")
-    fused_ce: bool = _f("1", "fused softcapped cross-entropy (Triton on CUDA, #1787)", "")
+    fused_ce: str = _f("auto", "softcapped cross-entropy as one fused op (#1787): auto = Triton on CUDA, torch "
+                       "elsewhere; triton on any device (CPU: TRITON_INTERPRET=1); torch; 0 = unfused", "auto|triton|torch|0")
     # --- optimizers ---
     matrix_lr: float = _f("0.026", "Muon LR for 2-D block matrices (#1736)", "0..")
     embed_lr: float = _f("0.03", "AdamW LR for embeddings, tied head included (#1736)", "0..")
@@ -187,7 +190,7 @@ class Config:
     beta1: float = _f("0.9", "AdamW beta1", "0..1")
     beta2: float = _f("0.99", "AdamW beta2 (#1855)", "0..1")
     adam_eps: float = _f("1e-08", "AdamW epsilon", "0..")
-    grad_clip_norm: float = _f("0.3", "global grad-norm clip (0 = off)", "0..")
+    grad_clip_norm: float = _f("0.3", "per-rank grad-norm clip, before averaging (#1855; 0 = off)", "0..")
     skip_ema: bool = _f("0", "turn off the EMA of the weights (on by default, #1736)", "")
     ema_decay: float = _f("0.9965", "EMA decay (#1736)", "0..1")
     swa_every: int = _f("0", "SWA instead of EMA: average every N steps once LR scale < 0.2 (0 = off)", "0..")
@@ -195,7 +198,7 @@ class Config:
     skip_gptq: bool = _f("0", "round-to-nearest instead of GPTQ", "")
     loop_aware_gptq: bool = _f("1", "re-collect crawler Hessians through the quantized flat layers (#1283)", "")
     gptq_cal_samples: int = _f("768", "calibration sequences of training data, all ranks (#1855)", "1..")
-    gptq_cal_seq_len: int = _f("2048", "calibration sequence length (0 = TRAIN_SEQ_LEN)", "0..")
+    gptq_cal_seq_len: int = _f("2048", "calibration sequence length (0 = TRAIN_SEQ_LEN)", "0..16384")
     gptq_damp: float = _f("0.01", "GPTQ damping as a fraction of the mean Hessian diagonal (#1855)", "0..")
     gptq_damp_embed: float = _f("0.0", "embedding damping (0 = GPTQ_DAMP; #2051: 0.005)", "0..")
     gptq_damp_mlp: float = _f("0.0", "MLP damping (0 = GPTQ_DAMP; #2051: 0.02)", "0..")
@@ -236,8 +239,16 @@ class Config:
     ttt_global_lr: float = _f("0.001", "peak SGD LR of the global phases, cosine to 0 (#1855)", "0..")
     ttt_global_chunk_tokens: int = _f("32768", "tokens per global SGD step (#1855)", "1..")
     # --- device ---
-    compile_enabled: bool = _f("1", "torch.compile the model on CUDA", "")
+    attn_backend: str = _f("auto", "attention kernel: auto = FA3 if importable and traceable, else flex on CUDA, "
+                           "SDPA on CPU", "auto|fa3|flex|sdpa")
+    delta_backend: str = _f("auto", "DeltaNet kernel: auto = flash-linear-attention on CUDA if importable, else "
+                            "torch", "auto|fla|torch")
+    compile_enabled: str = _f("auto", "torch.compile the model: auto = on CUDA, 1 = on any device, 0 = never", "auto|1|0")
+    compile_backend: str = _f("inductor", "torch.compile backend; aot_eager traces the same graphs without code "
+                              "generation (CPU tests)", "inductor|aot_eager|eager")
     compile_fullgraph: bool = _f("1", "compile with fullgraph=True", "")
+    dist_timeout_seconds: float = _f("300", "a collective waits this long for a rank before the run stops and names "
+                                     "it (torch's default: 30 minutes)", "1..")
 
     # ---------------------------------------------------------------- derived properties
     @property
@@ -509,72 +520,187 @@ def config_reference_markdown() -> str:
 
 
 class Segments(typing.NamedTuple):
-    """Document-masked attention for a batch of rows (#1530): positions attend only within their segment
-    (a document, cut at BOS and every `max_len` tokens). `ids` [B, T] drives the SDPA mask; `cu` (int32,
-    padded to a multiple of 64 so compiled shapes stay few) drives FlashAttention 3's varlen kernel."""
+    """Document-masked attention for a batch of rows (#1530): positions attend only within their segment (a
+    document, cut at BOS, every `max_len` tokens and at a row start). `ids` [B, T] (segment index within the
+    row) drives the SDPA and flex masks and the DeltaNet resets; `cu` (int32 [segments + 1], offsets into the
+    flattened batch) drives FlashAttention 3's varlen kernel. Its length changes from batch to batch, so it is a
+    dynamic dimension of the compiled graph: one graph serves every batch of a shape (padding it to buckets
+    instead gives a new graph per bucket, and fullgraph's recompile limit is a hard error mid-run)."""
     ids: Tensor
     cu: Tensor
     max_len: int
 
 
+def same_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under autocast RMSNorm/RoPE leave q and k in fp32 while v is bf16; every kernel wants one dtype."""
+    dt = v.dtype
+    return q.to(dt), k.to(dt), v
+
+
+def repeat_kv(t: Tensor, heads: int) -> Tensor:
+    """[B, Hkv, T, D] -> [B, heads, T, D] (GQA expanded), so SDPA can pick its flash kernel."""
+    return t if t.size(1) == heads else t.repeat_interleave(heads // t.size(1), dim=1)
+
+
 class AttentionBackend:
     """Causal attention on [B, T, H, D] tensors (k, v may have fewer heads: GQA), optionally document-masked.
-    Chosen once by `setup_runtime` and handed to the model: FlashAttention 3 on Hopper when importable and
-    traceable, PyTorch SDPA otherwise (said in the log)."""
+    Chosen once by `choose_attention` and handed to the model. `prepare` turns a batch's Segments into this
+    backend's mask once per forward; every block application reuses it."""
+    name = "base"
 
-    def __init__(self, name: str, fa3=None, fa3_varlen=None):
-        self.name, self.fa3, self.fa3_varlen = name, fa3, fa3_varlen
+    def prepare(self, seg: Segments | None, T: int) -> typing.Any:
+        return seg
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, seg: Segments | None = None) -> Tensor:
-        if self.fa3 is not None:
-            return self._fa3(q, k, v, seg)
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        gqa = q.size(2) != k.size(2)
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: typing.Any) -> Tensor:
+        raise NotImplementedError
+
+    def masked_call_bytes(self, rows: int, T: int, heads: int, max_len: int = 0) -> float:
+        """Memory one document-masked call holds beyond q, k, v and the output (the preflight's fit check)."""
+        return 0.0
+
+
+class SdpaAttention(AttentionBackend):
+    """PyTorch SDPA. Unmasked calls run `is_causal` with the K/V heads expanded (the flash kernel on CUDA).
+    Document-masked calls take a boolean mask, which selects the math kernel (fp32 scores materialised and kept
+    for the backward). A segment is never longer than its max_len C, so the span is cut into blocks of C and each
+    block attends only to itself and the block before it: [B * T/C, H, C, 2C] scores instead of [B, H, T, T]
+    (exact; fine on a CPU, still too big for CUDA at full size: the preflight says so)."""
+    name = "sdpa"
+
+    def prepare(self, seg: Segments | None, T: int) -> tuple | None:
         if seg is None:
-            y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+            return None
+        B, C = seg.ids.size(0), min(seg.max_len, T)
+        n = -(-T // C)
+        ids = F.pad(seg.ids, (0, n * C - T), value=-1).view(B, n, C)
+        if n == 1:
+            keys = ids
         else:
-            T = q.size(1)
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            mask = (seg.ids[:, :, None] == seg.ids[:, None, :]) & causal
-            y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], enable_gqa=gqa)
-        return y.transpose(1, 2)
+            keys = torch.cat([torch.cat([torch.full_like(ids[:, :1], -2), ids[:, :-1]], dim=1), ids], dim=-1)
+        kpos = torch.arange(keys.size(-1), device=ids.device) - (keys.size(-1) - C)
+        causal = kpos[None, :] <= torch.arange(C, device=ids.device)[:, None]
+        return ((ids[..., :, None] == keys[..., None, :]) & causal).view(B * n, 1, C, keys.size(-1)), C
 
-    def _fa3(self, q: Tensor, k: Tensor, v: Tensor, seg: Segments | None) -> Tensor:
-        dt = q.dtype
-        if dt not in (torch.bfloat16, torch.float16):  # RMSNorm/RoPE run in fp32 under autocast; FA3 needs bf16
-            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: tuple | None) -> Tensor:
+        q, k, v = same_dtype(q, k, v)
+        if mask is None:
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(qt, repeat_kv(kt, qt.size(1)), repeat_kv(vt, qt.size(1)), is_causal=True)
+            return y.transpose(1, 2)
+        m, C = mask
+        B, T, H, D = q.shape
+        n = -(-T // C)
+
+        def blocks(t: Tensor) -> Tensor:  # [B, T, h, D] -> [B, n, C, h, D]
+            return F.pad(t, (0, 0, 0, 0, 0, n * C - T)).view(B, n, C, t.size(2), D)
+
+        qb, kb, vb = blocks(q), blocks(k), blocks(v)
+        if n > 1:  # each block's keys: the block before it, then itself
+            kb, vb = (torch.cat([torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1), t], dim=2) for t in (kb, vb))
+        flat = lambda t: t.reshape(B * n, t.size(2), t.size(3), D).transpose(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(flat(qb), flat(kb), flat(vb), attn_mask=m, enable_gqa=H != k.size(2))
+        return y.transpose(1, 2).reshape(B, n * C, H, D)[:, :T]
+
+    def masked_call_bytes(self, rows: int, T: int, heads: int, max_len: int = 0) -> float:
+        C = min(max_len or T, T)
+        return rows * heads * T * 2 * C * 5.0
+
+
+class FlexAttention(SdpaAttention):
+    """Document-masked calls go to PyTorch's flex_attention (a block-sparse kernel that torch.compile generates:
+    nothing of size T x T exists; no extra package). The block mask comes from the segment ids per 128-token
+    block, without evaluating the mask over T x T: a block pair is empty, full (one segment, strictly below the
+    diagonal) or partial. Unmasked calls go to SDPA's flash path."""
+    name = "flex"
+    BLOCK = 128
+
+    def prepare(self, seg: Segments | None, T: int) -> typing.Any:
+        return None if seg is None else doc_block_mask(seg.ids, self.BLOCK)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: typing.Any) -> Tensor:
+        if mask is None:
+            return super().__call__(q, k, v, None)
+        from torch.nn.attention.flex_attention import flex_attention
+
+        qt, kt, vt = (t.transpose(1, 2) for t in same_dtype(q, k, v))
+        return flex_attention(qt, kt, vt, block_mask=mask, enable_gqa=qt.size(1) != kt.size(1)).transpose(1, 2)
+
+    def masked_call_bytes(self, rows: int, T: int, heads: int, max_len: int = 0) -> float:
+        n = -(-T // self.BLOCK)
+        return rows * n * n * 16.0
+
+
+def doc_block_mask(ids: Tensor, block: int):
+    """flex_attention's BlockMask for causal attention within segments. Segment ids never decrease along a row, so
+    for a kv block j at or below a q block i, some pair shares a segment iff the kv block's last id reaches the q
+    block's first id, and every pair does iff the kv block's first id equals the q block's last (j < i)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, T = ids.shape
+    n = -(-T // block)
+    padded = torch.cat([ids, ids[:, -1:].expand(B, n * block - T)], dim=1).view(B, n, block)
+    lo, hi = padded[..., 0], padded[..., -1]
+    qi, kj = torch.arange(n, device=ids.device)[:, None], torch.arange(n, device=ids.device)[None]
+    some = (kj <= qi) & (hi[:, None, :] >= lo[:, :, None])
+    full = (kj < qi) & (lo[:, None, :] == hi[:, :, None])
+    partial = some & ~full
+
+    def table(m: Tensor) -> tuple[Tensor, Tensor]:
+        order = torch.argsort(m.to(torch.int32), dim=-1, descending=True, stable=True)
+        return m.sum(-1).to(torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    keyed = torch.cat([ids, torch.full_like(ids[:, :1], -1).expand(B, n * block - T)], dim=1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (keyed[b, q_idx] == keyed[b, kv_idx])
+
+    return BlockMask.from_kv_blocks(*table(partial), *table(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(T, T))
+
+
+class FA3Attention(AttentionBackend):
+    """FlashAttention 3 (Hopper): the dense kernel for unmasked calls, the varlen kernel over the flattened batch
+    with Segments.cu for document-masked ones (#1530). Keyword arguments as in flash_attn_interface; builds that
+    also return the LSE give a tuple."""
+    name = "fa3"
+
+    def __init__(self, dense: typing.Callable, varlen: typing.Callable):
+        self.dense, self.varlen = dense, varlen
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, seg: Segments | None) -> Tensor:
+        dt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if seg is None:
-            y = self.fa3(q, k, v, causal=True)
+            y = self.dense(q, k, v, causal=True)
         else:
             B, T = q.shape[:2]
-            y = self.fa3_varlen(q.reshape(B * T, *q.shape[2:]), k.reshape(B * T, *k.shape[2:]),
-                                v.reshape(B * T, *v.shape[2:]), seg.cu, seg.cu, seg.max_len, seg.max_len, causal=True)
-        y = y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the LSE
-        return y.reshape(q.shape).to(dt)
+            y = self.varlen(q.reshape(B * T, *q.shape[2:]), k.reshape(B * T, *k.shape[2:]),
+                            v.reshape(B * T, *v.shape[2:]), cu_seqlens_q=seg.cu, cu_seqlens_k=seg.cu,
+                            max_seqlen_q=seg.max_len, max_seqlen_k=seg.max_len, causal=True)
+        y = y[0] if isinstance(y, tuple) else y
+        return y.reshape(q.shape)
 
 
-SDPA = AttentionBackend("sdpa")
+SDPA = SdpaAttention()
 
 
-def load_fa3() -> tuple[typing.Callable | None, typing.Callable | None]:
-    """FlashAttention 3's dense and varlen functions, or (None, None) when it is not importable."""
+def load_fa3() -> tuple[typing.Callable, typing.Callable] | None:
+    """FlashAttention 3's dense and varlen functions, or None when `flash_attn_interface` is not importable."""
     try:
         from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
     except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None, None
+        return None
     return flash_attn_func, flash_attn_varlen_func
 
 
 def probe_traceable(backend: AttentionBackend, device: torch.device, doc_masked: bool) -> str | None:
-    """None when `torch.compile(fullgraph=True)` traces the backend's kernels, else why not. Only FA3 builds
-    that register torch custom ops trace; any other build breaks the graph, a hard error at warm-up step 1."""
-    import torch._dynamo
-
+    """None when `torch.compile(fullgraph=True)` traces the backend, else why not. Only FA3 builds that register
+    torch custom ops trace; any other build breaks the graph, a hard error at warm-up step 1."""
     q = torch.zeros(1, 128, 2, 64, device=device, dtype=torch.bfloat16)
     seg = make_segments(torch.zeros(1, 128, dtype=torch.long), 0, 128, device) if doc_masked else None
     torch._dynamo.reset()
     try:
-        torch.compile(lambda a: backend(a, a, a, seg), fullgraph=True, backend="eager")(q)
+        torch.compile(lambda a: backend(a, a, a, backend.prepare(seg, 128)), fullgraph=True, backend="eager")(q)
     except Exception as e:  # noqa: BLE001 - whatever the failure, this backend cannot run compiled
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     finally:
@@ -582,20 +708,90 @@ def probe_traceable(backend: AttentionBackend, device: torch.device, doc_masked:
     return None
 
 
-def choose_attention(cfg: Config, device: torch.device, compiled: bool, log_lines: list[str],
-                     look_for_fa3: bool | None = None) -> AttentionBackend:
-    """FA3 when it is importable (on CUDA) and, for a compiled run, traces; SDPA otherwise, said in the log."""
-    look = device.type == "cuda" if look_for_fa3 is None else look_for_fa3
-    fa3, fa3_varlen = load_fa3() if look else (None, None)
-    if fa3 is None:
-        return SDPA
-    backend = AttentionBackend("fa3", fa3, fa3_varlen)
-    why = probe_traceable(backend, device, cfg.doc_masked_attn) if compiled else None
-    if why is not None:
-        log_lines.append(f"WARNING: FlashAttention 3 is importable but does not trace under torch.compile(fullgraph=True) "
-                         f"({why}); using PyTorch SDPA instead. Install an FA3 build with torch custom ops for full speed")
-        return SDPA
-    return backend
+def choose_attention(cfg: Config, device: torch.device, compiled: bool, notes: list[str]) -> AttentionBackend:
+    """ATTN_BACKEND: fa3 takes FlashAttention 3 whenever `flash_attn_interface` imports (any device) and fails
+    if it cannot; auto takes it on CUDA when it imports and, compiled, traces, else flex on CUDA and SDPA on a CPU,
+    saying why in the log."""
+    want = cfg.attn_backend
+    fa3 = load_fa3() if want == "fa3" or (want == "auto" and device.type == "cuda") else None
+    if want == "fa3" and fa3 is None:
+        raise ConfigError("ATTN_BACKEND=fa3 but flash_attn_interface is not importable: install FlashAttention 3 "
+                          "(see README, GPU section) or set ATTN_BACKEND=auto")
+    if fa3 is not None:
+        backend = FA3Attention(*fa3)
+        why = probe_traceable(backend, device, cfg.doc_masked_attn) if compiled else None
+        if why is None:
+            return backend
+        if want == "fa3":
+            raise ConfigError(f"ATTN_BACKEND=fa3 but FlashAttention 3 does not trace under torch.compile(fullgraph="
+                              f"True) ({why}): install a build that registers torch custom ops, or ATTN_BACKEND=auto")
+        notes.append(f"WARNING: FlashAttention 3 is importable but does not trace under torch.compile(fullgraph=True) "
+                     f"({why}); install a build with torch custom ops for full speed")
+    if want == "flex" or (want == "auto" and device.type == "cuda"):
+        return FlexAttention()
+    return SDPA
+
+
+def check_attention_fits(cfg: Config, rt: "Runtime", accum: int) -> None:
+    """Refuse, before any work, a backend whose document-masked calls cannot fit the device at the configured
+    training and evaluation shapes (SDPA's math kernel at full size needs hundreds of GB)."""
+    if not cfg.doc_masked_attn or rt.attn.name == "fa3":
+        return
+    n = cfg.train_batch_tokens // (rt.world_size * accum)  # tokens per micro-batch: one flat span (TrainLoader)
+    rows, T = 1, n
+    apps = cfg.n_encoder + cfg.n_crawler * max(1, cfg.n_loops) + cfg.n_decoder
+    eager_flex = rt.attn.name == "flex" and not rt.compile  # flex without compile falls back to the math kernel
+    per_call = (lambda r, t, h, c=0: SDPA.masked_call_bytes(r, t, h, t)) if eager_flex else rt.attn.masked_call_bytes
+    train = apps * per_call(rows, T, cfg.num_heads, cfg.train_seq_len)  # kept for the backward, per block application
+    evaluate = per_call(max(1, cfg.eval_batch_tokens // cfg.eval_seq_len), cfg.eval_seq_len, cfg.num_heads)
+    need, have = max(train, evaluate), device_memory_bytes(rt.device)
+    if need > 0.5 * have:
+        raise ConfigError(
+            f"ATTN_BACKEND resolved to {rt.attn.name}{' (not compiled)' if eager_flex else ''}: its document-masked "
+            f"attention needs about {need / 1e9:.0f} GB for a micro-batch of {T} tokens "
+            f"(EVAL_BATCH_TOKENS={cfg.eval_batch_tokens} at EVAL_SEQ_LEN={cfg.eval_seq_len}), over half of this "
+            f"device's {have / 1e9:.0f} GB: use ATTN_BACKEND=flex with COMPILE_ENABLED=auto, or install FlashAttention 3")
+
+
+def device_memory_bytes(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def resolve_fused_ce(cfg: Config, device: torch.device) -> str:
+    """FUSED_CE -> the loss implementation: triton | torch (the same fused op computed by torch) | off."""
+    if cfg.fused_ce == "0":
+        return "off"
+    if cfg.fused_ce == "auto":
+        return "triton" if device.type == "cuda" and fused_ce_available() else "torch"
+    if cfg.fused_ce == "triton":
+        if not fused_ce_available():
+            raise ConfigError("FUSED_CE=triton but triton is not importable: pip install triton, or FUSED_CE=auto")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("FUSED_CE=triton on a CPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    return cfg.fused_ce
+
+
+def resolve_delta(cfg: Config, device: torch.device) -> str:
+    """DELTA_BACKEND -> the DeltaNet implementation: fla (flash-linear-attention's chunk_delta_rule) | torch."""
+    if cfg.delta_backend == "torch" or not cfg.delta_net_heads:
+        return "torch"
+    import importlib.util
+
+    found = importlib.util.find_spec("fla") is not None
+    if cfg.delta_backend == "fla" and not found:
+        raise ConfigError("DELTA_BACKEND=fla but flash-linear-attention is not importable: pip install fla-core, or "
+                          "DELTA_BACKEND=auto")
+    return "fla" if found and (cfg.delta_backend == "fla" or device.type == "cuda") else "torch"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The device-dependent implementations the model calls, chosen once by `setup_runtime` and logged."""
+    attn: AttentionBackend = SDPA
+    ce: str = "torch"  # softcapped cross-entropy: triton | torch | off (resolve_fused_ce)
+    delta: str = "torch"  # DeltaNet memory: fla | torch (resolve_delta)
 
 
 @dataclass(frozen=True)
@@ -606,9 +802,14 @@ class Runtime:
     device: torch.device
     autocast_dtype: torch.dtype | None
     compile: bool
-    attn: AttentionBackend = SDPA
+    kernels: Kernels = Kernels()
     hardware: str = "cpu"
     notes: tuple = ()  # what setup decided that the log should say
+    compile_backend: str = "inductor"
+
+    @property
+    def attn(self) -> AttentionBackend:
+        return self.kernels.attn
 
     @property
     def is_main(self) -> bool:
@@ -638,22 +839,36 @@ def setup_runtime(cfg: Config) -> Runtime:
     elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks share the cores instead of fighting over them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    compiled, notes = cuda and cfg.compile_enabled, []
+        import datetime
+
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_seconds))
+    compiled = cfg.compile_enabled == "1" or (cfg.compile_enabled == "auto" and cuda)
+    notes: list[str] = []
     attn = choose_attention(cfg, device, compiled, notes)
     hardware = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
-    return Runtime(rank, world_size, local_rank, device, torch.bfloat16 if cuda else None, compiled, attn, hardware,
-                   tuple(notes))
+    kernels = Kernels(attn, resolve_fused_ce(cfg, device), resolve_delta(cfg, device))
+    return Runtime(rank, world_size, local_rank, device, torch.bfloat16 if cuda else None, compiled, kernels, hardware,
+                   tuple(notes), cfg.compile_backend)
+
+
+# A graph per (context, crawler depth) of the schedule, two for the windowed evaluation and a few for TTT: far
+# below this. The limit is raised from dynamo's default of 8 only so that a surprise costs a recompile, not the run;
+# the log counts graphs after priming and at the end of training, and the tests bound them.
+RECOMPILE_LIMIT = 64
 
 
 def compile_model(model: nn.Module, cfg: Config, rt: Runtime, dynamic: bool = False) -> nn.Module:
-    """The one place models are compiled (CUDA only): training and the windowed evaluations with static shapes,
-    TTT with dynamic ones (its chunk widths and active rows vary). The residual stream runs in the autocast
-    dtype (bf16 on CUDA, as Ouroboros) instead of fp32: half the activation bytes per block."""
+    """The one place models are compiled (on CUDA by default; COMPILE_ENABLED=1 on any device): training and the
+    windowed evaluations with static shapes (cu_seqlens marked dynamic), TTT with dynamic ones (its chunk widths
+    and active rows vary). The residual stream runs in the autocast dtype (bf16 on CUDA, as Ouroboros) instead of
+    fp32: half the activation bytes per block."""
     model.act_dtype = rt.autocast_dtype
     if not rt.compile:
         return model
-    return torch.compile(model, fullgraph=cfg.compile_fullgraph, dynamic=dynamic)
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    torch._dynamo.config.accumulated_recompile_limit = 4 * RECOMPILE_LIMIT
+    return torch.compile(model, fullgraph=cfg.compile_fullgraph, dynamic=dynamic, backend=rt.compile_backend)
 
 
 class Logger:
@@ -672,8 +887,12 @@ class Logger:
             fh.write(msg + "\n")
 
 
+COLLECTIVES = [0]  # collectives this rank has entered: after a timeout, the rank with fewer is the late one
+
+
 def all_reduce_(t: Tensor, op=None) -> Tensor:
     if dist.is_available() and dist.is_initialized():
+        COLLECTIVES[0] += 1
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
 
@@ -798,14 +1017,23 @@ def segment_starts(rows: np.ndarray, bos_id: int, max_len: int) -> np.ndarray:
     return bos | ((np.arange(T)[None] - last_bos) % max_len == 0)
 
 
+def segment_arrays(rows: np.ndarray, bos_id: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(segment ids [B, T] int64, cu_seqlens int32 over the flattened rows) of a CPU batch."""
+    starts = segment_starts(rows, bos_id, max_len)
+    return np.cumsum(starts, axis=1) - 1, np.append(np.flatnonzero(starts.reshape(-1)), rows.size).astype(np.int32)
+
+
+def device_segments(arrays: tuple[np.ndarray, np.ndarray], max_len: int, device: torch.device) -> Segments:
+    """Segments on `device`; the length of cu_seqlens is marked as the graph's one dynamic dimension."""
+    ids, cu = arrays
+    cu_dev = torch.from_numpy(cu).to(device, non_blocking=True)
+    torch._dynamo.mark_dynamic(cu_dev, 0)
+    return Segments(torch.from_numpy(ids).to(device, non_blocking=True), cu_dev, max_len)
+
+
 def make_segments(rows: Tensor, bos_id: int, max_len: int, device: torch.device) -> Segments:
-    """Segments of a CPU batch of rows, on `device` (segment ids for SDPA, padded cu_seqlens for FA3 varlen)."""
-    starts = segment_starts(rows.numpy(), bos_id, max_len)
-    ids = torch.from_numpy(np.cumsum(starts, axis=1) - 1)
-    flat = np.flatnonzero(starts.reshape(-1))
-    cu = np.full(-(-(flat.size + 1) // 64) * 64, rows.numel(), dtype=np.int32)  # pad with empty segments (#1855)
-    cu[:flat.size] = flat
-    return Segments(ids.to(device, non_blocking=True), torch.from_numpy(cu).to(device, non_blocking=True), max_len)
+    """Segments of a CPU batch of rows, on `device`."""
+    return device_segments(segment_arrays(rows.numpy(), bos_id, max_len), max_len, device)
 
 
 class Micro(typing.NamedTuple):
@@ -821,61 +1049,88 @@ def to_micro(x: Tensor, y: Tensor, cfg: Config, seq_len: int, device: torch.devi
 
 
 class TrainLoader:
-    """Each optimizer step reads one contiguous global chunk of TRAIN_BATCH_TOKENS(+1) tokens that starts at
-    a document boundary; rank r takes rows r, r+W, r+2W, ... so the global batch is independent of the world
-    size. Shard order and start offset depend only on SEED. A background thread reads ahead `prefetch` steps
-    into pinned memory (#1736); segments, which depend on the current context length, are cut on demand."""
+    """Each optimizer step reads the next TRAIN_BATCH_TOKENS(+1) tokens of the training stream. They split into
+    world x accum equal consecutive spans; micro-batch m of rank r is span r * accum + m, so the step reads the
+    same tokens for any world size (its update differs: gradients are clipped per rank before averaging, as
+    #1736/#1855 do, so 8 ranks clip 8 partial gradients where 1 rank clips their sum). With document masking (`flat`) a micro-batch is one flat span [1, n] whose
+    attention is cut only at BOS and every `max_len` tokens (#1855: a document continues across micro-batch and
+    step boundaries, a segment of its own on each side); without it (the crawler seeds) the span is cut into
+    rows of TRAIN_SEQ_LEN. Shard order and the start offset depend only on SEED; each shard's token ids are
+    checked when it is opened, before any of them is used. A background thread reads ahead `prefetch` steps
+    into pinned memory (#1736), segments cut for the context of the latest request."""
 
     def __init__(self, paths: list[str], cfg: Config, rank: int, world_size: int, accum: int, device: torch.device,
-                 prefetch: int = 2):
+                 prefetch: int = 2, flat: bool | None = None):
         self.paths, self.cfg, self.rank, self.world = list(paths), cfg, rank, world_size
         self.accum, self.device, self.pin = accum, device, device.type == "cuda"
+        self.flat = cfg.doc_masked_attn if flat is None else flat
+        self.n = cfg.train_batch_tokens // (world_size * accum)  # tokens per micro-batch
         rng = np.random.default_rng(cfg.seed)
         self.order = rng.permutation(len(self.paths))
-        self.shard_i, self.tokens = 0, load_shard(self.paths[self.order[0]])
+        self.shard_i, self.tokens = 0, self._open(0)
         self.pos = int(rng.integers(0, max(1, len(self.tokens) // 2)))
+        hits = np.flatnonzero(self.tokens[self.pos:self.pos + 1_000_000] == cfg.bos_id)
+        self.pos += int(hits[0]) if hits.size else 0  # the stream starts at a document
+        self.seq_len = cfg.train_seq_len  # the context the prefetcher cuts segments for
         self.queue: queue.Queue | None = None
         if prefetch:
             self.queue = queue.Queue(maxsize=prefetch)
             threading.Thread(target=self._fill, daemon=True).start()
 
-    def _advance_to_bos(self) -> None:
-        hits = np.flatnonzero(self.tokens[self.pos:self.pos + 1_000_000] == self.cfg.bos_id)
-        if hits.size:
-            self.pos += int(hits[0])
+    def _open(self, i: int) -> np.ndarray:
+        path = self.paths[self.order[i]]
+        tokens = load_shard(path)
+        top = int(tokens.max()) if tokens.size else 0
+        if top >= self.cfg.vocab_size:
+            raise DataError(f"{path} has token id {top} >= VOCAB_SIZE={self.cfg.vocab_size}: the shard is corrupt or "
+                            f"was made with another tokenizer: {fix_hint(self.cfg)}")
+        return tokens
 
     def _take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.shard_i = (self.shard_i + 1) % len(self.paths)
-                self.tokens, self.pos = load_shard(self.paths[self.order[self.shard_i]]), 0
+                self.tokens, self.pos = self._open(self.shard_i), 0
             chunk = self.tokens[self.pos:self.pos + n]
             parts.append(chunk)
             self.pos += len(chunk)
             n -= len(chunk)
         return np.concatenate(parts)
 
-    def read(self) -> tuple[Tensor, Tensor]:
-        """This rank's rows of the next global chunk: (x, y) int64 [rows, T] on the CPU (pinned on CUDA)."""
-        T = self.cfg.train_seq_len
-        rows = self.cfg.train_batch_tokens // T
-        self._advance_to_bos()
-        chunk = torch.from_numpy(self._take(rows * T + 1).astype(np.int64))
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's micro-batches of the next global chunk: x, y int64 [accum, rows, T]."""
+        chunk = self._take(self.cfg.train_batch_tokens + 1).astype(np.int64)
         self.pos -= 1  # the extra target token is the next step's first input
-        mine = torch.arange(self.rank, rows, self.world)
-        x, y = chunk[:-1].view(rows, T)[mine], chunk[1:].view(rows, T)[mine]
-        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+        lo, n = self.rank * self.accum * self.n, self.accum * self.n
+        shape = (self.accum, 1, self.n) if self.flat else (self.accum, -1, self.cfg.train_seq_len)
+        return chunk[lo:lo + n].reshape(shape), chunk[lo + 1:lo + 1 + n].reshape(shape)
+
+    def _prepare(self, seq_len: int) -> tuple:
+        x, y = self.read()
+        segs = [segment_arrays(xm, self.cfg.bos_id, seq_len) for xm in x] if self.cfg.doc_masked_attn else None
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        return (xt.pin_memory(), yt.pin_memory()) if self.pin else (xt, yt), seq_len, segs
 
     def _fill(self) -> None:
-        while True:
-            self.queue.put(self.read())
+        try:
+            while True:
+                self.queue.put(self._prepare(self.seq_len))
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
+            self.queue.put(e)
 
     def next_batch(self, seq_len: int | None = None) -> list[Micro]:
-        """Micro-batches of this rank for one optimizer step; attention segments no longer than `seq_len`."""
-        x, y = self.queue.get() if self.queue is not None else self.read()
-        return [to_micro(xs, ys, self.cfg, seq_len or self.cfg.train_seq_len, self.device)
-                for xs, ys in zip(x.chunk(self.accum), y.chunk(self.accum))]
+        """Micro-batches of this rank for one optimizer step, on the device; segments no longer than `seq_len`."""
+        seq_len = seq_len or self.cfg.train_seq_len
+        self.seq_len = seq_len
+        item = self.queue.get() if self.queue is not None else self._prepare(seq_len)
+        if isinstance(item, BaseException):
+            raise item
+        (x, y), cut, segs = item
+        if segs is not None and cut != seq_len:  # the context changed after this batch was prefetched
+            segs = [segment_arrays(xm.numpy(), self.cfg.bos_id, seq_len) for xm in x]
+        return [Micro(x[m].to(self.device, non_blocking=True), y[m].to(self.device, non_blocking=True),
+                      device_segments(segs[m], seq_len, self.device) if segs else None) for m in range(self.accum)]
 
 
 @dataclass(frozen=True)
@@ -890,13 +1145,15 @@ class TrainData:
         return TrainLoader(self.paths, self.cfg, self.rt.rank, self.rt.world_size, self.accum, self.rt.device, prefetch)
 
     def calibration_batches(self) -> list[Micro]:
-        """GPTQ_CAL_SAMPLES training sequences over all ranks, this rank's share, 8 per batch (a seed of their own)."""
+        """GPTQ_CAL_SAMPLES contiguous training rows over all ranks (a seed of their own), this rank's share, 8
+        per batch, each row document-masked on its own."""
         cfg, rt = self.cfg, self.rt
         seq = cfg.gptq_cal_seq_len or cfg.train_seq_len
         n = max(rt.world_size, cfg.gptq_cal_samples // rt.world_size * rt.world_size)
         cal = dataclasses.replace(cfg, seed=cfg.seed + 1, train_seq_len=seq, train_batch_tokens=n * seq)
-        x, y = TrainLoader(self.paths, cal, rt.rank, rt.world_size, 1, rt.device, prefetch=0).read()
-        return [to_micro(xs, ys, cal, seq, rt.device) for xs, ys in zip(x.split(8), y.split(8))]
+        x, y = TrainLoader(self.paths, cal, rt.rank, rt.world_size, 1, rt.device, prefetch=0, flat=False).read()
+        x, y = torch.from_numpy(x[0]), torch.from_numpy(y[0])
+        return [to_micro(xs, ys, cfg, seq, rt.device) for xs, ys in zip(x.split(8), y.split(8))]
 
 
 @dataclass
@@ -992,10 +1249,12 @@ class ValFingerprint:
     docs: int
     targets_2048: int
     tokens: int | None = None  # exact token count of the val file, where known
+    bytes: int | None = None  # the byte sidecar's total, where known (CaseOps)
 
 
 KNOWN_VAL = {"fineweb10B_sp1024": ValFingerprint(50_000, 62_021_632),
-             "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved": ValFingerprint(50_000, 47_851_520, 47_853_344)}
+             "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved": ValFingerprint(50_000, 47_851_520, 47_853_344,
+                                                                                   151_080_645)}
 
 
 def targets_2048(n_tokens: int) -> int:
@@ -1041,22 +1300,69 @@ def check_dataset(cfg: Config, sp, need_bos: bool) -> DataReport:
                         f"needed: {fix_hint(cfg)}")
     for p in train + val:
         read_shard_header(p)
+    check_manifest(cfg, train + val)
     val_parts = [load_shard(p) for p in val]
-    vt, first = np.concatenate(val_parts), load_shard(train[0])
-    check_ids(cfg, {"val": vt, "train": first}, need_bos)
+    vt = np.concatenate(val_parts)
+    check_ids(cfg, {"val": vt}, need_bos)
     docs = split_docs(vt, cfg.bos_id)
     tokenization = data_tokenization(cfg.data_path)
     check_fingerprint(cfg, vt, len(docs), tokenization)
     check_tokenizer_roundtrip(cfg, sp, docs, tokenization)  # first: a wrong tokenizer fails every later check
-    side = check_sidecar(cfg, sp, val, val_parts) if cfg.caseops_enabled else None
-    val_hashes = {hash(d.tobytes()) for d in docs if d.size >= 16}
-    train_docs = split_docs(first, cfg.bos_id)
-    overlap = sum(hash(d.tobytes()) in val_hashes for d in train_docs if d.size >= 16)
-    if overlap > 5 + len(docs) // 1000:  # exact duplicates are rare in FineWeb; thousands mean a bad split
-        raise DataError(f"{overlap} validation documents also appear in {os.path.basename(train[0])}: validation "
-                        f"data leaked into training: {fix_hint(cfg)} (prep with the default --val-docs 50000)")
+    side = check_sidecar(cfg, sp, val, val_parts, len(docs), tokenization) if cfg.caseops_enabled else None
+    train_docs, overlap = check_train_shards(cfg, train, vt, need_bos)
     val_bytes = int(side.astype(np.int64).sum()) if side is not None else None
-    return DataReport(len(train), len(val), int(vt.size), len(docs), val_bytes, len(train_docs), overlap, tokenization)
+    return DataReport(len(train), len(val), int(vt.size), len(docs), val_bytes, train_docs, overlap, tokenization)
+
+
+def doc_keys(tokens: np.ndarray, bos_id: int, k: int = 64) -> np.ndarray:
+    """One uint64 key per BOS-started document: a hash of its first k tokens and its length. Equal keys mean,
+    in practice, the same document; computed with array ops, ~0.1 s per 100M-token shard."""
+    starts = np.flatnonzero(tokens == bos_id)
+    if not starts.size:
+        return np.zeros(0, dtype=np.uint64)
+    ends = np.append(starts[1:], tokens.size)
+    idx = starts[:, None] + 1 + np.arange(k)[None]
+    head = np.where(idx < ends[:, None], tokens[np.minimum(idx, tokens.size - 1)], 65535).astype(np.uint64)
+    powers = np.array([pow(0x100000001B3, j, 1 << 64) for j in range(k)], dtype=np.uint64)
+    with np.errstate(over="ignore"):  # arithmetic mod 2^64
+        return (head * powers).sum(axis=1, dtype=np.uint64) ^ ((ends - starts).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+
+
+def check_train_shards(cfg: Config, train: list[str], vt: np.ndarray, need_bos: bool) -> tuple[int, int]:
+    """Every train shard, in one parallel pass before training: token ids below VOCAB_SIZE, BOS present, and no
+    validation document among its documents (#2127: 15 of 34 CaseOps PRs trained on validation documents).
+    Returns (train documents checked, overlapping documents)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    val_keys = np.unique(doc_keys(vt, cfg.bos_id))
+
+    def one(path: str) -> tuple[int, int]:
+        toks = load_shard(path)
+        check_ids(cfg, {os.path.basename(path): toks}, need_bos)
+        keys = doc_keys(toks, cfg.bos_id)
+        return keys.size, int(np.isin(keys, val_keys).sum())
+
+    with ThreadPoolExecutor(min(8, len(train))) as ex:  # numpy releases the GIL: reads and scans overlap
+        counts = list(ex.map(one, train))
+    n_docs, overlap = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if overlap > 5 + val_keys.size // 1000:  # exact duplicates are rare in FineWeb; thousands mean a bad split
+        worst = max(zip(counts, train), key=lambda ct: ct[0][1])[1]
+        raise DataError(f"{overlap} training documents are validation documents ({os.path.basename(worst)} has the "
+                        f"most): validation data leaked into training: {fix_hint(cfg)} (prep with the default "
+                        "--val-docs 50000)")
+    return n_docs, overlap
+
+
+def check_manifest(cfg: Config, paths: list[str]) -> None:
+    """Shards our prep wrote are listed in its manifest: any other shard in the folder is left from another prep."""
+    manifest = Path(cfg.data_path) / "manifest.json"
+    if not manifest.is_file():
+        return
+    listed = {n for s in json.loads(manifest.read_text()).get("shards", []) for n in (s.get("name"), s.get("sidecar")) if n}
+    stray = sorted(os.path.basename(p) for p in paths + sidecar_paths(cfg.data_path) if os.path.basename(p) not in listed)
+    if listed and stray:
+        raise DataError(f"{len(stray)} shards in {cfg.data_path} are not in its manifest.json ({', '.join(stray[:3])}): "
+                        "left from another prep; delete them, or prep into an empty folder")
 
 
 def check_ids(cfg: Config, parts: dict[str, np.ndarray], need_bos: bool) -> None:
@@ -1087,10 +1393,12 @@ def check_fingerprint(cfg: Config, vt: np.ndarray, n_docs: int, tokenization: st
                         f"tokenizer, or prep with --tokenization lossless into the published folder name): {fix_hint(cfg)}")
 
 
-def check_sidecar(cfg: Config, sp, val: list[str], val_parts: list[np.ndarray]) -> np.ndarray:
+def check_sidecar(cfg: Config, sp, val: list[str], val_parts: list[np.ndarray], n_docs: int,
+                  tokenization: str) -> np.ndarray:
     """The CaseOps byte sidecar must align with the val tokens: one entry per token, BOS and CaseOps markers
-    0 (the old #1736 exporter counted markers as bytes), and a plain ASCII piece exactly its own length
-    (a shifted sidecar fails this at once). Returns it, concatenated like the val tokens."""
+    0 (the old #1736 exporter counted markers as bytes), a plain ASCII piece exactly its own length (a shifted
+    sidecar fails this at once), a U+2581 piece its text plus the one space (inside a document), and the
+    published split's total. Returns it, concatenated like the val tokens."""
     side = sidecar_paths(cfg.data_path)
     if len(side) != len(val):
         raise DataError(f"{len(side)} val byte sidecars for {len(val)} val shards in {cfg.data_path}; {fix_hint(cfg)}")
@@ -1107,26 +1415,42 @@ def check_sidecar(cfg: Config, sp, val: list[str], val_parts: list[np.ndarray]) 
     if side_all[markers].any():
         raise DataError("the sidecar counts CaseOps control symbols as bytes: it was written by the old exporter "
                         f"(#1736's folder), which inflates bytes by ~7%: {fix_hint(cfg)}")
-    plain_len = plain_piece_lengths(sp, cfg.vocab_size)
+    plain_len, space_len = plain_piece_lengths(sp, cfg.vocab_size)
     known = plain_len[tokens] > 0
     agree = float((side_all[known] == plain_len[tokens][known]).mean()) if known.any() else 1.0
     if agree < 0.99:
         raise DataError(f"the sidecar disagrees with the tokens ({agree:.1%} of plain ASCII pieces get their own "
                         f"length): misaligned sidecar, or TOKENIZER_PATH is not the data's tokenizer: {fix_hint(cfg)}")
+    spaced = (space_len[tokens] > 0) & np.concatenate([[False], tokens[:-1] != cfg.bos_id])
+    agree = float((side_all[spaced] == space_len[tokens][spaced]).mean()) if spaced.any() else 1.0
+    if agree < 0.9:  # a folded run of several whitespace characters carries them all: a few percent differ
+        raise DataError(f"the sidecar disagrees with the tokens on U+2581 pieces ({agree:.1%} count their text plus "
+                        f"one space): the space is miscounted: {fix_hint(cfg)}")
+    fp = KNOWN_VAL.get(os.path.basename(cfg.data_path.rstrip("/")))
+    total = int(side_all.astype(np.int64).sum())
+    if fp and fp.bytes and tokenization == "published" and not cfg.val_token_limit and n_docs == fp.docs \
+            and total != fp.bytes:
+        raise DataError(f"the val byte sidecar totals {total} bytes; the published split has {fp.bytes}: "
+                        f"{fix_hint(cfg)}")
     return side_all
 
 
 MARKER_IDS, ESC_ID = (4, 5, 6, 7), 7  # TITLE, ALLCAPS, CAPNEXT, ESC in the CaseOps tokenizer (SPEC 4)
 
 
-def plain_piece_lengths(sp, vocab_size: int) -> np.ndarray:
-    """Length of each piece that is printable ASCII without a leading U+2581 (its surface is itself), else 0."""
-    out = np.zeros(vocab_size, dtype=np.int64)
+def plain_piece_lengths(sp, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(length of each piece that is printable ASCII without a leading U+2581: its surface is itself; 1 + the
+    length of the rest for a U+2581 piece with a printable ASCII rest: a space and itself), 0 elsewhere."""
+    plain, spaced = np.zeros(vocab_size, dtype=np.int64), np.zeros(vocab_size, dtype=np.int64)
     for i in range(min(vocab_size, sp.get_piece_size())):
         piece = sp.id_to_piece(i)
-        if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)) and piece.isascii() and piece.isprintable():
-            out[i] = len(piece)
-    return out
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+            continue
+        if piece.isascii() and piece.isprintable():
+            plain[i] = len(piece)
+        elif piece.startswith("\u2581") and len(piece) > 1 and piece[1:].isascii() and piece[1:].isprintable():
+            spaced[i] = len(piece)
+    return plain, spaced
 
 
 def check_tokenizer_roundtrip(cfg: Config, sp, docs: list[np.ndarray], tokenization: str, n: int = 16) -> None:
@@ -1274,13 +1598,13 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
         self.gate = AttentionGate(cfg) if (cfg.sparse_attn_gate_enabled or cfg.gated_attn_enabled) else None
 
-    def forward(self, n: Tensor, rope, seg: Segments | None, ve: Tensor | None, lora, slot: str) -> Tensor:
+    def forward(self, n: Tensor, rope, mask: typing.Any, ve: Tensor | None, lora, slot: str) -> Tensor:
         B, T, _ = n.shape
         q = plus(self.c_q(n), lora_delta(lora, slot + "q", n)).view(B, T, self.h, self.hd)
         k = plus(self.c_k(n), lora_delta(lora, slot + "k", n)).view(B, T, self.hkv, self.hd)
         v = plus(plus(self.c_v(n), lora_delta(lora, slot + "v", n)), ve).view(B, T, self.hkv, self.hd)
         q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
-        y = self.backend(q * self.q_gain.to(q.dtype)[None, None, :, None], k, v, seg)
+        y = self.backend(q * self.q_gain.to(q.dtype)[None, None, :, None], k, v, mask)
         if self.xsa:  # XSA: remove the component along the token's own value (GQA-aware)
             yg = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
             vn = F.normalize(v, dim=-1).unsqueeze(-2)
@@ -1332,14 +1656,14 @@ class Block(nn.Module):
         m = rms_norm(x) * self.in_scale
         return self.mlp_scale.to(x.dtype) * plus(self.mlp(m), lora_delta(lora, slot + "mlp", m))
 
-    def forward(self, x: Tensor, x0: Tensor, rope, seg, ve, lora, slot: str) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, rope, mask, ve, lora, slot: str) -> Tensor:
         x = self.mix(x, x0)
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, rope, seg, ve, lora, slot)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, rope, mask, ve, lora, slot)
         return x + self.mlp_out(x, lora, slot)
 
-    def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, rope, seg, ve, lora, slot: str):
+    def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, rope, mask, ve, lora, slot: str):
         l0, l1 = lanes
-        a = self.attn_scale.to(l0.dtype) * self.attn(rms_norm(self.mix(l0, x0)) * self.in_scale, rope, seg, ve, lora, slot)
+        a = self.attn_scale.to(l0.dtype) * self.attn(rms_norm(self.mix(l0, x0)) * self.in_scale, rope, mask, ve, lora, slot)
         m = self.mlp_out(l1, lora, slot)
         r, p = self.lane_resid.to(l0.dtype), self.lane_post.to(l0.dtype)
         return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
@@ -1456,18 +1780,87 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, seg: Tenso
     return torch.cat(out, dim=2)[:, :, :T]
 
 
-def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, seg: Tensor | None) -> Tensor:
-    """flash-linear-attention's chunk_delta_rule on CUDA when installed (one document per row), else the
-    torch form above."""
-    if q.is_cuda and seg is None:
-        try:
-            from fla.ops.delta_rule import chunk_delta_rule
-        except ImportError:
-            chunk_delta_rule = None
-        if chunk_delta_rule is not None:
-            o, _ = chunk_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), beta.transpose(1, 2))
-            return o.transpose(1, 2)
-    return delta_rule_chunked(q, k, v, beta, seg).to(v.dtype)
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, seg: Segments | None, impl: str,
+               cu: Tensor | None = None) -> Tensor:
+    """The delta rule on [B, H, T, D] with the memory cleared at each segment start: flash-linear-attention's
+    chunk_delta_rule over the flattened rows (`cu` = segment starts, row starts included) when impl is fla, else
+    the torch form above (segment ids)."""
+    if impl == "fla":
+        B, H, T, D = q.shape
+        if cu is None:
+            cu = seg.cu if seg is not None else torch.arange(0, B * T + 1, T, device=q.device, dtype=torch.int32)
+        flat = [t.transpose(1, 2).reshape(1, B * T, H, -1) for t in (q, k, v)]
+        o = torch.ops.pgcrawl.fla_delta_rule(*flat, beta.transpose(1, 2).reshape(1, B * T, H), cu)
+        return o.view(B, T, H, -1).transpose(1, 2).to(v.dtype)
+    return delta_rule_chunked(q, k, v, beta, None if seg is None else seg.ids).to(v.dtype)
+
+
+# FLA's chunk_delta_rule is @torch.compiler.disable'd (a graph break: fatal under fullgraph=True) and asserts one
+# non-fp32 dtype for q, k, v: it runs as an opaque custom op in bf16, the backward recomputing the forward under
+# autograd (one extra forward, no FLA internals). A custom op's kernel runs with autograd removed from the
+# dispatcher's thread-local keys, so that recompute runs on a helper thread (same CUDA device, default stream).
+_AUTOGRAD_THREAD: list = []
+
+
+def in_autograd_thread(fn: typing.Callable, device: torch.device):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not _AUTOGRAD_THREAD:
+        _AUTOGRAD_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="autograd"))
+
+    def work():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        with torch.enable_grad():
+            return fn()
+
+    return _AUTOGRAD_THREAD[0].submit(work).result()
+
+
+def _fla_call(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor) -> Tensor:
+    from fla.ops.delta_rule import chunk_delta_rule
+
+    dt = torch.bfloat16
+    o, _ = chunk_delta_rule(q.to(dt), k.to(dt), v.to(dt), beta.to(dt), cu_seqlens=cu.long())
+    return o
+
+
+@torch.library.custom_op("pgcrawl::fla_delta_rule", mutates_args=())
+def _fla_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor) -> Tensor:
+    return _fla_call(q, k, v, beta, cu).to(v.dtype).contiguous()
+
+
+@_fla_delta_rule.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor) -> Tensor:
+    return v.new_empty(v.shape)
+
+
+@torch.library.custom_op("pgcrawl::fla_delta_rule_backward", mutates_args=())
+def _fla_delta_rule_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def recompute():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, beta)]
+        o = _fla_call(*leaves, cu)
+        return torch.autograd.grad(o, leaves, do.to(o.dtype))
+
+    grads = in_autograd_thread(recompute, q.device)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, beta)))
+
+
+@_fla_delta_rule_backward.register_fake
+def _(do: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape)
+
+
+def _fla_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _fla_backward(ctx, do):
+    return (*torch.ops.pgcrawl.fla_delta_rule_backward(do, *ctx.saved_tensors), None)
+
+
+torch.library.register_autograd("pgcrawl::fla_delta_rule", _fla_backward, setup_context=_fla_setup)
 
 
 class DeltaMemory(nn.Module):
@@ -1476,9 +1869,9 @@ class DeltaMemory(nn.Module):
     authors retired it). Here loop k replays loop k-1's writes interleaved with its own, position by position:
     at position t the memory holds writes from positions <= t of both loops only, so it stays causal."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, impl: str = "torch"):
         super().__init__()
-        d, self.h = cfg.model_dim, cfg.delta_net_heads
+        d, self.h, self.impl = cfg.model_dim, cfg.delta_net_heads, impl
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
         nn.init.zeros_(self.o_proj.weight)
         self.b_proj = nn.Linear(d, self.h)
@@ -1505,11 +1898,12 @@ class DeltaMemory(nn.Module):
         beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)
         writes = (k, v, beta)
         if prev is None:
-            o = delta_rule(q, k, v, beta, ids)
+            o = delta_rule(q, k, v, beta, seg, self.impl)
         else:  # positions 2t: loop k-1's write at t; 2t+1: this loop's write at t, then its read
             inter = [torch.stack([a, b], dim=3).flatten(2, 3) for a, b in zip(prev, writes)]
-            ids2 = ids.repeat_interleave(2, dim=1) if ids is not None else None
-            o = delta_rule(torch.stack([torch.zeros_like(q), q], dim=3).flatten(2, 3), *inter, ids2)[:, :, 1::2]
+            seg2 = None if seg is None else Segments(ids.repeat_interleave(2, dim=1), 2 * seg.cu, 2 * seg.max_len)
+            q2 = torch.stack([torch.zeros_like(q), q], dim=3).flatten(2, 3)
+            o = delta_rule(q2, *inter, seg2, self.impl)[:, :, 1::2]
         B, H, T, D = o.shape
         return rms_norm(x + self.o_proj(o.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))), writes
 
@@ -1560,9 +1954,10 @@ def n_skip_weights(cfg: Config) -> int:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: Config, backend: AttentionBackend = SDPA):
+    def __init__(self, cfg: Config, kernels: Kernels = Kernels()):
         super().__init__()
         self.cfg, d = cfg, cfg.model_dim
+        self.kernels, backend = kernels, kernels.attn  # chosen by the runtime for its device
         small = 1 / math.sqrt(2 * cfg.n_blocks)  # Ouroboros's scale for projections into the residual stream
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
@@ -1581,7 +1976,7 @@ class GPT(nn.Module):
             if self.inst_proj is not None else None
         for m in self.inst_up or []:
             nn.init.zeros_(m.weight)
-        self.delta = DeltaMemory(cfg) if (cfg.n_crawler and cfg.delta_net_heads) else None
+        self.delta = DeltaMemory(cfg, kernels.delta) if (cfg.n_crawler and cfg.delta_net_heads) else None
         # Asymmetric logit softcaps (#1923): start equal to LOGIT_SOFTCAP, frozen in training, trained by TTT.
         self.softcaps = nn.Parameter(torch.full((2,), cfg.logit_softcap)) if cfg.asym_logit_rescale else None
         self.rope_scales = tuple(float(s) for s in cfg.loop_rope_scales[:cfg.n_loops])
@@ -1622,6 +2017,7 @@ class GPT(nn.Module):
         ropes = {1.0: rope_tables(T, cfg.rope_dims, cfg.rope_base, 1.0, ids.device, x.dtype)}
         for s in self.rope_scales:
             ropes.setdefault(s, rope_tables(T, cfg.rope_dims, cfg.rope_base, s, ids.device, x.dtype))
+        mask = self.kernels.attn.prepare(seg, T)  # once per forward, shared by every block application
         plan, skips, lanes, writes = self.plan(), [], None, None
         for slot, app in enumerate(plan):
             blk = self.blocks[app.block]
@@ -1637,9 +2033,9 @@ class GPT(nn.Module):
             rope = ropes[self.rope_scales[app.loop] if app.loop >= 0 else 1.0]
             vb = self.ve.for_block(ve, app.block) if self.ve is not None else None
             if blk.parallel:
-                lanes = blk.forward_lanes(lanes, x0, rope, seg, vb, lora, f"{slot}.")
+                lanes = blk.forward_lanes(lanes, x0, rope, mask, vb, lora, f"{slot}.")
             else:
-                x = blk(x, x0, rope, seg, vb, lora, f"{slot}.")
+                x = blk(x, x0, rope, mask, vb, lora, f"{slot}.")
             if app.loop >= 0 and app.block == cfg.n_encoder + cfg.n_crawler - 1 and self.delta is not None:
                 x, writes = self.delta(x, writes, seg)
             if app.push:
@@ -1659,12 +2055,16 @@ class GPT(nn.Module):
         return (c, c) if self.softcaps is None else (self.softcaps[0], self.softcaps[1])
 
     def forward(self, ids: Tensor, targets: Tensor, seg: Segments | None = None,
-                lora: BatchedLoRA | None = None) -> Tensor:
-        """Per-token negative log-likelihood [B, T] (fp32), the loss computed inside the (compiled) graph."""
+                lora: BatchedLoRA | None = None, last: int = 0) -> Tensor:
+        """Per-token negative log-likelihood (fp32), the loss computed inside the (compiled) graph: [B, T], or
+        [B, last] for the last `last` positions only (the sliding window scores 64 of 3,072; the head and the loss
+        of the other positions would be wasted work)."""
         h = self.hidden(ids, seg, lora)
+        if last:
+            h, targets = h[:, -last:], targets[:, -last:]
         z = plus(F.linear(h, self.tok_emb.weight.to(h.dtype)), lora_delta(lora, "head", h))
-        fused = self.cfg.fused_ce and z.is_cuda and self.softcaps is None and fused_ce_available()
-        return softcapped_ce(z, targets, *self.caps(), fused=fused)
+        impl = self.kernels.ce if self.softcaps is None else "off"  # the fused op takes one cap
+        return softcapped_ce(z, targets, *self.caps(), impl=impl)
 
 
 def softcap(z: Tensor, pos, neg) -> Tensor:
@@ -1674,51 +2074,67 @@ def softcap(z: Tensor, pos, neg) -> Tensor:
     return torch.where(z > 0, pos * torch.tanh(z / pos), neg * torch.tanh(z / neg))
 
 
-def softcapped_ce(z: Tensor, targets: Tensor, pos, neg, fused: bool) -> Tensor:
-    if fused:
-        loss, _ = torch.ops.pgcrawl.softcap_ce(z.reshape(-1, z.size(-1)), targets.reshape(-1), float(pos))
+def softcapped_ce(z: Tensor, targets: Tensor, pos, neg, impl: str) -> Tensor:
+    """Per-token CE of softcapped logits. impl: triton or torch run the fused op below (the same maths, Triton's
+    kernel or torch's ops); off is the plain softcap + F.cross_entropy."""
+    if impl != "off":
+        loss, _ = torch.ops.pgcrawl.softcap_ce(z.reshape(-1, z.size(-1)), targets.reshape(-1), float(pos), impl)
         return loss.view(targets.shape)
     zc = softcap(z.float(), pos, neg)
     return F.cross_entropy(zc.reshape(-1, zc.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
 
 
-# Fused softcapped cross-entropy (#1787): one Triton pass over the logits computes the softcap, log-sum-exp and
-# the target's log-probability; the backward recomputes them from the raw logits instead of storing fp32 copies.
-# z = 2c*sigmoid(2x/c) equals c*tanh(x/c) + c, a constant shift that cancels in the softmax.
+# Fused softcapped cross-entropy (#1787): one pass over the logits computes the softcap, log-sum-exp and the
+# target's log-probability; the backward recomputes them from the raw logits instead of storing fp32 copies.
+# z = 2c*sigmoid(2x/c) equals c*tanh(x/c) + c, a constant shift that cancels in the softmax. A torch custom op, so
+# torch.compile(fullgraph=True) sees one opaque node; `impl` picks Triton's kernels or the same maths in torch.
 
 @torch.library.custom_op("pgcrawl::softcap_ce", mutates_args=())
-def _softcap_ce(x: Tensor, y: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+def _softcap_ce(x: Tensor, y: Tensor, cap: float, impl: str) -> tuple[Tensor, Tensor]:
     """Per-row softcapped CE and the row's log-sum-exp (kept for the backward)."""
-    return _fused_ce_forward(x, y, cap)
+    return _fused_ce_forward(x, y, cap) if impl == "triton" else _torch_ce_forward(x, y, cap)
 
 
 @_softcap_ce.register_fake
-def _(x: Tensor, y: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, y: Tensor, cap: float, impl: str) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.size(0), dtype=torch.float32), x.new_empty(x.size(0), dtype=torch.float32)
 
 
 @torch.library.custom_op("pgcrawl::softcap_ce_backward", mutates_args=())
-def _softcap_ce_backward(g: Tensor, x: Tensor, y: Tensor, lse: Tensor, cap: float) -> Tensor:
-    return _fused_ce_backward(g, x, y, lse, cap)
+def _softcap_ce_backward(g: Tensor, x: Tensor, y: Tensor, lse: Tensor, cap: float, impl: str) -> Tensor:
+    return _fused_ce_backward(g, x, y, lse, cap) if impl == "triton" else _torch_ce_backward(g, x, y, lse, cap)
 
 
 @_softcap_ce_backward.register_fake
-def _(g: Tensor, x: Tensor, y: Tensor, lse: Tensor, cap: float) -> Tensor:
-    return torch.empty_like(x)
+def _(g: Tensor, x: Tensor, y: Tensor, lse: Tensor, cap: float, impl: str) -> Tensor:
+    return x.new_empty(x.shape)
 
 
 def _ce_setup(ctx, inputs, output):
-    x, y, cap = inputs
+    x, y, cap, impl = inputs
     ctx.save_for_backward(x, y, output[1])
-    ctx.cap = cap
+    ctx.cap, ctx.impl = cap, impl
 
 
 def _ce_backward(ctx, g_loss, g_lse):
     x, y, lse = ctx.saved_tensors
-    return torch.ops.pgcrawl.softcap_ce_backward(g_loss, x, y, lse, ctx.cap), None, None
+    return torch.ops.pgcrawl.softcap_ce_backward(g_loss, x, y, lse, ctx.cap, ctx.impl), None, None, None
 
 
 torch.library.register_autograd("pgcrawl::softcap_ce", _ce_backward, setup_context=_ce_setup)
+
+
+def _torch_ce_forward(x: Tensor, y: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    z = 2 * cap * torch.sigmoid(2 * x.float() / cap)
+    lse = torch.logsumexp(z, dim=-1)
+    return lse - z.gather(1, y[:, None].long())[:, 0], lse
+
+
+def _torch_ce_backward(g: Tensor, x: Tensor, y: Tensor, lse: Tensor, cap: float) -> Tensor:
+    sg = torch.sigmoid(2 * x.float() / cap)
+    dz = torch.exp(2 * cap * sg - lse[:, None])
+    dz.scatter_add_(1, y[:, None].long(), -torch.ones_like(lse[:, None]))
+    return (g.float()[:, None] * dz * 4 * sg * (1 - sg)).to(x.dtype).contiguous()
 
 
 def fused_ce_available() -> bool:
@@ -1731,7 +2147,8 @@ _CE_KERNELS: dict = {}
 
 
 def _ce_kernels():
-    """Build the Triton kernels on first use (TRITON_INTERPRET=1 runs them on the CPU for tests)."""
+    """Build the Triton kernels on first use (TRITON_INTERPRET=1 runs them on the CPU for tests). Row offsets are
+    64-bit: row * stride passes 2^31 at 262,144 rows of an 8,192-token vocabulary (a sliding batch is 261,120)."""
     if _CE_KERNELS:
         return _CE_KERNELS["fwd"], _CE_KERNELS["bwd"]
     import triton
@@ -1739,7 +2156,7 @@ def _ce_kernels():
 
     @triton.jit
     def fwd(x_ptr, y_ptr, loss_ptr, lse_ptr, V, stride, cap, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         base = x_ptr + row * stride
         target = tl.load(y_ptr + row)
         m = -float("inf")
@@ -1761,7 +2178,7 @@ def _ce_kernels():
 
     @triton.jit
     def bwd(g_ptr, x_ptr, y_ptr, lse_ptr, dx_ptr, V, stride, cap, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         target = tl.load(y_ptr + row)
         g = tl.load(g_ptr + row)
         lse = tl.load(lse_ptr + row)
@@ -1842,6 +2259,7 @@ class Comm:
             return full, None
         if self.nccl:
             out = torch.empty_like(full[:n])
+            COLLECTIVES[0] += 1
             return out, dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
         all_reduce_(full)
         return full[self.rt.rank * n:(self.rt.rank + 1) * n] / self.rt.world_size, None
@@ -1850,6 +2268,7 @@ class Comm:
         if self.rt.world_size == 1:
             return shard
         out = torch.empty((shard.size(0) * self.rt.world_size, *shard.shape[1:]), dtype=shard.dtype, device=shard.device)
+        COLLECTIVES[0] += 1
         if self.nccl:
             dist.all_gather_into_tensor(out, shard)
         else:
@@ -2067,6 +2486,7 @@ class WeightAverager:
     def __init__(self, model: nn.Module, cfg: Config):
         self.cfg = cfg
         use_ema = not cfg.skip_ema and not cfg.swa_every
+        self.live = list(model.state_dict().values())  # views of the parameters: updated in place by the optimizers
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if use_ema else None
         self.swa, self.swa_n = None, 0
 
@@ -2076,8 +2496,8 @@ class WeightAverager:
             # decay warmup (1+t)/(10+t): a short run is not dominated by its initial weights; from step ~2,560 on
             # (half of a full 8xH100 run) it is EMA_DECAY exactly, as in #1736
             decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
-            for k, v in model.state_dict().items():
-                self.ema[k].lerp_(v.float(), 1 - decay)
+            live = [v if v.dtype == torch.float32 else v.float() for v in self.live]
+            torch._foreach_lerp_(list(self.ema.values()), live, 1 - decay)  # one fused launch, not ~150
         if self.cfg.swa_every and lr_scale < self.SWA_LR_SCALE and step % self.cfg.swa_every == 0:
             if self.swa is None:
                 log(f"swa:start step:{step}")
@@ -2085,6 +2505,10 @@ class WeightAverager:
             for k, v in model.state_dict().items():
                 self.swa[k] += v.float()
             self.swa_n += 1
+
+    def current(self, model: nn.Module) -> dict[str, Tensor]:
+        """The weights a stop now would save (the EMA, else the live weights), without a copy."""
+        return self.ema if self.ema is not None else model.state_dict()
 
     def final(self, model: nn.Module) -> dict[str, Tensor]:
         live = model.state_dict()
@@ -2143,8 +2567,9 @@ def compile_shapes(cfg: Config) -> list[tuple[int, int]]:
 def prime_compile(model: GPT, compiled: nn.Module, opts: Optimizers, data: TrainData, cfg: Config, rt: Runtime,
                   log: Logger) -> None:
     """Run WARMUP_STEPS real steps on training data (never validation) spread over every (context, depth)
-    shape the schedule reaches, so torch.compile is warm before the clock starts; then restore weights and
-    optimizer state, so the timed run starts from the initial state."""
+    shape the schedule reaches, and the validation forward at each depth it runs at (on random tokens), so
+    torch.compile is warm before the clock starts; then restore weights and optimizer state, so the timed run
+    starts from the initial state."""
     if not rt.compile or not cfg.warmup_steps:
         return
     saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -2155,30 +2580,214 @@ def prime_compile(model: GPT, compiled: nn.Module, opts: Optimizers, data: Train
         model.set_active_loops(loops)
         train_step(compiled, loader.next_batch(seq), opts, cfg, rt)
         log(f"warmup_step:{s + 1}/{cfg.warmup_steps} seq_len:{seq} loops:{loops}")
+    depths = sorted({loops for _, loops in shapes} if cfg.val_loss_every else {cfg.n_loops})
+    rows = max(1, cfg.val_batch_tokens // rt.world_size // cfg.eval_seq_len)
+    x = random_rows(cfg, rows, cfg.eval_seq_len, torch.Generator().manual_seed(cfg.seed))
+    seg = make_segments(x[:, :-1], cfg.bos_id, cfg.eval_seq_len, rt.device) if cfg.doc_masked_attn else None
+    x = x.to(rt.device)
+    model.eval()
+    for loops in depths:
+        model.set_active_loops(loops)
+        with torch.no_grad(), rt.autocast():
+            compiled(x[:, :-1], x[:, 1:], seg)
+    model.train()
     model.set_active_loops(start_loops)
     model.load_state_dict(saved[0])
     for o, st in zip(opts.all(), saved[1]):
         o.load_state_dict(st)
-    log(f"compile:graphs:{compiled_graph_count()} shapes:{shapes}")
+    log(f"compile:graphs:{compiled_graph_count()} shapes:{shapes} validation_depths:{depths}")
 
 
 def compiled_graph_count() -> int:
-    """Graphs torch.compile has produced in this process so far (dynamo's own counter)."""
+    """Graphs torch.compile has produced in this process so far (dynamo's own counter; reset() keeps it)."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
 
 
-def shared_elapsed(clock: StepClock, rt: Runtime) -> float:
-    """Rank 0's training time, on every rank (one tiny all-reduce): stop and LR decisions agree."""
-    t = torch.tensor([clock.elapsed_ms() if rt.is_main else 0.0], dtype=torch.float64, device=rt.device)
-    return float(all_reduce_(t)[0])
+class Diverged(RuntimeError):
+    """The training loss stopped being finite; nothing after this step is worth paying for."""
 
 
-def log_train_step(cfg: Config, rt: Runtime, step: int, loss: Tensor, ms: float, plan: StepPlan, log: Logger) -> None:
-    """Every rank takes part (the loss is averaged over ranks); rank 0 writes the line."""
-    mean = float(all_reduce_(loss.detach().clone()) / rt.world_size)
-    log(f"step:{step}/{cfg.iterations} train_loss:{mean:.4f} train_time:{ms:.0f}ms step_avg:{ms / step:.2f}ms "
+class Rescue:
+    """What an interrupted run leaves. SIGTERM / SIGINT (a preemption, `timeout`, Ctrl-C, torchrun stopping the
+    group) set a flag that the next step's shared all-reduce hands to every rank, so all ranks stop after the same
+    step and rank 0 saves the averaged weights (train_or_load). A rank blocked in a collective (a lost peer) never
+    reaches that step: a watcher thread, woken by the signal itself (a wakeup fd), waits GRACE_S for the loop, then
+    writes rank 0's latest host snapshot of the averaged weights (taken every SNAPSHOT_EVERY steps by an
+    asynchronous copy, ~7 ms of copy engine per 144 MB) and exits."""
+    GRACE_S = 10.0
+    SNAPSHOT_EVERY = 100
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self, path: Path | None = None, cfg: Config | None = None, rt: Runtime | None = None,
+                 log: Logger | None = None):
+        self.path, self.cfg, self.rt, self.log = path, cfg, rt, log
+        self.signal, self.handled = 0, threading.Event()
+        self.host: dict[str, Tensor] | None = None
+        self.host_step, self.event, self.stream, self.previous = -1, None, None, {}
+
+    def install(self) -> None:
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self.previous[sig] = signal.signal(sig, lambda num, frame: setattr(self, "signal", num))
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self.previous["wakeup"] = signal.set_wakeup_fd(w)
+        threading.Thread(target=self._watch, args=(r,), daemon=True, name="rescue").start()
+
+    def uninstall(self) -> None:
+        """After training a signal stops the process as usual (evaluation has nothing to save)."""
+        import signal
+
+        self.handled.set()
+        for sig, handler in self.previous.items():
+            if sig == "wakeup":
+                signal.set_wakeup_fd(handler)
+            else:
+                signal.signal(sig, handler)
+        self.previous = {}
+
+    def _watch(self, fd: int) -> None:
+        sig = os.read(fd, 1)[0]
+        if self.handled.wait(self.GRACE_S):
+            return  # the training loop took the stop itself
+        saved = ""
+        if self.path is not None and self.rt is not None and self.rt.is_main and self.host is not None \
+                and (self.event is None or self.event.query()):
+            save_checkpoint(self.path, self.cfg, self.host, self.log or (lambda m: None))
+            saved = f"; the averaged weights of step {self.host_step} are in {self.path}"
+        (self.log or print)(f"interrupted by signal {sig} while blocked (a rank stopped answering?){saved}: "
+                            f"re-pack them with SKIP_TRAIN=1 INIT_MODEL_PATH={self.path}")
+        os._exit(128 + sig)
+
+    def snapshot(self, state: dict[str, Tensor], step: int) -> None:
+        """Rank 0: copy the averaged weights to pinned host memory every SNAPSHOT_EVERY steps, asynchronously."""
+        if self.rt is None or not self.rt.is_main or step % self.SNAPSHOT_EVERY:
+            return
+        cuda = self.rt.device.type == "cuda"
+        if self.event is not None and not self.event.query():
+            return  # the last copy is still in flight
+        if self.host is None:
+            self.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=cuda) for k, v in state.items()}
+        keys = list(state)
+        if not cuda:
+            torch._foreach_copy_([self.host[k] for k in keys], [state[k] for k in keys])
+        else:
+            self.stream = self.stream or torch.cuda.Stream(self.rt.device)
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                torch._foreach_copy_([self.host[k] for k in keys], [state[k] for k in keys], non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record(self.stream)
+            torch.cuda.current_stream().wait_stream(self.stream)  # the next EMA update waits for the copy
+        self.host_step = step
+
+
+class Interrupted(RuntimeError):
+    """Training stopped early (a signal, a rank that stopped answering) after `steps` steps; `state` holds the
+    averaged weights to save, `code` the exit status."""
+
+    def __init__(self, why: str, steps: int, state: dict[str, Tensor] | None, code: int):
+        super().__init__(why)
+        self.steps, self.state, self.code = steps, state, code
+
+
+class Heartbeat:
+    """Names the rank that stopped answering, through the launcher's key-value store (no collective can be trusted
+    then). Every BEAT_EVERY steps a rank writes its step (one small TCP write). When the loop stalls, each rank that
+    can still run Python writes how many collectives it has entered (COLLECTIVES): the ranks blocked in a
+    collective have entered one more than a rank hung elsewhere, and a dead rank writes nothing."""
+    BEAT_EVERY = 10
+    ANSWER_S = 3.0  # how long describe() waits for the other ranks' stall reports
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.store, self.last, self.step = rt, None, time.monotonic(), 0
+        if rt.world_size > 1 and "MASTER_ADDR" in os.environ:
+            import datetime
+
+            try:
+                self.store = dist.PrefixStore("heartbeat", dist.TCPStore(
+                    os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                    timeout=datetime.timedelta(seconds=30)))
+            except Exception:  # noqa: BLE001 - without a store the timeout still fails the run, unnamed
+                self.store = None
+
+    def beat(self, step: int) -> None:
+        self.last, self.step = time.monotonic(), step
+        if self.store is not None and step % self.BEAT_EVERY == 0:
+            self.store.set(f"step{self.rt.rank}", str(step))
+
+    def _read(self, key: str) -> int | None:
+        try:
+            return int(self.store.get(key)) if self.store.check([key]) else None
+        except Exception:  # noqa: BLE001 - the store itself is gone
+            return None
+
+    def describe(self) -> str:
+        if self.store is None:
+            return "a rank stopped answering"
+        try:
+            self.store.set(f"stall{self.rt.rank}", str(COLLECTIVES[0]))
+        except Exception:  # noqa: BLE001
+            return "a rank stopped answering (the launcher's store is gone too)"
+        world, t0 = range(self.rt.world_size), time.monotonic()
+        while time.monotonic() - t0 < self.ANSWER_S:
+            entered = {r: self._read(f"stall{r}") for r in world}
+            if all(v is not None for v in entered.values()):
+                break
+            time.sleep(0.1)
+        top = max(v for v in entered.values() if v is not None)
+        late = [r for r in world if entered[r] is None or entered[r] < top]
+        if not late:
+            return f"no rank is behind (all entered {top} collectives); the interconnect or the launcher failed"
+        steps = {r: self._read(f"step{r}") for r in late}
+        return ", ".join(f"rank {r} stopped answering (" + ("no stall report" if entered[r] is None else
+                         f"{top - entered[r]} collective(s) behind") + f", last reported step {steps[r]})"
+                         for r in late) + f"; rank {self.rt.rank} is at step {self.step}"
+
+    @contextlib.contextmanager
+    def watching(self, timeout_s: float, log: Logger):
+        """While training, a host thread names the late rank once no step has finished for half the collective
+        timeout: under NCCL the watchdog ends the process at the timeout itself, before any Python error."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(1.0):
+                if time.monotonic() - self.last > max(timeout_s / 2, 2.0):
+                    log(f"WARNING: no training step finished for {time.monotonic() - self.last:.0f}s: "
+                        f"{self.describe()}")
+                    return
+
+        self.last = time.monotonic()
+        if self.rt.world_size > 1:
+            threading.Thread(target=watch, daemon=True, name="heartbeat").start()
+        try:
+            yield
+        finally:
+            done.set()
+
+
+def shared_state(clock: StepClock, rt: Runtime, loss: Tensor | None, stop: Rescue) -> tuple[float, float, bool]:
+    """Rank 0's training time, the mean of the last step's loss (not finite on any rank: not finite) and whether any
+    rank was asked to stop, on every rank, from one all-reduce: the step's one host sync, so stop and LR decisions
+    agree. Rank 0 reads its clock after its previous step has finished on the device."""
+    if rt.is_main:
+        sync(rt.device)
+    t = torch.tensor([clock.elapsed_ms() if rt.is_main else 0.0, 0.0, float(stop.signal != 0)], dtype=torch.float64)
+    t = t.to(rt.device)
+    if loss is not None:
+        t[1] = loss.detach().double()
+    elapsed, loss_sum, stopping = all_reduce_(t).tolist()
+    return elapsed, loss_sum / rt.world_size, stopping > 0
+
+
+def log_train_step(cfg: Config, step: int, loss: float, ms: float, plan: StepPlan, log: Logger) -> None:
+    log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{ms:.0f}ms step_avg:{ms / step:.2f}ms "
         f"tok_s:{cfg.train_batch_tokens * step / max(ms / 1000, 1e-9):.0f} lr_scale:{plan.lr_scale:.4f}")
 
 
@@ -2189,42 +2798,76 @@ def validate_and_log(compiled: nn.Module, val: ValidationData, cfg: Config, rt: 
         f"step_avg:{train_ms / max(step, 1):.2f}ms")
 
 
+def recut(batch: list[Micro], cfg: Config, seq_len: int, device: torch.device) -> list[Micro]:
+    """The same micro-batches with segments for another context length (at a context change: twice a run)."""
+    return [Micro(m.x, m.y, make_segments(m.x.cpu(), cfg.bos_id, seq_len, device)) for m in batch]
+
+
 def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: TrainData, val: ValidationData,
-          log: Logger, now: typing.Callable[[], float] = time.perf_counter) -> TrainResult:
-    """The training loop. Time is read only through `now`, so tests inject a clock."""
+          log: Logger, now: typing.Callable[[], float] = time.perf_counter, stop: Rescue | None = None
+          ) -> TrainResult:
+    """The training loop. Time is read only through `now`, so tests inject a clock. The next step's batch is
+    read, cut into segments and copied while the current step runs on the device."""
     opts = build_optimizers(model, cfg, rt)
     prime_compile(model, compiled, opts, data, cfg, rt, log)
+    graphs, stop, heartbeat = compiled_graph_count(), stop or Rescue(), Heartbeat(rt)
     loader, averager = data.loader(), WeightAverager(model, cfg)
     reset_peak_memory(rt.device)
     sync(rt.device)
-    clock, step, prev = StepClock(now), 0, None
-    while True:
-        elapsed = shared_elapsed(clock, rt)
-        if step:
-            clock.observe(elapsed)
-        plan = plan_step(cfg, step, elapsed, clock.next_step_ms(), cfg.train_budget_ms, prev)
-        if plan is None:
-            break
-        apply_plan(model, opts, plan, prev, step, log)
-        loss = train_step(compiled, loader.next_batch(plan.seq_len), opts, cfg, rt)
-        step, prev = step + 1, plan
-        averager.update(model, step, plan.lr_scale, log)
-        if step <= 10 or step % cfg.train_log_every == 0:
-            log_train_step(cfg, rt, step, loss, clock.elapsed_ms(), plan, log)
-        if cfg.val_loss_every and step % cfg.val_loss_every == 0:
-            clock.pause()
-            validate_and_log(compiled, val, cfg, rt, step, clock.base_ms, log)
-            clock.resume()
-    return finish_training(model, compiled, averager, cfg, rt, val, step, shared_elapsed(clock, rt), log)
+    clock, step, prev, loss = StepClock(now), 0, None, None
+    batch = loader.next_batch(stage_seq_len(cfg, 0.0))
+    with heartbeat.watching(cfg.dist_timeout_seconds, log):
+        while True:
+            heartbeat.beat(step)
+            try:
+                elapsed, mean_loss, stopping = shared_state(clock, rt, loss, stop)
+                if loss is not None and not math.isfinite(mean_loss):
+                    raise Diverged(f"training diverged at step {step}: train_loss is {mean_loss} (the weights are "
+                                   "lost); lower MATRIX_LR / EMBED_LR / SCALAR_LR, or set GRAD_CLIP_NORM")
+                if step and (step <= 10 or step % cfg.train_log_every == 0):
+                    log_train_step(cfg, step, mean_loss, elapsed, prev, log)
+                if stopping:
+                    stop.handled.set()
+                    log(f"stopping: signal received; train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
+                    raise Interrupted(f"interrupted by signal {stop.signal or 'on another rank'}", step,
+                                      averager.final(model), 128 + (stop.signal or 15))
+                if step:
+                    clock.observe(elapsed)
+                plan = plan_step(cfg, step, elapsed, clock.next_step_ms(), cfg.train_budget_ms, prev)
+                if plan is None:
+                    break
+                apply_plan(model, opts, plan, prev, step, log)
+                if batch[0].seg is not None and batch[0].seg.max_len != plan.seq_len:
+                    batch = recut(batch, cfg, plan.seq_len, rt.device)
+                loss = train_step(compiled, batch, opts, cfg, rt)
+                batch = loader.next_batch(plan.seq_len)
+                step, prev = step + 1, plan
+                averager.update(model, step, plan.lr_scale, log)
+                stop.snapshot(averager.current(model), step)
+                if cfg.val_loss_every and step % cfg.val_loss_every == 0:
+                    clock.pause()
+                    validate_and_log(compiled, val, cfg, rt, step, clock.base_ms, log)
+                    clock.resume()
+            except (Diverged, Interrupted):
+                raise
+            except (RuntimeError, dist.DistError) as e:  # a collective timed out: a peer is gone or hung
+                if rt.world_size == 1:
+                    raise
+                raise Interrupted(f"{heartbeat.describe()} ({type(e).__name__}: {str(e).splitlines()[0][:160]})", step,
+                                  averager.final(model), 3) from e
+    if compiled_graph_count() > graphs:
+        log(f"WARNING: compile:graphs grew from {graphs} to {compiled_graph_count()} during training: a shape was "
+            "not primed and compiled on the training clock")
+    return finish_training(model, averager, cfg, rt, step, elapsed, log)
 
 
-def finish_training(model: GPT, compiled: nn.Module, averager: WeightAverager, cfg: Config, rt: Runtime,
-                    val: ValidationData, steps: int, train_ms: float, log: Logger) -> TrainResult:
-    """Load the averaged weights, log the final validation and the stop reason."""
+def finish_training(model: GPT, averager: WeightAverager, cfg: Config, rt: Runtime, steps: int, train_ms: float,
+                    log: Logger) -> TrainResult:
+    """Load the averaged weights and log the stop reason (the final validation runs after the checkpoint is
+    saved: a failure there must not lose the training)."""
     final_state = averager.final(model)
     model.load_state_dict(final_state)
     model.set_active_loops(cfg.n_loops)
-    validate_and_log(compiled, val, cfg, rt, steps, train_ms, log)
     stopped = steps < cfg.iterations
     if stopped:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{steps}/{cfg.iterations}")
@@ -2936,7 +3579,7 @@ def load_artifact_model(path: str | Path, rt: Runtime) -> tuple[Config, GPT]:
 
 
 def model_from_quantized(cfg: Config, qm: dict, rt: Runtime) -> GPT:
-    model = GPT(cfg, rt.attn).to(rt.device)
+    model = GPT(cfg, rt.kernels).to(rt.device)
     sd = model.state_dict()
     model.load_state_dict({k: v.to(sd[k].dtype) for k, v in dequantize_state(qm).items()})
     model.set_active_loops(cfg.n_loops)
@@ -2956,8 +3599,12 @@ def minify_source(src: str) -> str:
     return ast.unparse(tree)
 
 
-WRAPPER_HEAD = b"# -*- coding: latin-1 -*-\nimport zpaq\nexec(zpaq.decompress('"
-WRAPPER_TAIL = b"'.encode('latin-1')))\n"
+# The wrapper registers the decompressed source in linecache under a file name of its own before running it:
+# @triton.jit reads its kernel's source through inspect (exec of a bare string fails with "@jit functions should
+# be defined in a Python file"), and tracebacks then show real lines.
+WRAPPER_HEAD = b"# -*- coding: latin-1 -*-\nimport linecache,zpaq\n_src=zpaq.decompress('"
+WRAPPER_TAIL = (b"'.encode('latin-1')).decode()\n_name=__file__+':source'\n"
+                b"linecache.cache[_name]=(len(_src),None,_src.splitlines(True),_name)\nexec(compile(_src,_name,'exec'))\n")
 LITERAL_ESCAPES = {0: b"\\x00", 10: b"\\n", 13: b"\\r", 39: b"\\'", 92: b"\\\\"}
 
 
@@ -2981,11 +3628,6 @@ class EvalSums:
     tokens: int = 0
     bytes: int = 0
 
-    def add(self, nll: Tensor, nbytes: Tensor) -> None:
-        self.nll += float(nll.double().sum())
-        self.tokens += nll.numel()
-        self.bytes += int(nbytes.long().sum())
-
     def merge(self, other: "EvalSums") -> None:
         self.nll, self.tokens, self.bytes = self.nll + other.nll, self.tokens + other.tokens, self.bytes + other.bytes
 
@@ -3003,42 +3645,93 @@ class EvalSums:
         return self.nll / math.log(2) / max(self.bytes, 1)
 
 
+class Accumulator:
+    """Scored NLL summed on the device (no host sync per batch); target and byte counts on the host, where the
+    window plan already knows them."""
+
+    def __init__(self, device: torch.device):
+        self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = self.bytes = 0
+
+    def add(self, nll: Tensor, mask: Tensor, tgt: Tensor, token_bytes: Tensor) -> None:
+        """nll [B, W] on the device; mask [B, W] (host) marks the scored positions, tgt [B, W] their indices."""
+        self.nll += (nll.double() * mask.to(nll.device, non_blocking=True)).sum()
+        self.tokens += int(mask.sum())
+        self.bytes += int(token_bytes[tgt[mask]].long().sum())
+
+    def sums(self) -> EvalSums:
+        return EvalSums(float(self.nll), self.tokens, self.bytes)
+
+
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, length, score_from) per window: inputs tokens[start:start+length], targets shifted by one,
-    scoring window positions >= score_from. Every target is scored exactly once, with the longest left
-    context the window allows. stride == seq_len gives plain non-overlapping evaluation."""
+    scoring window positions >= score_from. Every target is scored exactly once, with the longest left context
+    the window allows; every window is seq_len long (the last one ends at the last target), so all batches of an
+    evaluation have one shape. stride == seq_len gives plain non-overlapping evaluation."""
     out, start, scored_to = [], 0, 0
     while scored_to < n_targets:
-        length = min(seq_len, n_targets - start)
-        out.append((start, length, scored_to - start))
-        scored_to = start + length
+        s = min(start, max(0, n_targets - seq_len))
+        length = min(seq_len, n_targets - s)
+        out.append((s, length, scored_to - s))
+        scored_to = s + length
         start += stride
     return out
+
+
+@dataclass(frozen=True)
+class WindowBatch:
+    """One forward of a windowed evaluation: `rows` windows, padded with unscored copies to a fixed row count so
+    that every forward has the same shape; `last` = the positions sent through the head (the stride, or 0 = the
+    whole window when a window scores more than a stride or the stride is the window)."""
+    windows: tuple[tuple[int, int, int], ...]
+    rows: int
+    last: int
+
+
+def window_batches(n_targets: int, seq_len: int, stride: int, batch_rows: int, rank: int, world: int
+                   ) -> list[WindowBatch]:
+    """This rank's forwards of a windowed evaluation (every world-th window, batch_rows at a time)."""
+    wins = sliding_windows(n_targets, seq_len, stride)[rank::world]
+    L = min(seq_len, n_targets)
+    out = []
+    for i in range(0, len(wins), batch_rows):
+        group = tuple(wins[i:i + batch_rows])
+        last = stride if stride < L and all(n - frm <= stride for _, n, frm in group) else 0
+        out.append(WindowBatch(group, batch_rows, last))
+    return out
+
+
+def window_inputs(val: ValidationData, b: WindowBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """Token rows [rows, L + 1] of a batch (padding rows repeat the first window), the scored mask and the target
+    indices of the `last` positions."""
+    L = b.windows[0][1]
+    last = b.last or L
+    starts = torch.tensor([w[0] for w in b.windows] + [b.windows[0][0]] * (b.rows - len(b.windows)))
+    idx = starts[:, None] + torch.arange(L + 1)[None]
+    pos = torch.arange(L - last, L)[None]
+    frm = torch.tensor([w[2] for w in b.windows] + [L] * (b.rows - len(b.windows)))
+    return val.tokens[idx], pos >= frm[:, None], idx[:, 1:][:, L - last:]
 
 
 def eval_windows(model: nn.Module, val: ValidationData, seq_len: int, stride: int, batch_tokens: int, rt: Runtime,
                  doc_masked: bool = False, hook: ScoreHook | None = None) -> EvalSums:
     """Windowed scoring split across ranks; exact sums all-reduced. With document masking a window's tokens
     attend only within their own document, as in training."""
-    wins = sliding_windows(val.tokens.numel() - 1, seq_len, stride)[rt.rank::rt.world_size]
-    sums = EvalSums()
+    acc = Accumulator(rt.device)
     model.eval()
     with torch.no_grad():
-        for group in window_batches(wins, max(1, batch_tokens // seq_len)):
-            length = group[0][1]
-            idx = torch.tensor([w[0] for w in group])[:, None] + torch.arange(length + 1)[None]
-            chunk = val.tokens[idx]
+        for b in window_batches(val.tokens.numel() - 1, seq_len, stride, max(1, batch_tokens // seq_len), rt.rank,
+                                rt.world_size):
+            chunk, mask, tgt = window_inputs(val, b)
             seg = make_segments(chunk[:, :-1], val.bos_id, seq_len, rt.device) if doc_masked else None
-            chunk = chunk.to(rt.device)
+            chunk = chunk.to(rt.device, non_blocking=True)
             with rt.autocast():
-                nll = model(chunk[:, :-1], chunk[:, 1:], seg).float().cpu()
-            keep = torch.arange(length)[None] >= torch.tensor([w[2] for w in group])[:, None]
-            tgt = idx[:, 1:][keep]
-            sums.add(nll[keep], val.token_bytes[tgt])
+                nll = model(chunk[:, :-1], chunk[:, 1:], seg, None, b.last).float()
+            acc.add(nll, mask, tgt, val.token_bytes)
             if hook:
-                hook(tgt, nll[keep])
+                hook(tgt[mask], nll.cpu()[mask])
     model.train()
-    return sums.reduce(rt)
+    return acc.sums().reduce(rt)
 
 
 def evaluate_val(model: nn.Module, val: ValidationData, cfg: Config, rt: Runtime) -> tuple[float, float]:
@@ -3086,15 +3779,14 @@ def chunk_size_for(cfg: Config, longest: int) -> int:
 
 
 def batch_cost(docs: list[tuple[int, int]], cfg: Config) -> int:
-    """Token positions the batch's forwards process: each chunk runs only the rows still active, each as wide
-    as its window (finished documents are skipped, windows stay within the document)."""
-    n = [e - s for s, e in docs]
-    c, L = chunk_size_for(cfg, max(n)), cfg.eval_seq_len
-    total = 0
-    for k in range(math.ceil(max(n) / c)):
-        widths = [min((k + 1) * c, p) - max(0, min((k + 1) * c, p) - L) for p in n if k * c < p]
-        total += len(widths) * max(widths)
-    return total
+    """Token positions the batch's forwards process: chunk k runs only the rows still active, padded to the
+    widest window, the longest document's (chunk_rows; at least two rows and two columns)."""
+    n = np.sort(np.array([e - s for s, e in docs]))
+    c, L = chunk_size_for(cfg, int(n[-1])), cfg.eval_seq_len
+    k = np.arange(math.ceil(n[-1] / c))
+    active = n.size - np.searchsorted(n, k * c, side="right")
+    width = np.minimum(np.minimum((k + 1) * c, n[-1]), L)
+    return int((np.maximum(2, active) * np.maximum(2, width)).sum())
 
 
 def ttt_schedule(docs: list[tuple[int, int]], cfg: Config, world: int, phases: int, prefix: int) -> TTTSchedule:
@@ -3116,19 +3808,20 @@ def ttt_schedule(docs: list[tuple[int, int]], cfg: Config, world: int, phases: i
 
 def chunk_rows(val: ValidationData, docs: list[tuple[int, int]], k: int, c: int, L: int):
     """Inputs, targets, score mask and target indices of chunk k for the documents that still have targets
-    there, each row its own document's window (position 0 = the window start)."""
+    there, each row its own document's window (position 0 = the window start). At least two rows and two
+    columns (padding is never scored): a size of 1 would be a shape of its own under dynamic compilation."""
     n = [e - s for s, e in docs]
     rows = [i for i, p in enumerate(n) if k * c < p]
     ends = [min((k + 1) * c, n[i]) for i in rows]
     starts = [max(0, e - L) for e in ends]
-    T = max(e - s for s, e in zip(starts, ends))
-    x, y, tgt = (torch.zeros(len(rows), T, dtype=torch.long) for _ in range(3))
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    T, R = max(2, max(e - s for s, e in zip(starts, ends))), max(2, len(rows))
+    x, y, tgt = (torch.zeros(R, T, dtype=torch.long) for _ in range(3))
+    mask = torch.zeros(R, T, dtype=torch.bool)
     for r, (i, s, e) in enumerate(zip(rows, starts, ends)):
         span = torch.arange(docs[i][0] + s, docs[i][0] + e)
         x[r, :e - s], y[r, :e - s], tgt[r, :e - s] = val.tokens[span], val.tokens[span + 1], span + 1
         mask[r, k * c - s:e - s] = True
-    return torch.tensor(rows), x, y, mask, tgt
+    return torch.tensor(rows + rows[:1] * (R - len(rows))), x, y, mask, tgt
 
 
 def ttt_score_batch(model: nn.Module, lora: BatchedLoRA, opt: torch.optim.Optimizer, val: ValidationData,
@@ -3136,27 +3829,26 @@ def ttt_score_batch(model: nn.Module, lora: BatchedLoRA, opt: torch.optim.Optimi
     """Score a batch of documents chunk by chunk; after a chunk is scored, one optimizer step on that same
     chunk adapts each document's own LoRA for the chunks after it (score first, then adapt; #1736). A
     document's last chunk is scored but not trained on."""
-    c, L = chunk_size_for(cfg, max(e - s for s, e in docs)), cfg.eval_seq_len
-    n_chunks = math.ceil(max(e - s for s, e in docs) / c)
-    sums = EvalSums()
-    for k in range(n_chunks):
+    lens = [e - s for s, e in docs]
+    c, L = chunk_size_for(cfg, max(lens)), cfg.eval_seq_len
+    acc = Accumulator(rt.device)
+    for k in range(math.ceil(max(lens) / c)):
         rows, x, y, mask, tgt = chunk_rows(val, docs, k, c, L)
         lora.rows = rows.to(rt.device)
         with rt.autocast():
             nll = model(x.to(rt.device), y.to(rt.device), None, lora).float()
-        scored = nll.detach().cpu()[mask]
-        sums.add(scored, val.token_bytes[tgt[mask]])
+        acc.add(nll.detach(), mask, tgt, val.token_bytes)
         if hook:
-            hook(tgt[mask], scored)
-        more = torch.tensor([docs[i][1] - docs[i][0] > (k + 1) * c for i in rows.tolist()], device=rt.device)
-        if adapt and bool(more.any()):
+            hook(tgt[mask], nll.detach().cpu()[mask])
+        more = [lens[i] > (k + 1) * c for i in rows.tolist()]  # from the host's lengths: no device sync
+        if adapt and any(more):
             m = mask.to(rt.device)
             per_doc = (nll * m).sum(1) / m.sum(1).clamp_min(1)
-            (per_doc * more).sum().backward()
+            (per_doc * torch.tensor(more, device=rt.device)).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     lora.rows = None
-    return sums
+    return acc.sums()
 
 
 def new_lora(cfg: Config, rt: Runtime, seed: int) -> tuple[BatchedLoRA, torch.optim.Optimizer]:
@@ -3174,36 +3866,55 @@ def reset_lora(lora: BatchedLoRA, opt: torch.optim.Optimizer, cfg: Config, batch
     opt.state.clear()
 
 
+def sgd_span(chunk: Tensor, cfg: Config, rt: Runtime) -> Tensor | None:
+    """This rank's share of a global SGD chunk (#1855): the chunk's whole EVAL_SEQ_LEN rows split between ranks
+    in order, as one flat span of tokens (+1 target), or None when the rank gets no row. Its attention is cut at
+    BOS and every EVAL_SEQ_LEN tokens, so a document continues across row boundaries."""
+    L = cfg.eval_seq_len
+    n = (chunk.numel() - 1) // L
+    a, b = n * rt.rank // rt.world_size, n * (rt.rank + 1) // rt.world_size
+    return chunk[a * L:b * L + 1] if b > a else None
+
+
+def sgd_span_backward(compiled: nn.Module, span: Tensor, cfg: Config, rt: Runtime, bos_id: int) -> None:
+    """Forward and backward of one rank's span at mean loss (the same call in the evaluation's cost probe)."""
+    x, y = span[None, :-1].clone(), span[None, 1:].clone()  # standalone: dynamo guards a view's base tensor too
+    seg = make_segments(x, bos_id, cfg.eval_seq_len, rt.device) if cfg.doc_masked_attn else None
+    with rt.autocast():
+        loss = compiled(x.to(rt.device), y.to(rt.device), seg).mean()
+    loss.backward()
+
+
 def global_sgd(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg: Config, rt: Runtime,
                compiled: nn.Module | None = None) -> int:
-    """One pass of SGD (momentum 0.9) over the base model on documents that have all been scored already:
-    TTT_GLOBAL_CHUNK_TOKENS per step, cosine LR from TTT_GLOBAL_LR to 0, the last chunk skipped, attention
-    kept within documents, gradients clipped at 1 (#1855). Returns the number of steps."""
-    L = cfg.eval_seq_len
+    """One pass of SGD (momentum 0.9) over the base model on documents that have all been scored already, as
+    #1855: the documents' tokens in one stream, TTT_GLOBAL_CHUNK_TOKENS per step, each rank a span of the chunk's
+    rows, gradients averaged over ranks and clipped at 1, cosine LR from TTT_GLOBAL_LR over n_chunks - 1 steps,
+    the last chunk skipped. Returns the number of steps."""
     stream = torch.cat([val.tokens[s:e + 1] for s, e in docs])
     n_chunks = max(1, math.ceil((stream.numel() - 1) / cfg.ttt_global_chunk_tokens))
     params = [p for p in model.parameters()]
     model.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=cfg.ttt_global_lr, momentum=0.9)
+    c = cfg.ttt_global_chunk_tokens
     for ci in range(n_chunks - 1):
         for g in opt.param_groups:
-            g["lr"] = cfg.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * ci / max(1, n_chunks - 2)))
-        chunk = stream[ci * cfg.ttt_global_chunk_tokens:(ci + 1) * cfg.ttt_global_chunk_tokens + 1]
-        rows = [chunk[i:i + L + 1] for i in range(0, chunk.numel() - 1, L)]
-        mine = rows[rt.rank::rt.world_size]
-        total = sum(r.numel() - 1 for r in rows)
-        for r in mine:
-            x, y = r[None, :-1], r[None, 1:]
-            seg = make_segments(x, val.bos_id, L, rt.device) if cfg.doc_masked_attn else None
-            with rt.autocast():
-                loss = (compiled or model)(x.to(rt.device), y.to(rt.device), seg).sum() / total
-            loss.backward()
-        sync_grads_(params, rt, average=False)  # each rank's loss is already divided by the global token count
+            g["lr"] = cfg.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * ci / (n_chunks - 1)))
+        span = sgd_span(stream[ci * c:(ci + 1) * c + 1], cfg, rt)
+        if span is not None:
+            sgd_span_backward(model if compiled is None else compiled, span, cfg, rt, val.bos_id)
+        sync_grads_(params, rt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.requires_grad_(False)
     return n_chunks - 1
+
+
+def sgd_rows_per_rank(n_tokens: int, cfg: Config, world: int) -> int:
+    """EVAL_SEQ_LEN rows the busiest rank runs in a global SGD pass over an n_tokens stream (global_sgd's cut)."""
+    n_chunks = max(1, math.ceil((n_tokens - 1) / cfg.ttt_global_chunk_tokens))
+    return (n_chunks - 1) * math.ceil(cfg.ttt_global_chunk_tokens // cfg.eval_seq_len / world)
 
 
 def ttt_eval(model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Logger, adapt: bool = True,
@@ -3224,7 +3935,7 @@ def ttt_eval(model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Log
         for i in range(start, end):
             if sched.owner[i] == rt.rank:
                 reset_lora(lora, opt, cfg, i)
-                sums.merge(ttt_score_batch(compiled or model, lora, opt, val, sched.batches[i], cfg, rt, adapt, hook))
+                sums.merge(ttt_score_batch(model if compiled is None else compiled, lora, opt, val, sched.batches[i], cfg, rt, adapt, hook))
         start = end
         if n_docs:
             barrier()
@@ -3254,55 +3965,55 @@ class EvalPlan:
 
 @dataclass(frozen=True)
 class EvalCosts:
-    """The time model: seconds per token position and per call, of a forward (no grad) and of a TTT step
-    (LoRA forward + backward + AdamW), measured on the device on random tokens (never validation)."""
-    fwd_s: float
-    train_s: float
-    fwd_call_s: float = 0.0
-    train_call_s: float = 0.0
+    """The time model, measured by `measure_costs` at the evaluation's real shapes on random tokens (never
+    validation), the slowest rank's figures on every rank: seconds per windowed forward (the whole window through
+    the head, or its last stride), per TTT token position and per TTT step (LoRA forward + backward + AdamW,
+    fitted over a chunk-wide and a window-wide step of a full batch), and per global SGD row (forward + backward
+    of one EVAL_SEQ_LEN row)."""
+    full_call_s: float
+    strided_call_s: float
+    ttt_token_s: float
+    ttt_call_s: float = 0.0
+    sgd_row_s: float = 0.0
 
     def seconds(self, work: dict) -> dict:
-        return {"roundtrip": work["roundtrip"][0] * self.fwd_s + work["roundtrip"][1] * self.fwd_call_s,
-                "sliding": work["sliding"][0] * self.fwd_s + work["sliding"][1] * self.fwd_call_s,
-                "ttt": work["ttt"][0] * self.train_s + work["ttt"][1] * self.train_call_s}
+        (rf, rs), (sf, ss), (tt, tc, sg) = work["roundtrip"], work["sliding"], work["ttt"]
+        return {"roundtrip": rf * self.full_call_s + rs * self.strided_call_s,
+                "sliding": sf * self.full_call_s + ss * self.strided_call_s,
+                "ttt": tt * self.ttt_token_s + tc * self.ttt_call_s + sg * self.sgd_row_s}
+
+    def as_tensor(self, device: torch.device) -> Tensor:
+        return torch.tensor(dataclasses.astuple(self), dtype=torch.float64, device=device)
 
 
-def window_work(n_targets: int, cfg: Config, stride: int, world: int) -> tuple[float, int]:
-    """(token positions, forward calls) of a windowed evaluation on rank 0, batched as eval_windows batches."""
-    wins = sliding_windows(n_targets, cfg.eval_seq_len, stride)[::world]
-    return sum(w[1] for w in wins), len(window_batches(wins, max(1, cfg.eval_batch_tokens // cfg.eval_seq_len)))
+def window_work(n_targets: int, cfg: Config, stride: int, world: int) -> tuple[int, int]:
+    """(whole-window forwards, last-stride forwards) of a windowed evaluation on rank 0, the busiest rank, counted
+    as window_batches cuts them: rank 0's first batch holds window 0, which scores a whole window."""
+    L, rows = cfg.eval_seq_len, max(1, cfg.eval_batch_tokens // cfg.eval_seq_len)
+    windows = 1 if n_targets <= L else math.ceil((n_targets - L) / stride) + 1
+    batches = math.ceil(math.ceil(windows / world) / rows)
+    strided = batches - 1 if stride < min(L, n_targets) else 0
+    return batches - strided, strided
 
 
-def window_batches(wins: list[tuple[int, int, int]], per_batch: int) -> list[list[tuple[int, int, int]]]:
-    """Consecutive windows of equal length, at most `per_batch` at a time (they stack into one forward)."""
-    out, i = [], 0
-    while i < len(wins):
-        group = [w for w in wins[i:i + per_batch] if w[1] == wins[i][1]]
-        out.append(group)
-        i += len(group)
-    return out
-
-
-def ttt_work(plan: EvalPlan, docs: list[tuple[int, int]], cfg: Config, world: int) -> tuple[float, int]:
-    """(token positions, steps) of TTT on the busiest rank: its batches' chunks plus its share of global SGD."""
+def ttt_work(plan: EvalPlan, docs: list[tuple[int, int]], cfg: Config, world: int) -> tuple[float, int, int]:
+    """(token positions, LoRA steps) of TTT on the busiest rank, and the global SGD rows each rank runs."""
     sched = ttt_schedule(docs, cfg, world, plan.phases, plan.prefix_docs)
     tokens, calls = [0.0] * world, [0] * world
     for b, r in zip(sched.batches, sched.owner):
         tokens[r] += batch_cost(b, cfg)
         calls[r] += math.ceil(max(e - s for s, e in b) / chunk_size_for(cfg, max(e - s for s, e in b)))
     lens = [e - s + 1 for b in sched.batches for s, e in b]
-    sgd_tokens = sum(sum(lens[:n]) for n in sched.phase_docs)
-    sgd_calls = sum(math.ceil(sum(lens[:n]) / cfg.ttt_global_chunk_tokens) for n in sched.phase_docs)
+    rows = sum(sgd_rows_per_rank(sum(lens[:n]), cfg, world) for n in sched.phase_docs)
     r = max(range(world), key=lambda i: tokens[i])
-    return tokens[r] + sgd_tokens / world, calls[r] + sgd_calls * math.ceil(
-        cfg.ttt_global_chunk_tokens / cfg.eval_seq_len / world)
+    return tokens[r], calls[r], rows
 
 
 def plan_token_work(plan: EvalPlan, docs: list[tuple[int, int]], n_targets: int, cfg: Config, world: int) -> dict:
-    """(token positions, calls) each stage runs on the busiest rank: the time model's inputs."""
+    """What each stage runs on the busiest rank: the time model's inputs."""
     return {"roundtrip": window_work(n_targets, cfg, cfg.eval_seq_len, world),
-            "sliding": window_work(n_targets, cfg, cfg.eval_stride, world) if plan.sliding else (0.0, 0),
-            "ttt": ttt_work(plan, docs, cfg, world) if plan.ttt else (0.0, 0)}
+            "sliding": window_work(n_targets, cfg, cfg.eval_stride, world) if plan.sliding else (0, 0),
+            "ttt": ttt_work(plan, docs, cfg, world) if plan.ttt else (0.0, 0, 0)}
 
 
 def project_seconds(plan: EvalPlan, docs, n_targets: int, cfg: Config, world: int, costs: EvalCosts) -> dict:
@@ -3331,34 +4042,92 @@ def fit_plan(cfg: Config, docs, n_targets: int, world: int, costs: EvalCosts, bu
     return plan
 
 
-def measure_costs(model: nn.Module, cfg: Config, rt: Runtime, seq: int = 256, rows: int = 4) -> EvalCosts:
-    """Fit t = per_call + per_token * tokens for a forward and for a TTT step (LoRA forward + backward + AdamW)
-    from a small and a large call on random tokens (no validation data reaches this; on CUDA it also compiles)."""
+def agreed_plan(cfg: Config, docs, n_targets: int, rt: Runtime, costs: EvalCosts, budget_s: float,
+                log: Logger) -> EvalPlan:
+    """Rank 0 fits the plan (with the slowest rank's costs and its own clock) and every rank runs what it decided:
+    ranks that chose different stages near a cut would issue mismatched collectives."""
+    plan = fit_plan(cfg, docs, n_targets, rt.world_size, costs, budget_s, log) if rt.is_main else None
+    if rt.world_size == 1:
+        return plan
+    t = torch.tensor([0, 0, 0, 0] if plan is None else [plan.sliding, plan.ttt, plan.phases, plan.prefix_docs],
+                     dtype=torch.int64, device=rt.device)
+    dist.broadcast(t, src=0)
+    s, tt, ph, pd = t.tolist()
+    return EvalPlan(bool(s), bool(tt), ph, pd)
+
+
+def slowest_costs(costs: EvalCosts, rt: Runtime) -> EvalCosts:
+    """Every rank's measured costs replaced by the maximum over ranks (the slowest rank sets the time)."""
+    t = all_reduce_(costs.as_tensor(rt.device), dist.ReduceOp.MAX) if rt.world_size > 1 else costs.as_tensor(rt.device)
+    return EvalCosts(*t.tolist())
+
+
+def random_rows(cfg: Config, rows: int, T: int, g: torch.Generator) -> Tensor:
+    """[rows, T + 1] random tokens with a BOS every ~T/3 positions: documents for the masks, never validation."""
+    x = torch.randint(0, cfg.vocab_size, (rows, T + 1), generator=g)
+    x[torch.rand(rows, T + 1, generator=g) < 3 / T] = cfg.bos_id
+    x[:, 0] = cfg.bos_id
+    return x
+
+
+def measure_costs(model: GPT, static: nn.Module, dynamic: nn.Module, cfg: Config, rt: Runtime) -> EvalCosts:
+    """Compile (on CUDA) and time every evaluation shape the configuration can run, before any validation token is
+    scored, on random tokens: the windowed forward at [EVAL_BATCH_TOKENS / EVAL_SEQ_LEN, EVAL_SEQ_LEN] (whole
+    window, and last stride for the sliding window), a LoRA TTT step of a full batch at a chunk's and at a window's
+    width, and a global SGD span. Each is timed on its second call, after the first has compiled it; the time is
+    spent inside the evaluation clock. A stage that is off costs 0."""
     g = torch.Generator().manual_seed(0)
-    sizes = [(1, 16), (rows, seq)]
-    data = {n: torch.randint(0, cfg.vocab_size, (n, t + 1), generator=g).to(rt.device) for n, t in sizes}
-    lora, opt = new_lora(dataclasses.replace(cfg, ttt_batch_docs=rows), rt, 0)
-    fits = []
-    for train in (False, True):
-        times = []
-        for n, t in sizes:
-            x = data[n]
-            lora.rows = torch.arange(n, device=rt.device)
-            for _ in range(2):  # the first call warms caches (and compiles on CUDA)
-                dt = timed_call(lambda: ttt_probe_step(model, x, lora if train else None, opt, rt), rt.device)
-            times.append(dt)
-        per_token = max(0.0, (times[1] - times[0]) / (sizes[1][0] * sizes[1][1] - 16))
-        fits.append((per_token, max(0.0, times[0] - per_token * 16)))
-    return EvalCosts(fits[0][0], fits[1][0], fits[0][1], fits[1][1])
+    L, rows, B = cfg.eval_seq_len, max(1, cfg.eval_batch_tokens // cfg.eval_seq_len), max(2, cfg.ttt_batch_docs)
+    x = random_rows(cfg, rows, L, g)
+    seg = make_segments(x[:, :-1], cfg.bos_id, L, rt.device) if cfg.doc_masked_attn else None
+    xd = x.to(rt.device)
+
+    def window(last: int) -> None:
+        with torch.no_grad(), rt.autocast():
+            static(xd[:, :-1], xd[:, 1:], seg, None, last)
+
+    model.eval()
+    full = warm_and_time(lambda: window(0), rt.device)
+    strided = warm_and_time(lambda: window(cfg.eval_stride), rt.device) if cfg.sliding_eval else 0.0
+    model.train()
+    per_token = per_call = sgd_row = 0.0
+    if cfg.ttt_enabled:
+        model.requires_grad_(False)
+        lora, opt = new_lora(dataclasses.replace(cfg, ttt_batch_docs=B), rt, 0)
+        lora.rows = torch.arange(B, device=rt.device)
+        widths = (min(cfg.ttt_chunk_size, L), L)
+        steps = [warm_and_time(lambda w=w: ttt_probe_step(dynamic, random_rows(cfg, B, w, g), lora, opt, rt),
+                               rt.device) for w in widths]
+        per_token = max(0.0, (steps[1] - steps[0]) / (B * (widths[1] - widths[0]))) if widths[1] > widths[0] else 0.0
+        per_call = max(0.0, steps[0] - per_token * B * widths[0])
+    if cfg.ttt_enabled and cfg.phased_ttt_num_phases:
+        span_rows = max(1, cfg.ttt_global_chunk_tokens // L // rt.world_size)
+        sgd_row = warm_and_time(lambda: sgd_probe(model, dynamic, cfg, rt, g), rt.device) / span_rows
+    return EvalCosts(full, strided, per_token, per_call, sgd_row)
 
 
-def ttt_probe_step(model: nn.Module, x: Tensor, lora: BatchedLoRA | None, opt, rt: Runtime) -> None:
-    with torch.set_grad_enabled(lora is not None), rt.autocast():
-        loss = model(x[:, :-1], x[:, 1:], None, lora).mean()
-    if lora is not None:
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+def warm_and_time(fn: typing.Callable[[], None], device: torch.device) -> float:
+    """Seconds of fn's fastest of two calls after a first (compiling) one."""
+    fn()
+    return min(timed_call(fn, device) for _ in range(2))
+
+
+def ttt_probe_step(model: nn.Module, x: Tensor, lora: BatchedLoRA, opt, rt: Runtime) -> None:
+    """A LoRA TTT step called as ttt_score_batch calls it (contiguous inputs: strides are guarded too)."""
+    with rt.autocast():
+        loss = model(x[:, :-1].contiguous().to(rt.device), x[:, 1:].contiguous().to(rt.device), None, lora).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def sgd_probe(model: GPT, dynamic: nn.Module, cfg: Config, rt: Runtime, g: torch.Generator) -> None:
+    """Forward + backward of one rank's global SGD span (the weights do not change; the gradients are dropped)."""
+    rows = max(1, cfg.ttt_global_chunk_tokens // cfg.eval_seq_len // rt.world_size)
+    model.requires_grad_(True)
+    sgd_span_backward(dynamic, random_rows(cfg, 1, rows * cfg.eval_seq_len, g)[0], cfg, rt, cfg.bos_id)
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
 
 
 def timed_call(fn, device: torch.device) -> float:
@@ -3370,31 +4139,55 @@ def timed_call(fn, device: torch.device) -> float:
 
 
 def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime, log: Logger,
-                   costs: EvalCosts | None = None) -> dict:
-    """All evaluations, each on a fresh model rebuilt from the packed artifact (read once), in a plan cut to
-    fit EVAL_BUDGET_SECONDS before any validation token is scored. Every mode scores the same targets."""
-    t_all = time.perf_counter()
+                   costs: EvalCosts | None = None, now: typing.Callable[[], float] = time.perf_counter) -> dict:
+    """All evaluations from the packed artifact (read once). One model is rebuilt from its weights, and reloaded
+    from them before every stage, as a fresh load would give; its compiled forms are warmed and timed on random
+    tokens first (compile time counts on the evaluation clock), and the plan is cut to fit EVAL_BUDGET_SECONDS
+    before any validation token is scored. Every mode scores the same targets. Time is read through `now`."""
+    t_all = now()
+    torch._dynamo.reset()  # training's graphs are done with: evaluation starts its own compile budget
+    graphs0 = compiled_graph_count()
     acfg, qm = unpack_artifact(artifact.read_bytes())
-    log(f"artifact_load_time:{time.perf_counter() - t_all:.1f}s")
+    weights = dequantize_state(qm)
+    log(f"artifact_load_time:{now() - t_all:.1f}s")
+    model = GPT(acfg, rt.kernels).to(rt.device)
+    static, dynamic = compile_model(model, cfg, rt), compile_model(model, cfg, rt, dynamic=True)
     docs, n_targets = document_spans(val.tokens, val.bos_id), val.tokens.numel() - 1
-    costs = costs or measure_costs(compile_model(model_from_quantized(acfg, qm, rt), cfg, rt), cfg, rt)
-    left = cfg.eval_budget_seconds - (time.perf_counter() - t_all)
-    plan = fit_plan(cfg, docs, n_targets, rt.world_size, costs, left, log)
+    t0 = now()
+    if costs is None:
+        load_weights(model, weights)
+        costs = slowest_costs(measure_costs(model, static, dynamic, cfg, rt), rt)
+    log(f"eval_warmup: compile and cost probes {now() - t0:.1f}s on random tokens graphs:"
+        f"{compiled_graph_count() - graphs0} costs:" + ",".join(f"{k}={v:.3g}" for k, v in dataclasses.asdict(costs).items()))
+    left = torch.tensor([cfg.eval_budget_seconds - (now() - t_all)], dtype=torch.float64)
+    if rt.world_size > 1:
+        left = left.to(rt.device)
+        dist.broadcast(left, src=0)
+    plan = agreed_plan(cfg, docs, n_targets, rt, costs, float(left[0]), log)
     stages = [("roundtrip", "final_int6_roundtrip_exact", True), ("sliding", "final_int6_sliding_window_exact",
               plan.sliding), ("ttt", "quantized_ttt_phased", plan.ttt)]
     results = {}
     for key, line, run in stages:
         if not run:
             continue
-        t0 = time.perf_counter()
-        model = model_from_quantized(acfg, qm, rt)  # a fresh model per stage, as a fresh load would give
-        s = run_stage(key, compile_model(model, cfg, rt, dynamic=key == "ttt"), model, val, dataclasses.replace(
+        t0 = now()
+        load_weights(model, weights)
+        s = run_stage(key, dynamic if key == "ttt" else static, model, val, dataclasses.replace(
             cfg, phased_ttt_num_phases=plan.phases, phased_ttt_prefix_docs=plan.prefix_docs), rt, log)
-        ms = 1000 * (time.perf_counter() - t0)
+        ms = 1000 * (now() - t0)
         log(f"{line} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms")
         log(f"{key}_targets:{s.tokens} {key}_bytes:{s.bytes}")
         results[key] = {"val_loss": s.loss, "val_bpb": s.bpb, "eval_ms": ms, "tokens": s.tokens, "bytes": s.bytes}
-    return finish_evaluation(results, plan, cfg, time.perf_counter() - t_all, log)
+    log(f"eval_graphs:{compiled_graph_count() - graphs0}")
+    return finish_evaluation(results, plan, cfg, now() - t_all, log)
+
+
+def load_weights(model: GPT, weights: dict[str, Tensor]) -> None:
+    """Put the artifact's weights back (a global SGD phase changes them), at full crawler depth."""
+    sd = model.state_dict()
+    model.load_state_dict({k: v.to(sd[k].dtype) for k, v in weights.items()})
+    model.set_active_loops(model.cfg.n_loops)
+    model.requires_grad_(True)
 
 
 def run_stage(key: str, compiled: nn.Module, model: GPT, val: ValidationData, cfg: Config, rt: Runtime,
@@ -3431,7 +4224,7 @@ class RunInputs:
 
 def build_model(cfg: Config, rt: Runtime) -> tuple[GPT, nn.Module]:
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg, rt.attn).to(rt.device)
+    model = GPT(cfg, rt.kernels).to(rt.device)
     return model, compile_model(model, cfg, rt)
 
 
@@ -3445,10 +4238,19 @@ def log_header(cfg: Config, rt: Runtime, log: Logger, warnings: list[str]) -> No
         log(w if w.startswith("WARNING") else f"WARNING: {w}")
     if cfg.ve_dim and not cfg.ve_layers:
         log("WARNING: VE_DIM is set but VE_LAYERS is empty: the value embedding feeds no block (as in the seeds)")
-    slow = rt.device.type == "cuda" and rt.attn.name != "fa3"
-    log(f"attention_backend:{rt.attn.name}"
-        + (" (FlashAttention 3 not importable: using PyTorch SDPA, slower on H100)" if slow else ""))
-    log(f"compile:enabled={int(rt.compile)} fullgraph={int(cfg.compile_fullgraph)}")
+    log(f"attention_backend:{rt.attn.name} ATTN_BACKEND={cfg.attn_backend}" + ATTENTION_NOTES.get(
+        (rt.device.type, rt.attn.name), ""))
+    log(f"compile:enabled={int(rt.compile)} backend={rt.compile_backend} fullgraph={int(cfg.compile_fullgraph)} "
+        f"recompile_limit={RECOMPILE_LIMIT} fused_ce={rt.kernels.ce} delta={rt.kernels.delta}")
+
+
+# What each backend costs where it runs (the log says it before training).
+ATTENTION_NOTES = {
+    ("cuda", "flex"): " (FlashAttention 3 not importable or not traceable: PyTorch flex_attention, a compiled "
+                      "block-sparse kernel, slower than FA3 on H100; see the README's GPU section)",
+    ("cuda", "sdpa"): " (PyTorch SDPA: document-masked calls use the math kernel, T x T memory per call)",
+    ("cpu", "fa3"): " (a flash_attn_interface module on a CPU: a stand-in, tests only)",
+}
 
 
 def checkpoint_path(cfg: Config) -> Path:
@@ -3471,14 +4273,18 @@ def config_from_checkpoint(cfg: Config, explicit: set[str]) -> Config:
 
 
 def check_compressor(cfg: Config) -> None:
-    """The artifact's codecs must be importable now, not after ten paid minutes of training."""
-    for codec in ("zpaq", "brotli") if cfg.compressor == "pergroup" else (cfg.compressor,):
+    """Every codec the artifact needs must be importable now, not after ten paid minutes of training: ZPAQ for the
+    counted code (always), brotli for the artifact header (always) and COMPRESSOR's own."""
+    codecs = {"zpaq", "brotli"} | ({"zpaq", "brotli"} if cfg.compressor == "pergroup" else {cfg.compressor})
+    missing = []
+    for codec in sorted(codecs):
         try:
             compress(b"probe", codec)
         except ImportError:
-            pkg = {"zstd": "zstandard"}.get(codec, codec)
-            raise ConfigError(f"COMPRESSOR={cfg.compressor} needs the {pkg} package: pip install {pkg} "
-                              "(or set COMPRESSOR=brotli)") from None
+            missing.append({"zstd": "zstandard"}.get(codec, codec))
+    if missing:
+        raise ConfigError(f"the artifact and the counted code need the Python packages {', '.join(missing)} "
+                          f"(COMPRESSOR={cfg.compressor}): pip install {' '.join(missing)}")
 
 
 def shipped_code() -> bytes:
@@ -3515,7 +4321,7 @@ def configure() -> tuple[Config, Runtime, Logger, list[str]]:
             cfg = config_from_checkpoint(cfg, explicit)
         check_compressor(cfg)
         rt = setup_runtime(cfg)
-        validate_world(cfg, rt.world_size)
+        check_attention_fits(cfg, rt, validate_world(cfg, rt.world_size))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -3537,20 +4343,56 @@ def prepare_inputs(cfg: Config, rt: Runtime, log: Logger) -> RunInputs:
     return RunInputs(sp, data, val)
 
 
+def save_checkpoint(path: Path, cfg: Config, state: dict[str, Tensor], log: Logger) -> None:
+    """The float checkpoint, atomically: written to a temporary name, fsynced, renamed. A full disk or a kill
+    mid-write leaves the previous file (or none), never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"config": dataclasses.asdict(cfg), "state_dict": {k: v.detach().cpu() for k, v in state.items()}},
+                       fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"could not write the checkpoint {path} ({e}); free disk space under OUTPUT_DIR") from e
+    log(f"saved:{path}")
+
+
 def train_or_load(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, inputs: RunInputs,
                   log: Logger) -> TrainResult:
-    """Train and save the float checkpoint, or (SKIP_TRAIN) load it: both give a TrainResult."""
+    """Train and save the float checkpoint (then validate it), or (SKIP_TRAIN) load it: both give a TrainResult.
+    A signal during training saves the averaged weights and exits saying how to re-pack them; a diverged loss
+    exits at once."""
     if cfg.skip_train:
         state = torch.load(checkpoint_path(cfg), map_location=rt.device, weights_only=True)["state_dict"]
         model.load_state_dict(state)
         model.set_active_loops(cfg.n_loops)
         log(f"skip_train: loaded {checkpoint_path(cfg)}")
         return TrainResult(0, 0.0, False, state, 0.0)
-    result = train(model, compiled, cfg, rt, inputs.train, inputs.val, log)
+    path = Path(cfg.output_dir) / "final_model.pt"
+    stop = Rescue(path, cfg, rt, log)
+    stop.install()
+    try:
+        result = train(model, compiled, cfg, rt, inputs.train, inputs.val, log, stop=stop)
+    except Interrupted as e:
+        stop.handled.set()
+        if rt.is_main and e.state is not None:
+            save_checkpoint(path, cfg, e.state, log)
+        log(f"ERROR: {e} after {e.steps} steps: the averaged weights are in {path}; calibrate, pack and evaluate "
+            f"them with SKIP_TRAIN=1 INIT_MODEL_PATH={path} and the same variables")
+        sys.stdout.flush()
+        os._exit(e.code)  # no teardown: a lost peer would hang the process group's shutdown
+    except Diverged as e:
+        log(f"ERROR: {e}")
+        sys.exit(f"error: {e}")
+    finally:
+        stop.uninstall()
     if rt.is_main:
-        path = Path(cfg.output_dir) / "final_model.pt"
-        torch.save({"config": dataclasses.asdict(cfg), "state_dict": result.final_state}, path)
-        log(f"saved:{path}")
+        save_checkpoint(path, cfg, result.final_state, log)
+    barrier()
+    validate_and_log(compiled, inputs.val, cfg, rt, result.steps, result.train_ms, log)
     return result
 
 
@@ -3574,10 +4416,29 @@ def calibrate_and_pack(model: GPT, cfg: Config, rt: Runtime, inputs: RunInputs, 
     return sizes, cal.seconds
 
 
+def run_verdict(cfg: Config, result: TrainResult, sizes: dict, cal_s: float, evals: dict) -> tuple[list[str], list[str]]:
+    """(broken, not_a_submission): rules of the challenge the run broke (over the cap, over a budget, unequal
+    target counts: the process exits non-zero), and what makes it no submission by the user's own choice (a val
+    prefix, a re-pack without training)."""
+    broken = []
+    if not sizes["valid_size"]:
+        broken.append(f"artifact {sizes['bytes_total']} bytes > {cfg.artifact_limit_bytes}")
+    if cfg.max_wallclock_seconds and result.train_ms / 1000 + cal_s > cfg.max_wallclock_seconds:
+        broken.append(f"training + calibration {result.train_ms / 1000 + cal_s:.1f}s > {cfg.max_wallclock_seconds:.0f}s")
+    if not evals["eval_within_budget"]:
+        broken.append(f"evaluation {evals['eval_total_s']:.1f}s > {cfg.eval_budget_seconds:.0f}s")
+    if not evals["same_targets"]:
+        broken.append("the evaluation modes scored different targets")
+    chosen = (["VAL_TOKEN_LIMIT scores a prefix of the val split"] if cfg.val_token_limit else []) + \
+             (["SKIP_TRAIN re-packs a checkpoint: no training time"] if cfg.skip_train else [])
+    return broken, chosen
+
+
 def write_summary(cfg: Config, rt: Runtime, inputs: RunInputs, result: TrainResult, sizes: dict, cal_s: float,
-                  evals: dict, log: Logger) -> None:
+                  evals: dict, log: Logger) -> bool:
+    """The machine-readable summary; returns whether the run kept the challenge's rules."""
     val = inputs.val
-    within_train = not cfg.max_wallclock_seconds or result.train_ms / 1000 + cal_s <= cfg.max_wallclock_seconds
+    broken, chosen = run_verdict(cfg, result, sizes, cal_s, evals)
     summary = {
         "run_id": cfg.run_id, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
@@ -3586,12 +4447,14 @@ def write_summary(cfg: Config, rt: Runtime, inputs: RunInputs, result: TrainResu
         "train": {"steps": result.steps, "train_ms": result.train_ms, "stopped_early": result.stopped_early,
                   "peak_memory_mib": result.peak_mem_mib, "skipped": cfg.skip_train},
         "calibration_s": cal_s, "sizes": sizes, "eval": evals,
-        "valid": bool(sizes["valid_size"] and evals["eval_within_budget"] and within_train),
+        "valid": not broken and not chosen, "invalid_reasons": broken + chosen,
     }
     if rt.is_main:
         path = Path(cfg.output_dir) / "logs" / f"{cfg.run_id}.summary.json"
         path.write_text(json.dumps(summary, indent=1))
-        log(f"summary:{path} valid:{int(summary['valid'])}")
+        log(f"summary:{path} valid:{int(summary['valid'])}" + (f" reasons:{'; '.join(broken + chosen)}"
+                                                                if broken or chosen else ""))
+    return not broken
 
 
 def main() -> None:
@@ -3602,8 +4465,10 @@ def main() -> None:
     result = train_or_load(model, compiled, cfg, rt, inputs, log)
     sizes, cal_s = calibrate_and_pack(model, cfg, rt, inputs, result, log)
     evals = run_evaluation(Path(cfg.output_dir) / "final_model.int6.ptz", inputs.val, cfg, rt, log)
-    write_summary(cfg, rt, inputs, result, sizes, cal_s, evals, log)
+    kept_rules = write_summary(cfg, rt, inputs, result, sizes, cal_s, evals, log)
     shutdown()
+    if not kept_rules:
+        sys.exit("error: this run broke a rule of the challenge (see summary reasons above); its files are kept")
 
 
 if __name__ == "__main__":

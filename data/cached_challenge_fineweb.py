@@ -9,14 +9,15 @@ knows its repository: the plain SentencePiece exports live in willdepueoai/param
 export every CaseOps record since April uses (train shards, val shard, val byte sidecar, tokenizer) in
 romeerp/parameter-golf-caseops-v1. The remote manifest.json says how many shards a variant has.
 Re-running resumes: files already present are verified (shard header and size, sidecar length) and skipped;
-a corrupt or partial file is downloaded again. Every file is verified after download.
+a corrupt, partial or damaged file is downloaded again. Every file is checked against the Hub's own hash (sha256
+for LFS files) and its structure (shard header and size, sidecar length against the val shard).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,29 +67,78 @@ def shard_ok(path: Path) -> bool:
 
 
 class Hub:
-    """The real download path: huggingface_hub into a cache under data/, then a hard link or copy."""
+    """The real download path: huggingface_hub into a staging folder under data/, checked against the Hub's own
+    hash of the file (sha256 for LFS files, the git blob sha1 for small ones), then moved into place. Nothing is
+    hard-linked or kept in a cache: a file damaged in place is found and fetched again by the next run."""
 
-    def __init__(self, repo_id: str, remote_root: str, endpoint: str | None, cache: Path):
-        self.repo_id, self.remote_root, self.endpoint, self.cache = repo_id, remote_root, endpoint, cache
+    def __init__(self, repo_id: str, remote_root: str, endpoint: str | None, stage: Path):
+        self.repo_id, self.remote_root, self.endpoint, self.stage = repo_id, remote_root, endpoint, stage
 
-    def fetch(self, remote: str, dest: Path) -> None:
-        from huggingface_hub import hf_hub_download
-
+    def _split(self, remote: str) -> tuple[str, str | None, str]:
         full = f"{self.remote_root}/{remote}" if self.remote_root else remote
         sub, name = os.path.split(full)
+        return full, sub or None, name
+
+    def expected_hash(self, remote: str) -> str:
+        """The Hub's hash of a file: its LFS sha256 (64 hex digits) or git blob sha1 (40)."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        full, sub, name = self._split(remote)
         try:
-            cached = Path(hf_hub_download(repo_id=self.repo_id, filename=name, subfolder=sub or None,
-                                          repo_type="dataset", endpoint=self.endpoint, cache_dir=self.cache))
+            meta = get_hf_file_metadata(hf_hub_url(self.repo_id, name, subfolder=sub, repo_type="dataset",
+                                                   endpoint=self.endpoint))
         except Exception as e:  # noqa: BLE001 - network/hub errors all mean the same thing to the user
-            raise DownloadError(f"could not download {full} from {self.repo_id}: {e}") from e
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        tmp.unlink(missing_ok=True)
+            raise DownloadError(f"could not reach {full} on {self.repo_id}: {e}") from e
+        return (meta.etag or "").strip('"').removeprefix("W/").strip('"')
+
+    def fetch(self, remote: str, dest: Path) -> str:
+        """Download `remote` to `dest` (atomically) and return the Hub's hash, which the file was checked against."""
+        from huggingface_hub import hf_hub_download
+
+        full, sub, name = self._split(remote)
+        expected = self.expected_hash(remote)
         try:
-            os.link(cached.resolve(), tmp)
-        except OSError:
-            shutil.copyfile(cached.resolve(), tmp)
-        os.replace(tmp, dest)
+            got = Path(hf_hub_download(repo_id=self.repo_id, filename=name, subfolder=sub, repo_type="dataset",
+                                       endpoint=self.endpoint, local_dir=self.stage))
+        except Exception as e:  # noqa: BLE001
+            raise DownloadError(f"could not download {full} from {self.repo_id}: {e}") from e
+        actual = file_hash(got, expected)
+        if actual != expected:
+            got.unlink(missing_ok=True)
+            raise DownloadError(f"{full} from {self.repo_id} does not match the Hub's hash ({actual} != {expected}): "
+                                "the transfer was damaged; re-run the same command")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(got, dest)
+        return expected
+
+
+def file_hash(path: Path, like: str) -> str:
+    """sha256 of the file (a 64-digit `like`) or its git blob sha1 (40 digits), as the Hub reports them."""
+    h = hashlib.sha256() if len(like) == 64 else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Verified:
+    """data/.verified.json: each file's size, mtime and the Hub hash it matched, so a re-run re-hashes only files
+    that changed since (16 GB of shards are not hashed twice)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.d = json.loads(path.read_text()) if path.is_file() else {}
+
+    def matches(self, dest: Path, expected: str) -> bool:
+        st, rec = dest.stat(), self.d.get(str(dest))
+        if rec and rec == [st.st_size, st.st_mtime_ns, expected]:
+            return True
+        return file_hash(dest, expected) == expected
+
+    def record(self, dest: Path, expected: str) -> None:
+        st = dest.stat()
+        self.d[str(dest)] = [st.st_size, st.st_mtime_ns, expected]
+        self.path.write_text(json.dumps(self.d, indent=0))
 
 
 @dataclass(frozen=True)
@@ -141,22 +191,24 @@ def download(variant: Variant, train_shards: int, data_dir: Path, source: Hub, l
     manifest_path = data_dir / "manifests" / f"{variant.repo_id.replace('/', '__')}.json"
     source.fetch("manifest.json", manifest_path)
     files = plan(json.loads(manifest_path.read_text()), variant, train_shards)
-    done = []
+    verified, done = Verified(data_dir / ".verified.json"), []
     for i, f in enumerate(files, 1):
         dest = data_dir / f.local
-        why = f.verify(dest, data_dir) if dest.exists() else "missing"
-        if why is None:
-            log(f"[{i}/{len(files)}] ok (present) {f.local}")
+        expected = source.expected_hash(f.remote)
+        if dest.exists() and f.verify(dest, data_dir) is None and verified.matches(dest, expected):
+            log(f"[{i}/{len(files)}] ok (present, hash verified) {f.local}")
         else:
             if dest.exists():
-                log(f"[{i}/{len(files)}] {f.local}: {why}; downloading again")
+                log(f"[{i}/{len(files)}] {f.local}: damaged or incomplete; downloading again")
                 dest.unlink()
             source.fetch(f.remote, dest)
             why = f.verify(dest, data_dir)
             if why is not None:
                 dest.unlink()
-                raise DownloadError(f"{f.remote} from {variant.repo_id} failed verification after download ({why})")
-            log(f"[{i}/{len(files)}] downloaded {f.local} ({dest.stat().st_size} bytes)")
+                raise DownloadError(f"{f.remote} from {variant.repo_id} failed verification after download ({why}): "
+                                    "the published file itself is inconsistent; report it to the dataset's owner")
+            log(f"[{i}/{len(files)}] downloaded {f.local} ({dest.stat().st_size} bytes, hash verified)")
+        verified.record(dest, expected)
         done.append(dest)
     return done
 
@@ -196,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     v = Variant(a.repo_id or v.repo_id, v.remote_root if a.remote_root is None else a.remote_root, v.dataset, v.sidecar)
     if a.docs_only:
         v = Variant(a.repo_id or OFFICIAL, "datasets" if a.remote_root is None else a.remote_root, "")
-    hub = Hub(v.repo_id, v.remote_root, a.endpoint, a.data_dir / ".hf_cache")
+    hub = Hub(v.repo_id, v.remote_root, a.endpoint, a.data_dir / ".hf_stage")
     try:
         files = download_docs(a.data_dir, hub) if a.docs_only else download(v, a.train_shards, a.data_dir, hub)
     except DownloadError as e:

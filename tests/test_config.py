@@ -1,6 +1,8 @@
 """Config: one typed object from the environment, validated at once, every mistake named."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 import train_gpt as tg
@@ -25,6 +27,7 @@ from conftest import ROOT
     ("VE_LAYERS=3", "set VE_DIM"),
     ("USE_CRAWLER=0 DELTA_NET_HEADS=4", "belong to the crawler"),
     ("DOC_MASKED_ATTN=0", "needs DOC_MASKED_ATTN=1"),
+    ("GPTQ_CAL_SEQ_LEN=100000", "GPTQ_CAL_SEQ_LEN"),  # killed for memory after training, before issue 17
 ])
 def test_bad_config_names_the_variable(env, needle):
     with pytest.raises(tg.ConfigError, match=needle):
@@ -67,3 +70,15 @@ def test_config_reference_lists_every_field():
 
 def test_readme_config_table_is_current():
     assert tg.config_reference_markdown() in (ROOT / "README.md").read_text(), "run python3 tools/update_readme.py"
+
+
+@pytest.mark.parametrize("compressor", ["pergroup", "brotli", "lzma"])
+def test_the_counted_codes_zpaq_is_checked_whatever_the_compressor(compressor, monkeypatch):
+    """The counted code is always ZPAQ-compressed and the header brotli: both are checked before training, and the
+    advice is to install them, never to switch COMPRESSOR (issue 17)."""
+    cfg, _ = tg.load_config({"COMPRESSOR": compressor})
+    tg.check_compressor(cfg)
+    monkeypatch.setitem(sys.modules, "zpaq", None)  # import zpaq now raises ImportError
+    with pytest.raises(tg.ConfigError, match="pip install zpaq") as e:
+        tg.check_compressor(cfg)
+    assert "COMPRESSOR=brotli" not in str(e.value).replace(f"COMPRESSOR={compressor}", "")

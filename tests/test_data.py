@@ -308,3 +308,104 @@ def test_check_data_cli(caseops_data, capsys):
     assert json.loads(capsys.readouterr().out)["val_docs"] == 200
     assert check_data.main(args[:-2] + ["512", "--caseops"]) == 1
     assert "VOCAB_SIZE" in capsys.readouterr().err
+
+
+# ---- issue 17: every train shard, the sidecar's spaces and total, the prep's own output ----
+
+def _last_train(d):
+    return sorted(d.glob("fineweb_train_*.bin"))[-1]
+
+
+def test_overlap_in_a_later_train_shard_is_found(caseops_data, tmp_path):
+    d = _copy(caseops_data, tmp_path)
+    assert len(list(d.glob("fineweb_train_*.bin"))) > 1
+    val = tg.load_shard(d / "fineweb_val_000000.bin")
+    _mutate(_last_train(d), lambda t: np.concatenate([t, val]))
+    with pytest.raises(tg.DataError, match=f"{_last_train(d).name} has the most.*leaked into training"):
+        _check(d, caseops_data["tokenizer"])
+
+
+def test_a_bad_id_in_a_later_train_shard_fails_before_training(caseops_data, tmp_path):
+    d = _copy(caseops_data, tmp_path)
+
+    def bad(t):
+        t[-5] = 999
+        return t
+    _mutate(_last_train(d), bad)
+    with pytest.raises(tg.ConfigError, match=f"{_last_train(d).name} data has token id 999"):
+        _check(d, caseops_data["tokenizer"])
+
+
+def test_a_sidecar_that_miscounts_the_space_is_refused(caseops_data, tmp_path):
+    import sentencepiece as spm
+
+    d = _copy(caseops_data, tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(caseops_data["tokenizer"]))
+    _, spaced = tg.plain_piece_lengths(sp, 400)
+    toks = tg.load_shard(d / "fineweb_val_000000.bin")
+    assert (spaced[toks] > 0).sum() > 100
+    _mutate(d / "fineweb_val_bytes_000000.bin", lambda b: b + (spaced[toks] > 0))  # +1 byte on every U+2581 piece
+    with pytest.raises(tg.DataError, match="U\\+2581 pieces"):
+        _check(d, caseops_data["tokenizer"])
+
+
+def test_the_published_byte_total_is_part_of_the_fingerprint(caseops_data, tmp_path, monkeypatch):
+    d = _copy(caseops_data, tmp_path, "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
+    n = sum(tg.read_shard_header(p) for p in d.glob("fineweb_val_[0-9]*.bin"))
+    total = caseops_data["manifest"]["val_bytes"]
+    monkeypatch.setitem(tg.KNOWN_VAL, d.name, tg.ValFingerprint(200, tg.targets_2048(n), n, total))
+    assert _check(d, caseops_data["tokenizer"]).val_bytes == total
+    monkeypatch.setitem(tg.KNOWN_VAL, d.name, tg.ValFingerprint(200, tg.targets_2048(n), n, total + 1))
+    with pytest.raises(tg.DataError, match=f"totals {total} bytes; the published split has {total + 1}"):
+        _check(d, caseops_data["tokenizer"])
+    assert tg.KNOWN_VAL["fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"].bytes in (total + 1, 151_080_645)
+
+
+def test_shards_of_another_prep_are_refused(caseops_data, tmp_path):
+    d = _copy(caseops_data, tmp_path)
+    shutil.copy(_last_train(d), d / "fineweb_train_000099.bin")  # left by an earlier, larger prep
+    with pytest.raises(tg.DataError, match="not in its manifest.json.*fineweb_train_000099.bin"):
+        _check(d, caseops_data["tokenizer"])
+
+
+def _prep_args(caseops_data, out, docs=None, val_docs="200"):
+    return ["shards", "--docs", str(docs or caseops_data["jsonl"]), "--tokenizer", str(caseops_data["tokenizer"]),
+            "--out", str(out), "--val-docs", val_docs, "--shard-tokens", "40000", "--workers", "1", "--no-progress"]
+
+
+def test_prep_refuses_a_folder_with_an_earlier_preps_shards(caseops_data, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    shutil.copy(caseops_data["data_path"] / "fineweb_train_000000.bin", out / "fineweb_train_000007.bin")
+    with pytest.raises(SystemExit, match="already holds 1 files of another prep"):
+        prep.main(_prep_args(caseops_data, out))
+
+
+def test_prep_refuses_zero_training_documents(caseops_data, tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(caseops_data["jsonl"].read_text().splitlines(keepends=True)[:150]))
+    with pytest.raises(SystemExit, match="no training data was written"):
+        prep.main(_prep_args(caseops_data, tmp_path / "o", small))
+
+
+def test_prep_refuses_a_token_over_the_sidecars_range(caseops_data, tmp_path, capsys):
+    lines = caseops_data["jsonl"].read_text().splitlines(keepends=True)
+    docs = tmp_path / "ws.jsonl"  # a val document with a 70,000-character whitespace run folded into one piece
+    docs.write_text("".join(lines[:5] + [json.dumps({"text": "a" + " " * 70_000 + "b"}) + "\n"] + lines[5:]))
+    with pytest.raises(SystemExit):
+        prep.main(_prep_args(caseops_data, tmp_path / "o", docs))
+    assert "more than the uint16 byte sidecar holds (65535)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["docs", "tokenizer", "out"])
+def test_prep_names_a_missing_input_or_an_unwritable_out(caseops_data, tmp_path, what):
+    args = _prep_args(caseops_data, tmp_path / "o")
+    if what == "out":  # a path under a file: unwritable even for root, for whom a read-only mode is no barrier
+        (tmp_path / "a_file").write_text("")
+        args[args.index("--out") + 1] = str(tmp_path / "a_file" / "o")
+        needle = "is not writable"
+    else:
+        args[args.index(f"--{what}") + 1] = str(tmp_path / "missing")
+        needle = f"--{what} {tmp_path / 'missing'} is not a readable file"
+    with pytest.raises(SystemExit, match=needle):
+        prep.main(args)

@@ -72,8 +72,8 @@ class Uniform(nn.Module):
         super().__init__()
         self.vocab = vocab
 
-    def forward(self, ids, targets, seg=None, lora=None):
-        return torch.full(targets.shape, math.log(self.vocab))
+    def forward(self, ids, targets, seg=None, lora=None, last=0):
+        return torch.full(targets[:, -last:].shape if last else targets.shape, math.log(self.vocab))
 
 
 def _val(tokens, nbytes=None):
@@ -90,23 +90,31 @@ def test_uniform_model_bpb_is_log2_vocab_per_byte():
 
 
 @pytest.mark.parametrize("n,seq,stride", [(1000, 64, 64), (1000, 64, 16), (1000, 64, 1), (777, 100, 37), (5, 64, 8)])
-def test_every_target_scored_exactly_once(n, seq, stride):
+def test_every_target_scored_exactly_once_in_windows_of_one_shape(n, seq, stride):
     counts = np.zeros(n + 1, dtype=int)
-    for start, length, frm in tg.sliding_windows(n, seq, stride):
-        assert length <= seq and 0 <= frm < length
+    wins = tg.sliding_windows(n, seq, stride)
+    for start, length, frm in wins:
+        assert length == min(seq, n) and 0 <= frm < length  # one window shape: one compiled graph
         counts[start + 1 + frm:start + 1 + length] += 1
     assert counts[0] == 0 and (counts[1:] == 1).all()
+    assert wins[-1][0] + wins[-1][1] == n  # the last window ends at the last target, with a full left context
+    for b in tg.window_batches(n, seq, stride, 3, 0, 1):  # fixed rows; the head sees the stride unless more is scored
+        assert b.rows == 3 and b.last in ((stride, 0) if stride < min(seq, n) else (0,))
+        assert all(length - frm <= (b.last or length) for _, length, frm in b.windows)
 
 
 def test_sliding_stride_equal_seq_len_is_plain_eval_and_ranks_partition(trained_tiny):
     cfg, model = tg.load_artifact_model(trained_tiny["out"] / "final_model.int6.ptz", CPU)
     val = _val(np.random.default_rng(2).integers(0, cfg.vocab_size, 2000))
     plain = tg.eval_windows(model, val, 64, 64, 1024, CPU)
-    nll = 0.0  # an independent plain evaluation: non-overlapping 64-token windows, the tail window shorter
+    nll = 0.0  # an independent plain evaluation: non-overlapping 64-token windows, the last one ending at the end
     with torch.no_grad():
-        for a in range(0, 1999, 64):
-            x = val.tokens[a:min(a + 65, 2000)]
+        for a in range(0, 1999 - 64, 64):
+            x = val.tokens[a:a + 65]
             nll += float(model(x[None, :-1], x[None, 1:]).double().sum())
+        tail = 1999 - 1999 // 64 * 64
+        x = val.tokens[1999 - 64:2000]
+        nll += float(model(x[None, :-1], x[None, 1:])[0, -tail:].double().sum())
     assert plain.nll == pytest.approx(nll, rel=1e-9) and plain.tokens == 1999
     seen = []
     for r in range(3):  # what each of 3 ranks scores covers every target once
@@ -206,7 +214,9 @@ def test_phases_train_on_cumulative_prefixes_of_scored_documents():
         assert scored[end - 1] >= n and (end == 1 or scored[end - 2] < n)  # the phase waits for exactly enough
 
 
-def test_global_sgd_cosine_schedule_skips_the_last_chunk(trained_tiny, monkeypatch):
+def test_global_sgd_cosine_runs_over_n_chunks_minus_one_and_skips_the_last_chunk(trained_tiny, monkeypatch):
+    """#1855's rule: n chunks give n - 1 steps (the last chunk is not trained on) at
+    lr_i = TTT_GLOBAL_LR * (1 + cos(pi * i / (n - 1))) / 2, so the last step's LR is not yet 0."""
     art = trained_tiny["out"] / "final_model.int6.ptz"
     cfg = _ttt_cfg(tg.unpack_artifact(art.read_bytes())[0], ttt_global_chunk_tokens=64)
     val = _val_docs(cfg)
@@ -218,7 +228,7 @@ def test_global_sgd_cosine_schedule_skips_the_last_chunk(trained_tiny, monkeypat
     steps = tg.global_sgd(model, val, docs, cfg, CPU)
     n_chunks = math.ceil(sum(e - s + 1 for s, e in docs) / 64)
     assert steps == len(lrs) == n_chunks - 1
-    assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lrs == pytest.approx([0.01 * (1 + math.cos(math.pi * i / (n_chunks - 1))) / 2 for i in range(n_chunks - 1)])
 
 
 def test_short_documents_get_smaller_chunks_and_costs_are_exact():
@@ -227,8 +237,8 @@ def test_short_documents_get_smaller_chunks_and_costs_are_exact():
     docs = [(0, 100), (200, 230), (300, 305)]
     small = dataclasses.replace(cfg, ttt_short_chunks="", ttt_chunk_size=16, eval_seq_len=40)
     n = [100, 30, 5]
-    expect = sum(len([p for p in n if k * 16 < p]) * max(min((k + 1) * 16, p) - max(0, min((k + 1) * 16, p) - 40)
-                                                            for p in n if k * 16 < p) for k in range(7))
+    expect = sum(max(2, len([p for p in n if k * 16 < p])) * max(min((k + 1) * 16, p) - max(0, min((k + 1) * 16, p) - 40)
+                                                                    for p in n if k * 16 < p) for k in range(7))
     assert tg.batch_cost(docs, small) == expect
 
 
@@ -262,14 +272,15 @@ def test_budget_plan_cuts_in_order_until_the_projection_fits():
     n = 2_000_000
     lines = []
     plans = {}
-    for budget in (1e9, 30.0, 22.0, 10.0):  # projected: roundtrip 0.25 s, sliding 12 s, TTT 17 s + 3 s of phases
-        plans[budget] = tg.fit_plan(cfg, docs, n, 8, tg.EvalCosts(1e-6, 3e-6), budget, lines.append)
+    costs = tg.EvalCosts(0.25, 0.25, 3e-6, 0.0, 0.0125)
+    for budget in (1e9, 30.0, 22.0, 10.0):  # projected: roundtrip 0.25 s, sliding 11.5 s, TTT 17 s + 4.6 s of phases
+        plans[budget] = tg.fit_plan(cfg, docs, n, 8, costs, budget, lines.append)
     assert plans[1e9] == tg.EvalPlan(True, True, 3, 2000)
     assert plans[30.0] == tg.EvalPlan(False, True, 3, 2000)
     assert plans[22.0].ttt and (plans[22.0].prefix_docs < 2000 or plans[22.0].phases == 0)
     assert not plans[10.0].ttt and not plans[10.0].sliding
     for b, p in plans.items():
-        secs = tg.project_seconds(p, docs, n, cfg, 8, tg.EvalCosts(1e-6, 3e-6))
+        secs = tg.project_seconds(p, docs, n, cfg, 8, costs)
         assert sum(secs.values()) <= 0.9 * b or not p.ttt
     assert any("does not fit EVAL_BUDGET_SECONDS" in l for l in lines)
 
@@ -277,18 +288,21 @@ def test_budget_plan_cuts_in_order_until_the_projection_fits():
 def test_time_model_counts_what_the_evaluation_runs(trained_tiny):
     """The projector's token counts equal the positions the real evaluation feeds through the model."""
     art = trained_tiny["out"] / "final_model.int6.ptz"
-    cfg = _ttt_cfg(tg.unpack_artifact(art.read_bytes())[0], phased_ttt_num_phases=0)
+    cfg = _ttt_cfg(tg.unpack_artifact(art.read_bytes())[0], phased_ttt_num_phases=0, eval_batch_tokens=256)
     val = _val_docs(cfg, n_docs=9)
     _, model = tg.load_artifact_model(art, CPU)
     fed = []
-    model.register_forward_pre_hook(lambda m, args: fed.append(args[0].numel()))
+    model.register_forward_pre_hook(lambda m, args: fed.append((args[0].shape, args[4] if len(args) > 4 else 0)))
     tg.ttt_eval(model, val, cfg, CPU, lambda s: None)
     work = tg.plan_token_work(tg.EvalPlan(False, True, 0, 0), tg.document_spans(val.tokens, 1), val.tokens.numel() - 1, cfg, 1)
-    assert work["ttt"] == (sum(fed), len(fed))
+    assert work["ttt"] == (sum(s.numel() for s, _ in fed), len(fed), 0)
     fed.clear()
     tg.eval_windows(model, val, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_tokens, CPU)
-    assert tg.plan_token_work(tg.EvalPlan(True, False, 0, 0), [], val.tokens.numel() - 1, cfg, 1)["sliding"] == \
-        (sum(fed), len(fed))
+    full, strided = tg.plan_token_work(tg.EvalPlan(True, False, 0, 0), [], val.tokens.numel() - 1, cfg, 1)["sliding"]
+    rows = cfg.eval_batch_tokens // cfg.eval_seq_len
+    assert {s for s, _ in fed} == {torch.Size([rows, cfg.eval_seq_len])}  # one shape for every forward
+    assert (full, strided) == (sum(last == 0 for _, last in fed), sum(last == cfg.eval_stride for _, last in fed))
+    assert strided > full  # the sliding window sends only its last stride through the head
 
 
 def test_no_validation_token_reaches_warmups(trained_tiny, plain_data):
@@ -304,7 +318,7 @@ def test_no_validation_token_reaches_warmups(trained_tiny, plain_data):
     opts = tg.build_optimizers(model, cfg, CPU)
     tg.prime_compile(model, model, opts, tg.TrainData(tg.shard_paths(cfg.data_path, "train"), cfg, CPU, 1), cfg, rt,
                      lambda s: None)
-    tg.measure_costs(model, cfg, CPU)
+    tg.measure_costs(model, model, model, cfg, CPU)
     assert len(fed) >= 5
     hits = sum(tuple(x[r, i:i + 12].tolist()) in grams for x in fed for r in range(x.size(0))
                for i in range(0, x.size(1) - 12, 7))
@@ -336,7 +350,8 @@ def test_pipeline_summary_and_final_lines(trained_tiny):
                  "eval_plan: configured"):
         assert line in log, line
     summary = json.loads((out / "logs" / "seed1337.summary.json").read_text())
-    assert summary["valid"] is True and summary["eval"]["same_targets"] is True
+    assert summary["eval"]["same_targets"] is True  # a val prefix is never a submission, but broke no budget
+    assert summary["valid"] is False and summary["invalid_reasons"] == ["VAL_TOKEN_LIMIT scores a prefix of the val split"]
     assert summary["sizes"]["bytes_total"] == summary["sizes"]["bytes_model"] + summary["sizes"]["bytes_code"]
     assert set(summary["eval"]) >= {"roundtrip", "sliding", "ttt", "eval_total_s", "plan"}
     assert summary["eval"]["sliding"]["tokens"] == summary["val"]["tokens"]
@@ -346,7 +361,7 @@ def test_eval_budget_is_planned_before_scoring(trained_tiny, tmp_path):
     env = trained_tiny["env"] | {"SKIP_TRAIN": "1", "INIT_MODEL_PATH": str(trained_tiny["out"] / "final_model.pt"),
                                  "EVAL_BUDGET_SECONDS": "1", "EVAL_STRIDE": "8"}
     r = run_trainer(env, tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode != 0 and "broke a rule" in r.stderr  # even the roundtrip alone takes more than 1 s
     plan_line = [l for l in r.stdout.splitlines() if l.startswith("eval_plan:")][0]
     assert "-> planned [roundtrip sliding:0" in plan_line and "does not fit EVAL_BUDGET_SECONDS" in r.stdout
     assert "final_int6_sliding_window_exact" not in r.stdout

@@ -1,17 +1,12 @@
 """Model: causality and BOS-respecting mixing for every option, the application plan, the seeds' block parts,
-the DeltaNet memory against a naive recurrence, and the fused cross-entropy against the torch loss."""
+the DeltaNet memory against a naive recurrence (the GPU kernels: test_gpu_paths.py)."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import ROOT, clean_env
 
 ALL_ON = {
     "VOCAB_SIZE": "97", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "NUM_FLAT_LAYERS": "3",
@@ -80,7 +75,7 @@ def test_segments_cut_long_documents_at_the_context_length():
     starts = tg.segment_starts(ids.numpy(), 1, 3)
     assert starts[0].tolist() == [True, True, False, False, True, False, False, True, False, False]
     seg = tg.make_segments(ids, 1, 3, torch.device("cpu"))
-    assert seg.cu.tolist()[:5] == [0, 1, 4, 7, 10] and len(seg.cu) % 64 == 0
+    assert seg.cu.tolist() == [0, 1, 4, 7, 10]  # unpadded: its length is the graph's dynamic dimension
 
 
 def test_application_plan_is_1855s_looped_topology():
@@ -236,36 +231,6 @@ def test_delta_memory_carries_the_previous_loop_causally():
     _, writes2 = model.delta(x2, None, None)
     out2, _ = model.delta(y, writes2, None)
     assert torch.equal(out[:, :10], out2[:, :10]) and not torch.equal(out[:, 10:], out2[:, 10:])
-
-
-FUSED_CE_CHECK = r"""
-import os, sys, torch
-os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, sys.argv[1])
-import train_gpt as tg
-torch.manual_seed(0)
-x = (torch.randn(6, 300) * 20).requires_grad_()
-y = torch.randint(0, 300, (6,))
-loss, lse = torch.ops.pgcrawl.softcap_ce(x, y, 30.0)
-xr = x.detach().clone().requires_grad_()
-ref = tg.softcapped_ce(xr, y, 30.0, 30.0, fused=False)
-g = torch.randn(6)
-(loss * g).sum().backward()
-(ref * g).sum().backward()
-print("MAXDIFF", float((loss - ref).abs().max()), float((x.grad - xr.grad).abs().max()))
-"""
-
-
-def test_fused_softcapped_ce_matches_torch_values_and_gradients(tmp_path):
-    """The Triton kernel (#1787) run by Triton's interpreter on the CPU equals the torch loss and gradient."""
-    pytest.importorskip("triton", reason="triton is not installed (requirements-dev.txt installs it)")
-    script = tmp_path / "check.py"
-    script.write_text(FUSED_CE_CHECK)
-    r = subprocess.run([sys.executable, str(script), str(ROOT)], env=clean_env() | {"TRITON_INTERPRET": "1"},
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    d_loss, d_grad = map(float, r.stdout.split("MAXDIFF")[1].split())
-    assert d_loss < 1e-4 and d_grad < 1e-5, (d_loss, d_grad)
 
 
 def test_xsa_placement_follows_its_scope():

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -42,7 +44,10 @@ def test_welch_matches_hand_computation():
 
 
 def _seed_logs(trained_tiny, tmp_path, seeds=(1, 2), edit=None):
+    # the tiny run scores a val prefix to stay fast (VAL_TOKEN_LIMIT, which marks it invalid); as record material the
+    # logs say what a full-split run says
     src = (trained_tiny["out"] / "logs" / "seed1337.txt").read_text()
+    src = re.sub(r" valid:0 reasons:.*", " valid:1", re.sub(r"config: VAL_TOKEN_LIMIT=\d+", "config: VAL_TOKEN_LIMIT=0", src))
     paths = []
     for i, s in enumerate(seeds):
         text = src.replace("config: SEED=1337", f"config: SEED={s}")
@@ -90,6 +95,11 @@ def test_record_folder_contents_and_table(trained_tiny, tmp_path):
     (lambda t: re.sub(r"eval_total_time:[0-9.]+s", "eval_total_time:700.0s", t), "evaluation took"),
     (lambda t: t.replace("config: MATRIX_LR=0.02", "config: MATRIX_LR=0.03"), "disagree on configuration: MATRIX_LR"),
     (lambda t: re.sub(r"code_sha256:\w+", "code_sha256:" + "0" * 64, t), "different code"),
+    (lambda t: t.replace("config: VAL_TOKEN_LIMIT=0", "config: VAL_TOKEN_LIMIT=8192"), "VAL_TOKEN_LIMIT=8192"),
+    (lambda t: t.replace("config: SKIP_TRAIN=False", "config: SKIP_TRAIN=True"), "SKIP_TRAIN re-pack"),
+    (lambda t: t + "ERROR: the evaluation modes scored different target counts\n", "invalid run"),
+    (lambda t: t.replace(" valid:1", " valid:0"), "invalid run"),
+    (lambda t: re.sub(r"quantized_ttt_phased val_loss:.*\n", "", t), "different final evaluations"),
 ])
 def test_record_refusals(trained_tiny, tmp_path, edit, needle):
     logs = _seed_logs(trained_tiny, tmp_path, edit=edit)
@@ -117,13 +127,38 @@ def test_run_sh_preflight_failures(plain_data, tmp_path):
     r = _run_sh(base | {"TOKENIZER_PATH": str(tmp_path / "none.model")})
     assert r.returncode == 2 and "TOKENIZER_PATH" in r.stderr
     r = _run_sh(base)  # data is fine; this machine has no GPU
-    assert r.returncode == 2 and "found 0 CUDA GPUs" in r.stderr and "NPROC" in r.stderr
+    assert r.returncode == 2 and "found 0 CUDA GPUs" in r.stderr and "DEVICE=cpu NPROC=1" in r.stderr
+    assert "set NPROC=0" not in r.stderr
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / "brotli.py").write_text("raise ImportError('simulated missing brotli')\n")
     r = _run_sh(base | {"PYTHONPATH": str(shadow)})
     assert r.returncode == 2 and "pip install -r requirements.txt" in r.stderr
     assert not (tmp_path / "rec" / "train_seed1337.log").exists()
+
+
+def test_run_sh_never_overwrites_a_finished_seed(plain_data, tmp_path):
+    """A re-run of a finished seed is refused before anything runs; a run killed mid-way leaves only .partial
+    files, so the finished log and env stay whole."""
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    (rec / "train_seed1337.log").write_text("finished\n")
+    (rec / "train_seed1337.env").write_text("finished env\n")
+    base = tiny_env(plain_data) | {"RECORD_DIR": str(rec), "RUN_DIR": str(tmp_path / "run"), "DEVICE": "cpu",
+                                   "NPROC": "1", "MIN_FREE_GB": "0"}
+    r = _run_sh(base)
+    assert r.returncode == 2 and "finished run of seed 1337" in r.stderr and "OVERWRITE=1" in r.stderr
+    proc = subprocess.Popen(["bash", str(ROOT / "run.sh")], env=clean_env() | base | {
+        "OVERWRITE": "1", "ITERATIONS": "100000", "TRAIN_LOG_EVERY": "1"}, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if "step:1/" in line:  # the re-run is training: kill it as a lost pod would
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert (rec / "train_seed1337.log").read_text() == "finished\n"
+    assert (rec / "train_seed1337.env").read_text() == "finished env\n"
+    assert (rec / "train_seed1337.env.partial").is_file() and (rec / "train_seed1337.log.partial").is_file()
 
 
 @pytest.mark.slow

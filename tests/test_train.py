@@ -235,3 +235,44 @@ def test_compile_priming_warms_both_depths_and_restores_state(plain_data, monkey
     assert seen == [1, 1, 2, 2] and model.active_loops == 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not opts.muon.state, "optimizer state must be restored to empty"
+
+
+def test_ema_is_one_fused_update_equal_to_the_per_tensor_rule(monkeypatch):
+    """The EMA updates every tensor with one foreach launch (~150 separate lerp_ launches per step otherwise)."""
+    cfg, _ = tg.load_config({"VOCAB_SIZE": "97", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+                             "ROPE_DIMS": "4", "GATE_WINDOW": "8"})
+    model = tg.GPT(cfg)
+    avg = tg.WeightAverager(model, cfg)
+    ref = {k: v.clone() for k, v in avg.ema.items()}
+    calls = []
+    real = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a: (calls.append(1), real(*a))[1])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    avg.update(model, 5, 1.0, lambda s: None)
+    decay = min(cfg.ema_decay, 6 / 15)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(avg.ema[k], ref[k] * decay + v.float() * (1 - decay))
+    assert calls == [1]
+
+
+def test_segments_are_cut_on_the_loader_thread(plain_data, monkeypatch):
+    """With a prefetching loader the training thread neither reads tokens nor cuts segments (they would sit on
+    the critical path between two steps); it only re-cuts when the context changes."""
+    import threading
+
+    from conftest import TINY
+
+    cfg, _ = tg.load_config(TINY | {"DATA_PATH": str(plain_data["data_path"])})
+    where = []
+    real = tg.segment_arrays
+    monkeypatch.setattr(tg, "segment_arrays", lambda *a: (where.append(threading.current_thread().name), real(*a))[1])
+    loader = tg.TrainData(tg.shard_paths(cfg.data_path, "train"), cfg, tg.Runtime.cpu(), 1).loader(prefetch=2)
+    for _ in range(4):
+        loader.next_batch(64)
+    main = threading.main_thread().name
+    assert where and main not in where[:4]
+    n = len(where)
+    loader.next_batch(32)  # a context change: the prefetched batch is re-cut here, once
+    assert where[n:].count(main) <= 1

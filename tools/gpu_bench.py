@@ -1,21 +1,24 @@
-"""Measure the reference configuration on one GPU (or a tiny one on the CPU) with synthetic tokens:
+"""The one prepared check for a lent GPU (one H100/H200, about 8 minutes), or the same code on a CPU in seconds:
 
-  python3 tools/gpu_bench.py                 # full size on CUDA: prints key:value lines, writes bench.json
-  python3 tools/gpu_bench.py --tiny          # the same code paths on the CPU in seconds (CI runs this)
+  python3 tools/gpu_bench.py --text .bench/web_sample.jsonl --tokenizer .bench/caseops.model   # on the GPU
+  python3 tools/gpu_bench.py --tiny          # the same code paths on the CPU (CI runs this)
   GPTQ_CAL_SAMPLES=16 python3 tools/gpu_bench.py --quant-only   # full-size artifact size check, CPU ok (~8 min)
 
-What it measures, each figure with the configuration it came from:
-  attention backend and whether FlashAttention 3 traces under torch.compile;
-  training: compile time and graph count over every (context, depth) the schedule reaches, then ms per optimizer
-    step on this GPU's share of the batch (TRAIN_BATCH_TOKENS / 8 tokens), tokens/s, MFU against 790 TFLOP/s
-    (model FLOPs: train_flops_per_token), peak memory;
-  the fused softcapped cross-entropy against the torch loss (max abs difference);
-  evaluation: forward seconds per token, forward+backward seconds per token (the eval planner's costs), and the
-    planner's projection for the published validation split (47,853,343 targets in 50,000 documents; document
-    lengths from DATA_PATH's val shard when present, else a log-normal with the split's mean length);
-  calibration and packing on Gaussian rows (an upper bound on a trained checkpoint's bytes): Hessian collection,
-    loop-aware GPTQ and rate-controlled packing time, the entropy estimate, artifact bytes, unpack time;
-  with --tiny, a real small evaluation timed stage by stage against the planner's projection.
+What it measures, in this order, each figure with the configuration it came from (one summary table at the end,
+and bench.json):
+  1. setup: the attention backend the trainer picks (FA3 if importable and traceable, else flex), the loss
+     kernel, compile settings;
+  2. training shapes: compile time, then ms per optimizer step, tokens/s and MFU against 790 TFLOP/s for every
+     (context, crawler depth) of TRAIN_SEQ_SCHEDULE, on this GPU's share of a step (TRAIN_BATCH_TOKENS / 8) of
+     real document lengths; peak memory; the fused loss against the torch loss;
+  3. real training: the trainer's own loop (priming, schedule, EMA) for --train-seconds on tokenized text
+     (--text/--tokenizer: a JSONL of documents and the CaseOps SentencePiece model; --tiny: generated text), the
+     loss curve, and whether anything compiled after priming;
+  4. evaluation at real shapes on a slice of that text's validation documents: the warm-up (compile + cost
+     probes), then roundtrip, sliding and TTT each timed against the planner's projection, and the projection
+     for the published validation split on --world GPUs;
+  5. the shipped (counted) wrapper run as a subprocess for a few steps on the same shards;
+  6. calibration, loop-aware GPTQ and rate-controlled packing at full size (Gaussian rows: an upper bound).
 Environment variables configure the model exactly as for train_gpt.py.
 """
 from __future__ import annotations
@@ -24,98 +27,183 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 
-TINY = {"VOCAB_SIZE": "97", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "NUM_FLAT_LAYERS": "3",
+TINY = {"VOCAB_SIZE": "512", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "NUM_FLAT_LAYERS": "3",
         "FLAT_ENCODER_LAYERS": "1", "NUM_CRAWLER_LAYERS": "1", "CRAWLER_LOOPS": "2", "ROPE_DIMS": "4",
         "GATE_WINDOW": "8", "PARALLEL_RESIDUAL_START": "3", "TRAIN_SEQ_LEN": "64", "TRAIN_SEQ_SCHEDULE": "32@0.5,64@1.0",
-        "TRAIN_BATCH_TOKENS": "2048", "GPTQ_CAL_SAMPLES": "8", "GPTQ_CAL_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64",
+        "TRAIN_BATCH_TOKENS": "4096", "GPTQ_CAL_SAMPLES": "8", "GPTQ_CAL_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64",
         "EVAL_STRIDE": "16", "TTT_CHUNK_SIZE": "16", "TTT_SHORT_CHUNKS": "", "TTT_BATCH_DOCS": "4", "TTT_LORA_RANK": "4",
-        "PHASED_TTT_PREFIX_DOCS": "8", "TTT_GLOBAL_CHUNK_TOKENS": "256", "EVAL_BATCH_TOKENS": "1024"}
+        "PHASED_TTT_PREFIX_DOCS": "8", "TTT_GLOBAL_CHUNK_TOKENS": "256", "EVAL_BATCH_TOKENS": "1024",
+        "VAL_BATCH_TOKENS": "1024", "WARMUP_STEPS": "4", "TRAIN_LOG_EVERY": "5", "VAL_TOKEN_LIMIT": "2000"}
 H100_BF16_FLOPS = 790e12  # the MFU reference of the GPU-readiness issue
 PUBLISHED_VAL = (47_853_343, 50_000)  # targets and documents of the CaseOps val split
 
 
-def synthetic_rows(cfg: tg.Config, rows: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random tokens with a BOS every ~T/3 positions (documents for the masked attention)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(2, cfg.vocab_size, (rows, T + 1), generator=g)
-    x[torch.rand(rows, T + 1, generator=g) < 3 / T] = cfg.bos_id
-    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+def flat_batch(tokens: np.ndarray, n: int, seq: int, cfg: tg.Config, rt: tg.Runtime, at: int) -> list[tg.Micro]:
+    """One micro-batch as the trainer reads it: a flat span of n tokens, segments cut at BOS and every seq."""
+    chunk = torch.from_numpy(tokens[at:at + n + 1].astype(np.int64))
+    x, y = chunk[None, :-1], chunk[None, 1:]
+    return [tg.to_micro(x, y, cfg, seq, rt.device)]
 
 
-def bench_training(cfg: tg.Config, rt: tg.Runtime, steps: int, out: dict) -> tg.GPT:
-    model, compiled = tg.build_model(cfg, rt)
+def bench_shapes(model: tg.GPT, compiled, cfg: tg.Config, rt: tg.Runtime, tokens: np.ndarray, steps: int,
+                 out: dict) -> None:
     opts = tg.build_optimizers(model, cfg, rt)
-    rows = max(1, cfg.train_batch_tokens // 8 // cfg.train_seq_len)  # one GPU's share of an 8-GPU step
-
-    def step(seq: int) -> None:
-        x, y = synthetic_rows(cfg, rows, cfg.train_seq_len, seed=seq)
-        tg.train_step(compiled, [tg.to_micro(x, y, cfg, seq, rt.device)], opts, cfg, rt)
-
-    t_compile = 0.0
+    n = cfg.train_batch_tokens // 8  # one GPU's share of an 8-GPU step
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for seq, loops in tg.compile_shapes(cfg):
         model.set_active_loops(loops)
-        t_compile += tg.timed_call(lambda: step(seq), rt.device)
-    out["train_compile_s"] = round(t_compile, 1)
-    out["train_graphs"] = tg.compiled_graph_count()
-    tg.reset_peak_memory(rt.device)
-    for seq, loops in tg.compile_shapes(cfg):
-        model.set_active_loops(loops)
-        ms = 1000 * tg.timed_call(lambda: [step(seq) for _ in range(steps)], rt.device) / steps
-        tok_s = rows * cfg.train_seq_len / (ms / 1000)
-        out[f"train_ms_per_step_seq{seq}_loops{loops}"] = round(ms, 2)
-        out[f"train_tokens_per_s_seq{seq}_loops{loops}"] = round(tok_s)
-        mfu = train_flops_per_token(model, cfg, seq, loops) * tok_s / H100_BF16_FLOPS
-        out[f"train_mfu_vs_790tflops_seq{seq}_loops{loops}"] = float(f"{mfu:.3g}")
-    out["train_tokens_per_gpu_step"] = rows * cfg.train_seq_len
-    out["train_peak_memory_mib"] = round(tg.peak_memory_mib(rt.device))
-    return model
+        key = f"seq{seq}_loops{loops}"
+        at = iter(range(0, max(1, tokens.size - n - 1), n))
+        step = lambda: tg.train_step(compiled, flat_batch(tokens, n, seq, cfg, rt, next(at, 0)), opts, cfg, rt)  # noqa: E731
+        out[f"compile_s_{key}"] = round(tg.timed_call(step, rt.device), 1)
+        tg.reset_peak_memory(rt.device)
+        ms = 1000 * tg.timed_call(lambda: [step() for _ in range(steps)], rt.device) / steps
+        tok_s = n / (ms / 1000)
+        out[f"train_ms_per_step_{key}"] = round(ms, 2)
+        out[f"train_tokens_per_s_{key}"] = round(tok_s)
+        out[f"train_mfu_vs_790tflops_{key}"] = float(f"{train_flops_per_token(model, cfg, seq, loops) * tok_s / H100_BF16_FLOPS:.3g}")
+        out[f"train_peak_memory_mib_{key}"] = round(tg.peak_memory_mib(rt.device))
+    out["train_graphs_after_shapes"] = tg.compiled_graph_count()
+    out["train_tokens_per_gpu_step"] = n
+    model.load_state_dict(saved)
 
 
 def bench_fused_ce(cfg: tg.Config, rt: tg.Runtime, out: dict) -> None:
-    if rt.device.type != "cuda" or not tg.fused_ce_available():
-        out["fused_ce"] = "not run (needs CUDA and triton)"
-        return
-    x = (torch.randn(4096, cfg.vocab_size, device=rt.device) * 20).bfloat16().requires_grad_()
+    x = (torch.randn(4096, cfg.vocab_size, device=rt.device) * 20).to(rt.autocast_dtype or torch.float32)
     y = torch.randint(0, cfg.vocab_size, (4096,), device=rt.device)
-    fused = tg.softcapped_ce(x, y, cfg.logit_softcap, cfg.logit_softcap, fused=True)
-    ref = tg.softcapped_ce(x.float(), y, cfg.logit_softcap, cfg.logit_softcap, fused=False)
-    out["fused_ce_max_abs_diff"] = float((fused - ref).abs().max())
+    fused = tg.softcapped_ce(x, y, cfg.logit_softcap, cfg.logit_softcap, rt.kernels.ce)
+    ref = tg.softcapped_ce(x.float(), y, cfg.logit_softcap, cfg.logit_softcap, "off")
+    out[f"fused_ce_{rt.kernels.ce}_max_abs_diff"] = float((fused - ref).abs().max())
 
 
-def val_doc_lengths(cfg: tg.Config, scale: float) -> tuple[list[tuple[int, int]], str]:
-    paths = tg.shard_paths(cfg.data_path, "val")
-    if paths:
-        tokens = torch.from_numpy(np.concatenate([tg.load_shard(p) for p in paths]).astype(np.int64))
-        return tg.document_spans(tokens, cfg.bos_id), f"{cfg.data_path}"
-    n_targets, n_docs = (int(v * scale) for v in PUBLISHED_VAL)
+def tokenized(text: Path | None, tokenizer: Path | None, cfg: tg.Config, work: Path, tiny: bool) -> Path:
+    """CaseOps shards (train + val + sidecar) of the given documents, or of generated ones with --tiny."""
+    import prepare_caseops_data as prep
+    import synthetic_corpus
+
+    data = work / "data"
+    if text is None:
+        text = work / "docs.jsonl"
+        text.write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_corpus.generate_documents(800, seed=0)))
+    if tokenizer is None:
+        tokenizer = prep.train_tokenizer(str(text), cfg.vocab_size, str(work / "tok"), skip_docs=200)
+    prep.prepare_shards(str(text), str(tokenizer), data, val_docs=200 if tiny else 300,
+                        shard_tokens=10**8, workers=max(1, (os.cpu_count() or 2) // 2), progress=False)
+    (data / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+    return data
+
+
+def bench_training(model: tg.GPT, compiled, cfg: tg.Config, rt: tg.Runtime, data: Path, seconds: float,
+                   out: dict) -> tg.ValidationData:
+    """The trainer's loop on the tokenized text for `seconds` (wallclock cap), its loss curve and graph count."""
+    tcfg = dataclasses.replace(cfg, max_wallclock_seconds=seconds, gptq_reserve_seconds=0.0, iterations=100_000,
+                               data_path=str(data))
+    val = tg.load_validation(dataclasses.replace(tcfg, caseops_enabled=True), None)
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    result = tg.train(model, compiled, tcfg, rt, tg.TrainData(tg.shard_paths(str(data), "train"), tcfg, rt, 1), val,
+                      lines.append)
+    out["real_train_wall_s"] = round(time.perf_counter() - t0, 1)
+    out["real_train_steps"] = result.steps
+    out["real_train_ms_per_step"] = round(result.train_ms / max(1, result.steps), 2)
+    out["real_train_loss_curve"] = [(int(l.split("/")[0][5:]), float(l.split("train_loss:")[1].split()[0]))
+                                    for l in lines if l.startswith("step:") and "train_loss:" in l]
+    out["real_train_recompiled"] = any("graphs grew" in l for l in lines)
+    out["real_train_peak_memory_mib"] = round(result.peak_mem_mib)
+    return val
+
+
+def bench_guards(model: tg.GPT, rt: tg.Runtime, out: dict) -> None:
+    """Issue 17's host snapshot on this device: the host time a training step pays for it (the launch of the
+    asynchronous copy on CUDA), and the copy's own time on its side stream."""
+    rescue, state = tg.Rescue(rt=rt), {k: v.detach() for k, v in model.state_dict().items()}
+    rescue.snapshot(state, 0)
+    tg.sync(rt.device)
+    host, copy = [], []
+    for i in range(1, 11):
+        t0 = time.perf_counter()
+        rescue.snapshot(state, i * rescue.SNAPSHOT_EVERY)
+        host.append(time.perf_counter() - t0)
+        if rescue.event is not None:
+            rescue.event.synchronize()
+        copy.append(time.perf_counter() - t0)
+    out["snapshot_host_ms"] = round(1e3 * sorted(host)[5], 3)
+    out["snapshot_copy_ms"] = round(1e3 * sorted(copy)[5], 3)
+
+
+def bench_eval(model: tg.GPT, cfg: tg.Config, rt: tg.Runtime, val: tg.ValidationData, world: int,
+               out: dict) -> None:
+    """The evaluation on the val slice, stage by stage against the plan's projection, from a freshly compiled model
+    (dynamo reset, as run_evaluation does); then the projection for the published split on `world` GPUs."""
+    torch._dynamo.reset()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    static, dynamic = tg.compile_model(model, cfg, rt), tg.compile_model(model, cfg, rt, dynamic=True)
+    tg.load_weights(model, weights)
+    g0 = tg.compiled_graph_count()
+    out["eval_warmup_s"] = round(tg.timed_call(lambda: out.__setitem__(
+        "_costs", tg.measure_costs(model, static, dynamic, cfg, rt)), rt.device), 1)
+    costs = out.pop("_costs")
+    out["eval_warmup_graphs"] = tg.compiled_graph_count() - g0
+    out |= {f"eval_cost_{k}": float(f"{v:.3g}") for k, v in dataclasses.asdict(costs).items()}
+    docs, n = tg.document_spans(val.tokens, val.bos_id), val.tokens.numel() - 1
+    plan = tg.EvalPlan(cfg.sliding_eval, cfg.ttt_enabled, cfg.phased_ttt_num_phases, cfg.phased_ttt_prefix_docs)
+    projected = tg.project_seconds(plan, docs, n, cfg, 1, costs)
+    for key in ("roundtrip", "sliding", "ttt"):
+        tg.load_weights(model, weights)
+        s = {}
+        secs = tg.timed_call(lambda: s.setdefault("r", tg.run_stage(key, dynamic if key == "ttt" else static, model,
+                                                                      val, cfg, rt, lambda m: None)), rt.device)
+        out[f"eval_slice_{key}_measured_s"] = round(secs, 2)
+        out[f"eval_slice_{key}_projected_s"] = round(projected[key], 2)
+        out[f"eval_slice_{key}_bpb"] = round(s["r"].bpb, 4)
+    out["eval_graphs_after_warmup"] = tg.compiled_graph_count() - g0 - out["eval_warmup_graphs"]
+    full_docs = lognormal_docs(*PUBLISHED_VAL)
+    full = tg.project_seconds(plan, full_docs, PUBLISHED_VAL[0], cfg, world, costs)
+    out |= {f"eval_projected_{k}_s_on_{world}_gpus": round(v, 1) for k, v in full.items()}
+    out["eval_plan_within_budget"] = tg.fit_plan(cfg, full_docs, PUBLISHED_VAL[0], world, costs,
+                                                 cfg.eval_budget_seconds - out["eval_warmup_s"], lambda s: None).describe()
+
+
+def lognormal_docs(n_targets: int, n_docs: int) -> list[tuple[int, int]]:
     rng = np.random.default_rng(0)
     lens = rng.lognormal(0.0, 1.0, n_docs)
     lens = np.maximum(2, np.round(lens * n_targets / lens.sum())).astype(int)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    return [(int(s), int(s + n)) for s, n in zip(starts, lens)], "log-normal (no val shard found)"
+    return [(int(s), int(s + k)) for s, k in zip(starts, lens)]
 
 
-def bench_eval(model: tg.GPT, cfg: tg.Config, rt: tg.Runtime, world: int, scale: float, out: dict) -> None:
-    costs = tg.measure_costs(tg.compile_model(model, cfg, rt), cfg, rt, seq=min(cfg.eval_seq_len, 1024))
-    out["eval_fwd_s_per_token"], out["eval_train_s_per_token"] = costs.fwd_s, costs.train_s
-    docs, source = val_doc_lengths(cfg, scale)
-    n_targets = docs[-1][1] if docs else 0
-    plan = tg.EvalPlan(cfg.sliding_eval, cfg.ttt_enabled, cfg.phased_ttt_num_phases, cfg.phased_ttt_prefix_docs)
-    secs = tg.project_seconds(plan, docs, n_targets, cfg, world, costs)
-    out["eval_projection_docs"] = f"{source}, {len(docs)} documents"
-    out |= {f"eval_projected_{k}_s_on_{world}_gpus": round(v, 1) for k, v in secs.items()}
-    fitted = tg.fit_plan(cfg, docs, n_targets, world, costs, cfg.eval_budget_seconds, lambda s: None)
-    out["eval_plan_within_budget"] = fitted.describe()
+def bench_wrapper(cfg_env: dict, data: Path, work: Path, out: dict) -> None:
+    """The counted wrapper a record ships, run as a subprocess for a few steps on the same shards."""
+    wrapper = work / "ship" / "train_gpt.py"
+    wrapper.parent.mkdir()
+    wrapper.write_bytes(tg.shipped_code())
+    env = {k: v for k, v in os.environ.items() if k not in tg.ENV_NAMES} | cfg_env | {
+        "DATA_PATH": str(data), "TOKENIZER_PATH": str(data / "tokenizer.model"), "ITERATIONS": "5",
+        "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_RESERVE_SECONDS": "0", "TTT_ENABLED": "0", "SLIDING_EVAL": "0",
+        "VAL_TOKEN_LIMIT": "20000", "OUTPUT_DIR": str(wrapper.parent), "ALLOW_UNKNOWN_ENV": "1",
+        "GPTQ_CAL_SAMPLES": "8", "TRAIN_LOG_EVERY": "1"}
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(wrapper)], env=env, cwd=wrapper.parent, capture_output=True, text=True,
+                       timeout=900)
+    out["wrapper_s"] = round(time.perf_counter() - t0, 1)
+    out["wrapper_ok"] = r.returncode == 0 and "final_int6_roundtrip_exact" in r.stdout
+    if not out["wrapper_ok"]:
+        out["wrapper_error"] = (r.stdout + r.stderr)[-1500:]
+    out["wrapper_losses"] = [l.split("train_loss:")[1].split()[0] for l in r.stdout.splitlines() if "train_loss:" in l]
 
 
 def bench_quant(model: tg.GPT, cfg: tg.Config, rt: tg.Runtime, out: dict) -> None:
@@ -126,21 +214,17 @@ def bench_quant(model: tg.GPT, cfg: tg.Config, rt: tg.Runtime, out: dict) -> Non
             if p.ndim == 2 and tg.param_route(name, p) == "matrix":
                 p.normal_(0, 1 / math.sqrt(p.size(1)))
     seq = cfg.gptq_cal_seq_len or cfg.train_seq_len
-    batches = [tg.to_micro(*synthetic_rows(cfg, 8, seq, seed=i), cfg, seq, rt.device)
-               for i in range(max(1, cfg.gptq_cal_samples // 8))]
-    cal, packed, lines = None, None, []
-
-    def calibrate():
-        nonlocal cal
-        cal = tg.calibrate(model, cfg, rt, batches, lines.append)
-
-    def quantize_and_pack():
-        nonlocal packed
-        packed = tg.pack_within_cap(model, cal, cfg, rt, len(code), lines.append)
-
+    g = torch.Generator().manual_seed(1)
+    batches = [tg.to_micro(*(lambda x: (x[:, :-1], x[:, 1:]))(tg.random_rows(cfg, 8, seq, g)), cfg, seq, rt.device)
+               for _ in range(max(1, cfg.gptq_cal_samples // 8))]
+    state: dict = {}
+    lines: list[str] = []
     code = tg.shipped_code()
-    out["calibrate_s"] = round(tg.timed_call(calibrate, rt.device), 1)
-    out["quantize_and_pack_s"] = round(tg.timed_call(quantize_and_pack, rt.device), 1)
+    out["calibrate_s"] = round(tg.timed_call(lambda: state.setdefault(
+        "cal", tg.calibrate(model, cfg, rt, batches, lines.append)), rt.device), 1)
+    out["quantize_and_pack_s"] = round(tg.timed_call(lambda: state.setdefault(
+        "blob", tg.pack_within_cap(model, state["cal"], cfg, rt, len(code), lines.append)), rt.device), 1)
+    packed = state["blob"]
     out["artifact_estimate_bytes"] = next(l.split()[1] for l in lines if l.startswith("artifact_estimate:"))
     out["artifact_fit"] = [l.split(": ", 1)[1] for l in lines if l.startswith("artifact_fit:")]
     out["artifact_model_bytes"] = len(packed)
@@ -159,53 +243,57 @@ def train_flops_per_token(model: tg.GPT, cfg: tg.Config, seq: int, loops: int) -
     return 6 * (applied + cfg.vocab_size * cfg.model_dim) + 6 * blocks * cfg.model_dim * seq
 
 
-def eval_check(cfg: tg.Config, rt: tg.Runtime, out: dict) -> None:
-    """A real small evaluation, stage by stage, against the planner's projection (the time model's check)."""
-    x, _ = synthetic_rows(cfg, 1, 1500, seed=7)
-    tokens = torch.cat([torch.tensor([cfg.bos_id]), x[0]])
-    val = tg.ValidationData(tokens, torch.ones_like(tokens, dtype=torch.int32), int((tokens == cfg.bos_id).sum()),
-                            cfg.bos_id)
-    model = tg.GPT(cfg)
-    docs = tg.document_spans(val.tokens, cfg.bos_id)
-    costs = tg.measure_costs(model, cfg, rt)
-    plan = tg.EvalPlan(True, True, cfg.phased_ttt_num_phases, cfg.phased_ttt_prefix_docs)
-    projected = tg.project_seconds(plan, docs, val.tokens.numel() - 1, cfg, 1, costs)
-    measured = {k: tg.timed_call(lambda k=k: tg.run_stage(k, model, model, val, cfg, rt, lambda s: None), rt.device)
-                for k in ("roundtrip", "sliding", "ttt")}
-    for k in measured:
-        out[f"eval_check_{k}_measured_s"] = round(measured[k], 2)
-        out[f"eval_check_{k}_projected_s"] = round(projected[k], 2)
+def summary_table(out: dict) -> str:
+    rows = ["| figure | value |", "|---|---|"]
+    for k, v in out.items():
+        if k in ("notes", "real_train_loss_curve", "wrapper_error"):
+            continue
+        rows.append(f"| {k} | {v} |")
+    curve = out.get("real_train_loss_curve") or []
+    if curve:
+        rows.append("| real_train_loss_curve | " + " ".join(f"{s}:{l:.3f}" for s, l in curve[::max(1, len(curve) // 12)]) + " |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run of every code path)")
-    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per shape")
-    ap.add_argument("--world", type=int, default=8, help="GPUs the eval projection is for")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model on generated text (CPU smoke run of every path)")
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per training shape")
+    ap.add_argument("--world", type=int, default=8, help="GPUs the evaluation projection is for")
+    ap.add_argument("--text", type=Path, help="JSONL of documents to train and evaluate on (e.g. web_sample.jsonl)")
+    ap.add_argument("--tokenizer", type=Path, help="the CaseOps SentencePiece model for --text")
+    ap.add_argument("--train-seconds", type=float, default=90.0, help="wallclock of the real training section")
     ap.add_argument("--quant-only", action="store_true",
                     help="only calibration, GPTQ and packing (a full-size size check that a CPU can run)")
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     a = ap.parse_args(argv)
-    import os
-
-    env = dict(os.environ) | (TINY if a.tiny else {}) | {"MAX_WALLCLOCK_SECONDS": "0", "ALLOW_UNKNOWN_ENV": "1"}
-    cfg, _ = tg.load_config(env)
+    cfg_env = (TINY if a.tiny else {}) | {"ALLOW_UNKNOWN_ENV": "1"}
+    cfg, _ = tg.load_config(dict(os.environ) | cfg_env)
     rt = tg.setup_runtime(cfg)
     out: dict = {"device": rt.hardware, "torch": torch.__version__, "attention_backend": rt.attn.name,
-                 "notes": list(rt.notes), "model_params": None}
-    if a.quant_only:
-        torch.manual_seed(cfg.seed)
-        model = tg.GPT(cfg, rt.attn).to(rt.device)
-    else:
-        model = bench_training(cfg, rt, a.steps, out)
-        bench_fused_ce(cfg, rt, out)
-        bench_eval(model, cfg, rt, a.world, 0.002 if a.tiny else 1.0, out)
+                 "fused_ce": rt.kernels.ce, "compile": f"{int(rt.compile)} {rt.compile_backend}", "notes": list(rt.notes)}
+    torch.manual_seed(cfg.seed)
+    model, compiled = tg.build_model(cfg, rt)
     out["model_params"] = sum(p.numel() for p in model.parameters())
-    bench_quant(model, cfg, rt, out)
-    if a.tiny:
-        eval_check(dataclasses.replace(cfg, ttt_enabled=True), tg.Runtime.cpu(), out)
-    for k, v in out.items():
-        print(f"{k}:{v}")
+    def section(name: str, fn, *args):
+        t0 = time.perf_counter()
+        result = fn(*args)
+        out[f"section_s_{name}"] = round(time.perf_counter() - t0, 1)
+        return result
+
+    if not a.quant_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            data = section("tokenize", tokenized, a.text, a.tokenizer, cfg, work, a.tiny)
+            tokens = np.concatenate([tg.load_shard(p) for p in tg.shard_paths(str(data), "train")])
+            section("shapes", bench_shapes, model, compiled, cfg, rt, tokens, a.steps, out)
+            bench_fused_ce(cfg, rt, out)
+            val = section("train", bench_training, model, compiled, cfg, rt, data, 5.0 if a.tiny else a.train_seconds, out)
+            section("eval", bench_eval, model, cfg, rt, val, a.world, out)
+            bench_guards(model, rt, out)
+            section("wrapper", bench_wrapper, cfg_env, data, work, out)
+    section("quant", bench_quant, model, cfg, rt, out)
+    print(summary_table(out))
     a.out.write_text(json.dumps(out, indent=1))
     return 0
 

@@ -92,6 +92,8 @@ def parse_log(path: Path) -> SeedRun:
                 else:
                     run.values[key] = float(m[1])
     missing = [k for k in REQUIRED if k not in run.values] + [k for k in ("code_sha256",) if k not in run.text]
+    run.text["errors"] = "\n".join(l for l in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                                   if l.startswith("ERROR:") or " valid:0" in l)
     if missing or "SEED" not in run.config:
         raise RecordError(f"{path} is incomplete (missing {', '.join(missing) or 'config'}): the run did not "
                           "finish; re-run that seed")
@@ -100,12 +102,24 @@ def parse_log(path: Path) -> SeedRun:
 
 def check_runs(runs: list[SeedRun], size_cap: int, train_budget: float, eval_budget: float) -> None:
     for r in runs:
+        if r.text.get("errors"):
+            raise RecordError(f"{r.path} reports an invalid run: {r.text['errors'].splitlines()[0][:200]}")
+        if r.config.get("VAL_TOKEN_LIMIT", "0") not in ("0", ""):
+            raise RecordError(f"{r.path} scored only VAL_TOKEN_LIMIT={r.config['VAL_TOKEN_LIMIT']} val tokens (a smoke "
+                              "test, and the split's fingerprint check was skipped): re-run with VAL_TOKEN_LIMIT=0")
+        if r.config.get("SKIP_TRAIN") in ("1", "True", "true"):
+            raise RecordError(f"{r.path} is a SKIP_TRAIN re-pack: its training time is not in the log; submit the "
+                              "log of the run that trained")
         if r.values["bytes_total"] > size_cap:
             raise RecordError(f"{r.path}: {int(r.values['bytes_total'])} bytes > cap {size_cap}")
         if r.values["train_plus_cal_s"] > train_budget:
             raise RecordError(f"{r.path}: training + calibration took {r.values['train_plus_cal_s']:.1f}s > {train_budget:.0f}s")
         if r.values["eval_total_s"] > eval_budget:
             raise RecordError(f"{r.path}: evaluation took {r.values['eval_total_s']:.1f}s > {eval_budget:.0f}s")
+    modes = {r.path.name: r.score_key for r in runs}
+    if len(set(modes.values())) > 1:
+        raise RecordError(f"the logs were scored by different final evaluations {modes} (a plan cut by the "
+                          "evaluation budget?): every seed must end with the same one")
     seeds = [r.seed for r in runs]
     if len(set(seeds)) != len(seeds):
         raise RecordError(f"duplicate seeds {seeds}: each log must be a different seed")
