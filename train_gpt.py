@@ -118,8 +118,9 @@ class Config:
     max_wallclock_seconds: float = _f("600.0", "training wallclock cap incl. calibration (0 = none)", "0..")
     gptq_reserve_seconds: float = _f("10.0", "part of the cap kept for GPTQ calibration and quantization", "0..")
     train_batch_tokens: int = _f("786_432", "global tokens per optimizer step", "1..")
-    train_seq_len: int = _f("3072", "training row length = the longest context of TRAIN_SEQ_SCHEDULE", "8..")
-    train_seq_schedule: str = _f("1024@0.1,2048@0.7,3072@1.0", "context growth LEN@UNTIL_FRACTION,... (#2014)", "")
+    train_seq_len: int = _f("2048", "training row length = the longest context of TRAIN_SEQ_SCHEDULE (#2135)", "8..")
+    train_seq_schedule: str = _f("", "context growth LEN@UNTIL_FRACTION,... (#2014: 1024@0.1,2048@0.7,3072@1.0); "
+                                 "empty = TRAIN_SEQ_LEN throughout (#2135)", "")
     seq_change_warmup_steps: int = _f("32", "LR re-warmup steps after each context change (#2014)", "0..")
     grad_accum_steps: int = _f("0", "micro-batches per rank per step (0 = 8 // world size)", "0..")
     warmup_steps: int = _f("20", "compile priming steps whose updates are discarded (CUDA only)", "0..")
@@ -170,12 +171,14 @@ class Config:
     delta_net_heads: int = _m("0", "DeltaNet crawler memory heads (ClownCar_II; 0 = off)", "0..")
     asym_logit_rescale: bool = _m("0", "learnable +/- logit softcaps, trained by TTT only (#1923)", "")
     ln_scale: bool = _m("1", "scale block inputs by 1/sqrt(layer+1)", "")
+    ln_scale_order: str = _m("block", "LN_SCALE's layer: the block's position (#1855), or the flat blocks first and "
+                             "the crawler after them (the crawler seeds)", "block|flat_first")
     logit_softcap: float = _m("30.0", "tanh soft cap on logits", "1..")
     tied_embed_init_std: float = _m("0.005", "init std of the tied embedding", "0..")
     fused_ce: str = _f("auto", "softcapped cross-entropy as one fused op (#1787): auto = Triton on CUDA, torch "
                        "elsewhere; triton on any device (CPU: TRITON_INTERPRET=1); torch; 0 = unfused", "auto|triton|torch|0")
     # --- optimizers ---
-    matrix_lr: float = _f("0.026", "Muon LR for 2-D block matrices (#1736)", "0..")
+    matrix_lr: float = _f("0.028", "Muon LR for 2-D block matrices (#2135; #1736: 0.026)", "0..")
     embed_lr: float = _f("0.03", "AdamW LR for embeddings, tied head included (#1736)", "0..")
     scalar_lr: float = _f("0.02", "AdamW LR for gains, scales, gates (#1736)", "0..")
     muon_momentum: float = _f("0.97", "Muon momentum after warmup (#1736)", "0..1")
@@ -184,6 +187,7 @@ class Config:
     muon_backend_steps: int = _f("5", "Newton-Schulz iterations (Polar-Express coefficients for the first 5)", "1..20")
     muon_ns: str = _f("polar", "Newton-Schulz: Polar Express (#1787) or quintic", "polar|quintic")
     muon_row_norm: bool = _f("1", "normalise each update row before Newton-Schulz (MuonEq-R, #1736)", "")
+    muon_momentum_dtype: str = _f("bf16", "Muon's momentum buffer (#1855 bf16; the crawler seeds fp32)", "bf16|fp32")
     muon_wd: float = _f("0.095", "decoupled weight decay on Muon matrices (#1736)", "0..")
     embed_wd: float = _f("0.085", "decoupled weight decay on embeddings (#1736)", "0..")
     adam_wd: float = _f("0.02", "decoupled weight decay on scalars and gates (#1855)", "0..")
@@ -197,7 +201,8 @@ class Config:
     # --- calibration, quantization, packing ---
     skip_gptq: bool = _f("0", "round-to-nearest instead of GPTQ", "")
     loop_aware_gptq: bool = _f("1", "re-collect crawler Hessians through the quantized flat layers (#1283)", "")
-    gptq_cal_samples: int = _f("768", "calibration sequences of training data, all ranks (#1855)", "1..")
+    gptq_cal_samples: int = _f("1536", "calibration sequences of training data, all ranks (#2135's 32 batches; "
+                               "#1855: 768)", "1..")
     gptq_cal_seq_len: int = _f("2048", "calibration sequence length (0 = TRAIN_SEQ_LEN)", "0..16384")
     gptq_damp: float = _f("0.01", "GPTQ damping as a fraction of the mean Hessian diagonal (#1855)", "0..")
     gptq_damp_embed: float = _f("0.0", "embedding damping (0 = GPTQ_DAMP; #2051: 0.005)", "0..")
@@ -210,6 +215,8 @@ class Config:
     crawler_quant_int8: bool = _f("0", "crawler matrices as int8 per row instead of int6 GPTQ (ClownCar #990)", "")
     lqer_rank: int = _f("4", "LQER low-rank correction of the GPTQ error (#1797; 0 = off)", "0..")
     lqer_top_k: int = _f("3", "tensors with the largest GPTQ error that get LQER (#1797)", "0..")
+    lqer_group: int = _f("32", "LQER's int4 right factor: one scale per this many entries of a row (#2135; #1797: 64)",
+                         "1..")
     awq_groups: int = _f("1", "AWQ-lite: 64-column groups promoted to int8 by activation salience (#1908)", "0..")
     compressor: str = _f("pergroup", "per-group packing (#1855) or one stream", "pergroup|brotli|zstd|lzma")
     artifact_limit_bytes: int = _f("16_000_000", "cap on model + code bytes (decimal)", "1..")
@@ -217,23 +224,31 @@ class Config:
     skip_train: bool = _f("0", "skip training: calibrate, quantize, pack and evaluate INIT_MODEL_PATH", "")
     init_model_path: str = _f("", "float checkpoint for SKIP_TRAIN (default OUTPUT_DIR/final_model.pt)", "")
     # --- evaluation and test-time training ---
-    eval_seq_len: int = _f("3072", "evaluation window length (#2014)", "8..")
+    eval_seq_len: int = _f("2560", "evaluation window length (#2135; #2014: 3072)", "8..")
     eval_stride: int = _f("64", "sliding-window stride (tokens scored per window after the first)", "1..")
     sliding_eval: bool = _f("1", "run the sliding-window evaluation (dropped first when the budget is short)", "")
     eval_batch_tokens: int = _f("262_144", "tokens per evaluation forward on each rank", "1..")
     eval_budget_seconds: float = _f("600.0", "evaluation time budget; the plan is cut to fit before scoring", "1..")
     ttt_enabled: bool = _f("1", "phased score-first test-time training after the plain evaluations", "")
+    ngram_tilt: bool = _f("1", "causal token n-gram tilt of the scored distribution (#2135, token-only as #1514)", "")
+    ngram_tilt_order: int = _f("16", "n-gram order of the tilt: the hint for a target reads the 15 tokens before it",
+                               "2..64")
+    ngram_tilt_threshold: float = _f("0.8", "tilt when the context's top next token has this share of its count",
+                                     "0..1")
+    ngram_tilt_boost: float = _f("2.625", "logit boost (after the softcap) of the hinted token", "0..20")
     ttt_lora_rank: int = _f("80", "rank of the per-document LoRA (#1855)", "1..")
     ttt_lora_alpha: float = _f("144.0", "LoRA output scale alpha/rank (#1855)", "0..")
-    ttt_lora_lr: float = _f("0.0001", "LoRA AdamW learning rate (#1736)", "0..")
-    ttt_local_lr_mult: float = _f("0.75", "multiplier on TTT_LORA_LR (#1953)", "0..")
+    ttt_lora_lr: float = _f("0.00008", "LoRA AdamW learning rate (#2135; #1736: 1e-4)", "0..")
+    ttt_local_lr_mult: float = _f("1.0", "multiplier on TTT_LORA_LR (#1953: 0.75)", "0..")
     ttt_beta2: float = _f("0.99", "LoRA AdamW beta2, beta1 = 0 (#1855)", "0..1")
-    ttt_weight_decay: float = _f("0.5", "decoupled weight decay on the LoRA (#1855)", "0..")
+    ttt_weight_decay: float = _f("2.0", "decoupled weight decay on the LoRA (#2135; #1855: 0.5)", "0..")
     ttt_warm_start_a: bool = _f("1", "carry each LoRA slot's A to the next batch on the rank (#1855)", "")
-    ttt_mask: str = _f("no_qv", "LoRA adapters: all (Q,K,V,O,MLP,head) or no_qv (#1953)", "all|no_qv")
+    ttt_mask: str = _f("no_k", "LoRA adapters: all (Q,K,V,O,MLP,head), no_k (#2135) or no_qv (#1953)",
+                       "all|no_k|no_qv")
     ttt_chunk_size: int = _f("48", "tokens scored per chunk before each LoRA step (#1855)", "1..")
-    ttt_short_chunks: str = _f("256:8,2000:24", "MAXLEN:CHUNK for batches of short documents (#2014); empty = off", "")
-    ttt_batch_docs: int = _f("24", "documents adapted in parallel per batch (#2014)", "1..")
+    ttt_short_chunks: str = _f("", "MAXLEN:CHUNK for batches of short documents (#2014: 256:8,2000:24); empty = off",
+                               "")
+    ttt_batch_docs: int = _f("64", "documents adapted in parallel per batch (#2135; #2014: 24)", "1..")
     phased_ttt_prefix_docs: int = _f("2500", "scored documents whose tokens feed the global SGD phases (#1855)", "0..")
     phased_ttt_num_phases: int = _f("1", "global SGD phases over scored-document prefixes (#2014)", "0..")
     ttt_global_lr: float = _f("0.001", "peak SGD LR of the global phases, cosine to 0 (#1855)", "0..")
@@ -1593,6 +1608,8 @@ class Attention(nn.Module):
         self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
         self.c_k = nn.Linear(cfg.model_dim, self.hkv * self.hd, bias=False)
         self.c_v = nn.Linear(cfg.model_dim, self.hkv * self.hd, bias=False)
+        for m in (self.c_q, self.c_k, self.c_v):  # #1855 and the crawler seeds: orthogonal, gain 1
+            nn.init.orthogonal_(m.weight, gain=1.0)
         self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
@@ -1618,12 +1635,23 @@ class MLP(nn.Module):
     def __init__(self, dim: int, mult: float, slope: float):
         super().__init__()
         self.fc = nn.Linear(dim, int(mult * dim), bias=False)
+        nn.init.orthogonal_(self.fc.weight, gain=1.0)  # #1855 and the crawler seeds
         self.proj = nn.Linear(int(mult * dim), dim, bias=False)
         nn.init.zeros_(self.proj.weight)
         self.slope = slope
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+
+
+def ln_layer(cfg: Config, idx: int) -> int:
+    """The layer number LN_SCALE uses for block `idx` (encoder, crawler, decoder in that order). The crawler
+    seeds number their flat blocks 0..F-1 (encoder then decoder) and the crawler blocks F.. after them."""
+    if cfg.ln_scale_order == "block" or idx < cfg.n_encoder:
+        return idx
+    if idx < cfg.n_encoder + cfg.n_crawler:
+        return cfg.n_encoder + cfg.n_decoder + idx - cfg.n_encoder
+    return idx - cfg.n_crawler
 
 
 class Block(nn.Module):
@@ -1640,7 +1668,7 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])) if cfg.resid_mix else None
-        self.in_scale = 1.0 / math.sqrt(idx + 1) if cfg.ln_scale else 1.0
+        self.in_scale = 1.0 / math.sqrt(ln_layer(cfg, idx) + 1) if cfg.ln_scale else 1.0
         self.parallel = 0 <= cfg.parallel_residual_start <= idx
         if self.parallel:
             self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
@@ -1689,7 +1717,7 @@ class BigramHash(nn.Module):
         h = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % null
         h = torch.where(t[:, 1:] == self.bos_id, torch.full_like(h, null), h)
         h = torch.cat([torch.full_like(t[:, :1], null), h], dim=1)
-        return self.proj(self.embed(h)) * self.scale
+        return self.proj(self.embed(h).to(self.proj.weight.dtype)) * self.scale
 
 
 def previous_token(x: Tensor, ids: Tensor, bos_id: int) -> Tensor:
@@ -1737,7 +1765,7 @@ class ValueEmbedding(nn.Module):
         self.slot_of = {b: i for i, b in enumerate(cfg.ve_blocks)}
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.proj(self.embed(ids)) * self.scale
+        return self.proj(self.embed(ids).to(self.proj.weight.dtype)) * self.scale
 
     def for_block(self, ve: Tensor | None, block: int) -> Tensor | None:
         i = self.slot_of.get(block)
@@ -1873,7 +1901,9 @@ class DeltaMemory(nn.Module):
         super().__init__()
         d, self.h, self.impl = cfg.model_dim, cfg.delta_net_heads, impl
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
-        nn.init.zeros_(self.o_proj.weight)
+        for m in (self.q_proj, self.k_proj, self.v_proj):  # orthogonal, as ClownCar_II's init loop makes them
+            nn.init.orthogonal_(m.weight, gain=1.0)
+        nn.init.zeros_(self.o_proj.weight)  # ClownCar_II's is orthogonal but frozen; ours trains from "no memory"
         self.b_proj = nn.Linear(d, self.h)
         self.q_conv, self.k_conv, self.v_conv = (nn.Conv1d(d, d, 4, groups=d, bias=False) for _ in range(3))
 
@@ -1953,6 +1983,16 @@ def n_skip_weights(cfg: Config) -> int:
     return min(n // 2, n - n // 2)
 
 
+def round_init_through_bf16(model: nn.Module) -> None:
+    """#1855 and the crawler seeds build the model, cast it to bf16 and restore fp32 masters: every initial value
+    is bf16-rounded, and the embedding tables (tok_emb; the seeds' bigram and value embeddings too) stay bf16
+    master weights, so their AdamW state is bf16 as well (#1855's float checkpoint: 135,417,533 bytes)."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16) if id(p) in tables else p.data.to(torch.bfloat16).float()
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: Config, kernels: Kernels = Kernels()):
         super().__init__()
@@ -1974,6 +2014,8 @@ class GPT(nn.Module):
         self.inst_proj = nn.Linear(d, cfg.inst_dim, bias=False) if (cfg.n_crawler and cfg.inst_dim) else None
         self.inst_up = nn.ModuleList(nn.Linear(cfg.inst_dim, d, bias=False) for _ in range(cfg.n_loops)) \
             if self.inst_proj is not None else None
+        if self.inst_proj is not None:
+            nn.init.normal_(self.inst_proj.weight, std=0.01)  # the crawler seeds' loop_inst_proj
         for m in self.inst_up or []:
             nn.init.zeros_(m.weight)
         self.delta = DeltaMemory(cfg, kernels.delta) if (cfg.n_crawler and cfg.delta_net_heads) else None
@@ -1983,6 +2025,7 @@ class GPT(nn.Module):
         self.active_loops = cfg.n_loops if cfg.crawler_start_frac == 0 else min(cfg.n_loops, 1)
         self.plans = {n: application_plan(cfg, n) for n in range(cfg.n_loops + 1)}  # static: nothing built in forward
         self.act_dtype: torch.dtype | None = None  # bf16 on CUDA: the residual stream stays in it (build_model)
+        round_init_through_bf16(self)
 
     def set_active_loops(self, n: int) -> None:
         self.active_loops = n
@@ -1991,7 +2034,7 @@ class GPT(nn.Module):
         return self.plans[self.active_loops]
 
     def embed(self, ids: Tensor) -> Tensor:
-        x = self.tok_emb(ids)
+        x = self.tok_emb(ids).float()  # a bf16 table (round_init_through_bf16); the stream starts in fp32
         if self.bigram is not None:
             x = x + self.bigram(ids)
         if self.smear is not None and self.smear.mode == "window":
@@ -2055,16 +2098,22 @@ class GPT(nn.Module):
         return (c, c) if self.softcaps is None else (self.softcaps[0], self.softcaps[1])
 
     def forward(self, ids: Tensor, targets: Tensor, seg: Segments | None = None,
-                lora: BatchedLoRA | None = None, last: int = 0) -> Tensor:
+                lora: BatchedLoRA | None = None, last: int = 0, read: Tensor | None = None):
         """Per-token negative log-likelihood (fp32), the loss computed inside the (compiled) graph: [B, T], or
         [B, last] for the last `last` positions only (the sliding window scores 64 of 3,072; the head and the loss
-        of the other positions would be wasted work)."""
+        of the other positions would be wasted work). With `read` (token ids, shaped like targets) also the
+        model's log-probability of those ids, from the same logits: (nll, log_q), for the n-gram tilt."""
         h = self.hidden(ids, seg, lora)
         if last:
             h, targets = h[:, -last:], targets[:, -last:]
+            read = None if read is None else read[:, -last:]
         z = plus(F.linear(h, self.tok_emb.weight.to(h.dtype)), lora_delta(lora, "head", h))
         impl = self.kernels.ce if self.softcaps is None else "off"  # the fused op takes one cap
-        return softcapped_ce(z, targets, *self.caps(), impl=impl)
+        nll = softcapped_ce(z, targets, *self.caps(), impl=impl)
+        if read is None:
+            return nll
+        zc = softcap(z.gather(-1, torch.stack([targets, read], -1)).float(), *self.caps())
+        return nll, zc[..., 1] - (nll + zc[..., 0])  # log q = z_read - logsumexp, logsumexp = nll + z_target
 
 
 def softcap(z: Tensor, pos, neg) -> Tensor:
@@ -2284,9 +2333,10 @@ class Muon(torch.optim.Optimizer):
     before Newton-Schulz (MuonEq-R, #1736); update scale sqrt(max(1, rows/cols))."""
 
     def __init__(self, params, lr: float, momentum: float, wd: float, coeffs: tuple, row_norm: bool, rt: Runtime,
-                 ns=newton_schulz):
+                 ns=newton_schulz, momentum_dtype: torch.dtype = torch.float32):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, wd=wd))
         self.coeffs, self.row_norm, self.rt, self.ns, self.comm = coeffs, row_norm, rt, ns, Comm(rt)
+        self.momentum_dtype = momentum_dtype
         banks: dict[tuple, list] = collections.defaultdict(list)
         for p in self.param_groups[0]["params"]:
             banks[tuple(p.shape)].append(p)
@@ -2312,9 +2362,10 @@ class Muon(torch.optim.Optimizer):
             if work is not None:
                 work.wait()
             state = self.state[bank[0]]
-            buf = state.setdefault("momentum", torch.zeros_like(shard))
-            buf.mul_(mom).add_(shard)
-            u = shard.add(buf, alpha=mom)
+            g = shard.to(self.momentum_dtype)  # #1855: bf16 gradient and momentum; the seeds: fp32
+            buf = state.setdefault("momentum", torch.zeros_like(g))
+            buf.mul_(mom).add_(g)
+            u = g.add(buf, alpha=mom)
             if self.row_norm:
                 u = u / u.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(u.dtype)
             u = self.ns(u, self.coeffs) * max(1.0, u.size(-2) / u.size(-1)) ** 0.5
@@ -2362,7 +2413,8 @@ def build_optimizers(model: nn.Module, cfg: Config, rt: Runtime) -> Optimizers:
         p.requires_grad_(False)
     ns = torch.compile(newton_schulz) if rt.compile else newton_schulz
     muon = Muon(groups["matrix"], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_wd,
-                ns_coefficients(cfg.muon_ns, cfg.muon_backend_steps), cfg.muon_row_norm, rt, ns)
+                ns_coefficients(cfg.muon_ns, cfg.muon_backend_steps), cfg.muon_row_norm, rt, ns,
+                {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.muon_momentum_dtype])
     adam = torch.optim.AdamW(
         [dict(params=groups["embed"], lr=cfg.embed_lr, weight_decay=cfg.embed_wd),
          dict(params=groups["scalar"], lr=cfg.scalar_lr, weight_decay=cfg.adam_wd)],
@@ -2392,20 +2444,23 @@ class StepPlan:
 
 def warmdown_fraction(cfg: Config, mean_step_ms: float, budget_ms: float) -> float:
     """WARMDOWN_FRAC directly, or WARMDOWN_ITERS converted to a budget fraction using the measured step time
-    (so an iteration-based setting still fires under a wallclock cap, cf. PR #1681)."""
+    (so an iteration-based setting still fires under a wallclock cap, cf. PR #1681). Not capped at 1: a warmdown
+    longer than the run starts below the peak LR, as the crawler seeds' `remaining_ms / warmdown_ms` does."""
     if cfg.warmdown_iters:
         if budget_ms > 0:
-            return min(1.0, cfg.warmdown_iters * mean_step_ms / budget_ms)
-        return min(1.0, cfg.warmdown_iters / cfg.iterations)
+            return cfg.warmdown_iters * mean_step_ms / budget_ms if mean_step_ms else 0.0
+        return cfg.warmdown_iters / cfg.iterations
     return cfg.warmdown_frac
 
 
-def lr_multiplier(left: float, warmdown: float, min_lr: float) -> float:
-    """`left` is the fraction of the budget still to run after this step starts; the last `warmdown` of the
-    budget decays linearly to MIN_LR, which is reached by the last step."""
-    if warmdown <= 0 or left >= warmdown:
+def lr_multiplier(frac: float, warmdown: float, min_lr: float) -> float:
+    """The LR scale at `frac`, the fraction of the budget used when the step starts (time under a wallclock
+    cap, steps otherwise): 1, then over the last `warmdown` of the budget a linear decay towards 0 clamped at the
+    MIN_LR floor (#1787, #1855: max((1 - frac) / warmdown, min_lr); the floor is reached at 1 - min_lr * warmdown
+    and held). With MIN_LR=0 it is the crawler seeds' linear decay to 0."""
+    if warmdown <= 0 or 1 - frac >= warmdown:
         return 1.0
-    return min_lr + (1 - min_lr) * max(0.0, left) / warmdown
+    return max((1 - frac) / warmdown, min_lr)
 
 
 def stage_seq_len(cfg: Config, progress: float) -> int:
@@ -2416,19 +2471,17 @@ def stage_seq_len(cfg: Config, progress: float) -> int:
 def plan_step(cfg: Config, step: int, elapsed_ms: float, next_step_ms: float, budget_ms: float,
               prev: StepPlan | None = None) -> StepPlan | None:
     """The plan for step `step` (0-based), or None when training stops before it. Under a wallclock budget a
-    step starts only if it will end inside the budget by the honest estimate `next_step_ms`, and the warmdown
-    counts towards that predicted stop, so the LR meets its floor on the last step."""
+    step starts only if it will end inside the budget by the honest estimate `next_step_ms`; the LR follows the
+    fraction of the budget used (#1855), so it holds its floor over the last steps."""
     if step >= cfg.iterations:
         return None
     if budget_ms:
         if step and elapsed_ms + next_step_ms > budget_ms:
             return None
-        progress = elapsed_ms / budget_ms
-        left = (budget_ms - next_step_ms - elapsed_ms) / budget_ms
-        mean_ms = elapsed_ms / step if step else 0.0
+        progress, mean_ms = elapsed_ms / budget_ms, elapsed_ms / step if step else 0.0
     else:
-        progress, left, mean_ms = step / cfg.iterations, (cfg.iterations - 1 - step) / cfg.iterations, 0.0
-    scale = lr_multiplier(left, warmdown_fraction(cfg, mean_ms, budget_ms), cfg.min_lr)
+        progress, mean_ms = step / cfg.iterations, 0.0
+    scale = lr_multiplier(progress, warmdown_fraction(cfg, mean_ms, budget_ms), cfg.min_lr)
     seq = stage_seq_len(cfg, progress)
     changed = prev.seq_changed_at if (prev is not None and prev.seq_len == seq) else (step if prev else 0)
     if changed and cfg.seq_change_warmup_steps:  # a new context length re-warms the LR (#2014)
@@ -2478,8 +2531,8 @@ class TrainResult:
 
 
 class WeightAverager:
-    """EMA of the weights every step (on by default, EMA_DECAY 0.9965 as in #1736), or SWA snapshots every
-    SWA_EVERY steps once the LR has decayed below SWA_LR_SCALE (Ouroboros lineage)."""
+    """EMA of the weights in fp32, every step (on by default: EMA_DECAY 0.9965, constant from step 1, #1855), or
+    SWA snapshots every SWA_EVERY steps once the LR has decayed below SWA_LR_SCALE (Ouroboros lineage)."""
 
     SWA_LR_SCALE = 0.2
 
@@ -2493,9 +2546,7 @@ class WeightAverager:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int, lr_scale: float, log: Logger) -> None:
         if self.ema is not None:
-            # decay warmup (1+t)/(10+t): a short run is not dominated by its initial weights; from step ~2,560 on
-            # (half of a full 8xH100 run) it is EMA_DECAY exactly, as in #1736
-            decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
+            decay = self.cfg.ema_decay  # constant from the first step, as #1855 and ClownCar: no decay warmup
             live = [v if v.dtype == torch.float32 else v.float() for v in self.live]
             torch._foreach_lerp_(list(self.ema.values()), live, 1 - decay)  # one fused launch, not ~150
         if self.cfg.swa_every and lr_scale < self.SWA_LR_SCALE and step % self.cfg.swa_every == 0:
@@ -2894,7 +2945,6 @@ def ranks_in_sync(model: nn.Module, rt: Runtime) -> bool:
 PASSTHROUGH_NUMEL = 65_536  # smaller float tensors (gains, scales, mixes, lane lambdas) stay fp16 (#1855)
 GPTQ_BLOCK = 128
 AWQ_GROUP = 64  # AWQ-lite promotes 64 contiguous input columns to int8 (#1908)
-LQER_GROUP = 64  # LQER's right factor is int4 in groups of 64 (#1797)
 CLIP_SEARCH = torch.linspace(0.5, 1.0, 11)
 
 
@@ -2965,7 +3015,7 @@ class QTensor:
             w[:, s] = self.q[:, s].float() * self.hi_scale.float()[:, None]
         if self.lqer is not None:
             qa, sa, qb, sb = self.lqer
-            b = (qb.float().reshape(-1, LQER_GROUP) * sb.float()[:, None]).reshape(qb.shape)
+            b = (qb.float().reshape(sb.numel(), -1) * sb.float()[:, None]).reshape(qb.shape)  # LQER_GROUP per scale
             w = w + (qa.float() * sa.float()) @ b
         return w
 
@@ -3041,16 +3091,16 @@ def quantize_gptq(w: Tensor, h: Tensor, bits: int, sigmas: float, damp: float = 
     return QTensor(q.to(torch.int8), s.half(), bits, hi_start, s_hi.half() if s_hi is not None else None)
 
 
-def lqer_factors(err: Tensor, rank: int) -> tuple | None:
-    """Rank-r SVD of a quantization error, packed as #1797: left factor (singular values folded in) int2 in
-    [-2, 1] with one scale, right factor int4 in [-8, 7] in groups of 64 along its rows."""
-    if (err.size(1) * rank) % LQER_GROUP:
+def lqer_factors(err: Tensor, rank: int, group: int) -> tuple | None:
+    """Rank-r SVD of a quantization error, packed as #1797's asymmetric form: left factor (singular values folded
+    in) int2 in [-2, 1] with one scale, right factor int4 in [-8, 7] in groups of `group` along its rows."""
+    if err.size(1) % group:
         return None
     u, sv, vh = torch.linalg.svd(err.float(), full_matrices=False)
     a, b = u[:, :rank] * sv[:rank], vh[:rank]
     sa = (a.abs().max() / 1.5).clamp_min(1e-10).half().float()
     qa = (a / sa).round().clamp(-2, 1).to(torch.int8)
-    bg = b.reshape(-1, LQER_GROUP)
+    bg = b.reshape(-1, group)
     sb = (bg.abs().amax(dim=1) / 7.5).clamp_min(1e-10).half().float()
     qb = (bg / sb[:, None]).round().clamp(-8, 7).to(torch.int8).reshape(b.shape)
     return qa, sa.half().reshape(1), qb, sb.half()
@@ -3064,7 +3114,7 @@ def add_lqer(qm: dict[str, "QTensor | Tensor"], sd: dict[str, Tensor], names: li
     errs = {n: sd[n].float() - qm[n].dequant() for n in names}
     top = sorted(errs, key=lambda n: -float(errs[n].norm()))[:cfg.lqer_top_k]
     for n in top:
-        qm[n].lqer = lqer_factors(errs[n], min(cfg.lqer_rank, min(errs[n].shape)))
+        qm[n].lqer = lqer_factors(errs[n], min(cfg.lqer_rank, min(errs[n].shape)), cfg.lqer_group)
     log(f"lqer: rank:{cfg.lqer_rank} tensors:{','.join(top)}")
 
 
@@ -3567,7 +3617,7 @@ def unpack_artifact(blob: bytes) -> tuple[Config, dict[str, QTensor | Tensor]]:
             qa = torch.from_numpy(take("i", ints, ra * ca)).view(ra, ca)
             qb = torch.from_numpy(take("i", ints, rb * cb)).view(rb, cb)
             lqer = (qa, torch.from_numpy(take("h", halves, 1)), qb,
-                    torch.from_numpy(take("h", halves, rb * cb // LQER_GROUP)))
+                    torch.from_numpy(take("h", halves, rb * cb // header["config"]["lqer_group"])))
         out[e["name"]] = QTensor(q, scale, e["bits"], e["hi_start"], hi, lqer)
     return config_from_dict(header["config"]), out
 
@@ -3624,17 +3674,23 @@ ScoreHook = typing.Callable[[Tensor, Tensor], None]  # (absolute target indices,
 
 @dataclass
 class EvalSums:
-    nll: float = 0.0
+    nll: float = 0.0  # what is scored (tilted when the n-gram tilt is on)
     tokens: int = 0
     bytes: int = 0
+    raw_nll: float = 0.0  # the model's own NLL of the same targets, for the log's untilted figure
 
     def merge(self, other: "EvalSums") -> None:
         self.nll, self.tokens, self.bytes = self.nll + other.nll, self.tokens + other.tokens, self.bytes + other.bytes
+        self.raw_nll += other.raw_nll
 
     def reduce(self, rt: Runtime) -> "EvalSums":
-        t = torch.tensor([self.nll, self.tokens, self.bytes], dtype=torch.float64, device=rt.device)
+        t = torch.tensor([self.nll, self.tokens, self.bytes, self.raw_nll], dtype=torch.float64, device=rt.device)
         all_reduce_(t)
-        return EvalSums(float(t[0]), int(t[1]), int(t[2]))
+        return EvalSums(float(t[0]), int(t[1]), int(t[2]), float(t[3]))
+
+    @property
+    def raw_bpb(self) -> float:
+        return self.raw_nll / math.log(2) / max(self.bytes, 1)
 
     @property
     def loss(self) -> float:
@@ -3651,16 +3707,20 @@ class Accumulator:
 
     def __init__(self, device: torch.device):
         self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        self.raw = torch.zeros((), dtype=torch.float64, device=device)
         self.tokens = self.bytes = 0
 
-    def add(self, nll: Tensor, mask: Tensor, tgt: Tensor, token_bytes: Tensor) -> None:
-        """nll [B, W] on the device; mask [B, W] (host) marks the scored positions, tgt [B, W] their indices."""
-        self.nll += (nll.double() * mask.to(nll.device, non_blocking=True)).sum()
+    def add(self, nll: Tensor, mask: Tensor, tgt: Tensor, token_bytes: Tensor, raw: Tensor | None = None) -> None:
+        """nll [B, W] on the device (raw: the untilted NLL, when it differs); mask [B, W] (host) marks the scored
+        positions, tgt [B, W] their indices."""
+        m = mask.to(nll.device, non_blocking=True)
+        self.nll += (nll.double() * m).sum()
+        self.raw += ((nll if raw is None else raw).double() * m).sum()
         self.tokens += int(mask.sum())
         self.bytes += int(token_bytes[tgt[mask]].long().sum())
 
     def sums(self) -> EvalSums:
-        return EvalSums(float(self.nll), self.tokens, self.bytes)
+        return EvalSums(float(self.nll), self.tokens, self.bytes, float(self.raw))
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -3702,19 +3762,34 @@ def window_batches(n_targets: int, seq_len: int, stride: int, batch_rows: int, r
 
 
 def window_inputs(val: ValidationData, b: WindowBatch) -> tuple[Tensor, Tensor, Tensor]:
-    """Token rows [rows, L + 1] of a batch (padding rows repeat the first window), the scored mask and the target
-    indices of the `last` positions."""
+    """Token rows [rows, L + 1] of a batch (padding rows repeat the first window), the scored mask of the `last`
+    positions and the target indices of all L positions."""
     L = b.windows[0][1]
     last = b.last or L
     starts = torch.tensor([w[0] for w in b.windows] + [b.windows[0][0]] * (b.rows - len(b.windows)))
     idx = starts[:, None] + torch.arange(L + 1)[None]
     pos = torch.arange(L - last, L)[None]
     frm = torch.tensor([w[2] for w in b.windows] + [L] * (b.rows - len(b.windows)))
-    return val.tokens[idx], pos >= frm[:, None], idx[:, 1:][:, L - last:]
+    return val.tokens[idx], pos >= frm[:, None], idx[:, 1:]
+
+
+def scored_nll(model: nn.Module, x: Tensor, y: Tensor, tgt: Tensor, seg, lora, last: int,
+               hints: "NgramHints | None") -> tuple[Tensor, Tensor]:
+    """(the model's NLL, the NLL that is scored) of one forward: the same tensor without the n-gram tilt; with
+    it, the tilted NLL of the hinted positions (`tgt`: the target indices of y, on the host)."""
+    if hints is None:
+        nll = model(x, y, seg, lora, last).float()
+        return nll, nll
+    read, fired = hints.gather(tgt, y)
+    nll, log_q = model(x, y, seg, lora, last, read)
+    if last:
+        y, read, fired = y[:, -last:], read[:, -last:], fired[:, -last:]
+    return nll.float(), hints.tilt(nll.float(), log_q, y, read, fired)
 
 
 def eval_windows(model: nn.Module, val: ValidationData, seq_len: int, stride: int, batch_tokens: int, rt: Runtime,
-                 doc_masked: bool = False, hook: ScoreHook | None = None) -> EvalSums:
+                 doc_masked: bool = False, hook: ScoreHook | None = None, hints: "NgramHints | None" = None
+                 ) -> EvalSums:
     """Windowed scoring split across ranks; exact sums all-reduced. With document masking a window's tokens
     attend only within their own document, as in training."""
     acc = Accumulator(rt.device)
@@ -3722,12 +3797,13 @@ def eval_windows(model: nn.Module, val: ValidationData, seq_len: int, stride: in
     with torch.no_grad():
         for b in window_batches(val.tokens.numel() - 1, seq_len, stride, max(1, batch_tokens // seq_len), rt.rank,
                                 rt.world_size):
-            chunk, mask, tgt = window_inputs(val, b)
+            chunk, mask, tgt_all = window_inputs(val, b)
+            tgt = tgt_all[:, tgt_all.size(1) - (b.last or tgt_all.size(1)):]
             seg = make_segments(chunk[:, :-1], val.bos_id, seq_len, rt.device) if doc_masked else None
             chunk = chunk.to(rt.device, non_blocking=True)
             with rt.autocast():
-                nll = model(chunk[:, :-1], chunk[:, 1:], seg, None, b.last).float()
-            acc.add(nll, mask, tgt, val.token_bytes)
+                raw, nll = scored_nll(model, chunk[:, :-1], chunk[:, 1:], tgt_all, seg, None, b.last, hints)
+            acc.add(nll, mask, tgt, val.token_bytes, raw)
             if hook:
                 hook(tgt[mask], nll.cpu()[mask])
     model.train()
@@ -3740,16 +3816,127 @@ def evaluate_val(model: nn.Module, val: ValidationData, cfg: Config, rt: Runtime
     return s.loss, s.bpb
 
 
+# ------------------------------------------------------------------------------------- the n-gram tilt (#2135)
+
+
+@dataclass(frozen=True)
+class NgramHints:
+    """The tilt's hint for every target of the validation stream: `hint[i]` for the target tokens[i] (i >= 1),
+    -1 where the tilt does not fire. Built by one causal pass (ngram_hints)."""
+    hint: Tensor  # [n_tokens] int64, on the scoring device
+    fired: int
+    seconds: float
+    boost: float
+
+    def gather(self, tgt: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """For target indices `tgt` [B, T] (host) and their targets `y` (device): the ids to read the model's
+        probability of (the hint where it fires, else the target itself: a valid id, ignored) and the fired
+        mask, both on y's device."""
+        h = self.hint[tgt.to(self.hint.device)].to(y.device)
+        fired = h >= 0
+        return torch.where(fired, h, y), fired
+
+    def tilt(self, nll: Tensor, log_q: Tensor, y: Tensor, ids: Tensor, fired: Tensor) -> Tensor:
+        """The tilted NLL: the hinted token's logit + boost (after the softcap), renormalised exactly over the
+        vocabulary: Z = 1 + q (e^b - 1), loss = nll - b [y = h] + log Z (unchanged where it does not fire)."""
+        b = self.boost
+        z = torch.log1p(log_q.exp() * math.expm1(b))
+        return torch.where(fired, nll - b * (y == ids).float() + z, nll)
+
+
+def context_keys(tokens: Tensor, context: int) -> Tensor:
+    """A 64-bit hash (wrapping int64 arithmetic, random odd multipliers) of the `context` tokens before each
+    position: key[i] depends only on tokens[i - context:i]. The first `context` positions share one key that
+    no full context is likely to have (2^-64 per context); they never fire (ngram_hints)."""
+    n = tokens.numel()
+    t = tokens.long()
+    key = torch.zeros(n, dtype=torch.int64, device=tokens.device)
+    g = torch.Generator().manual_seed(2135)
+    mult = (torch.randint(1, 2 ** 62, (context,), generator=g) * 2 + 1).tolist()
+    for j in range(1, context + 1):
+        key[j:] += t[:n - j] * mult[j - 1]
+    key[:context] = -1
+    return key
+
+
+def group_starts(sorted_keys: Tensor) -> Tensor:
+    """For a sorted key array: the index of the first element of each element's run of equal keys."""
+    n = sorted_keys.numel()
+    new = torch.ones(n, dtype=torch.bool, device=sorted_keys.device)
+    new[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    idx = torch.arange(n, device=sorted_keys.device)
+    return torch.cummax(torch.where(new, idx, 0), 0).values
+
+
+def ngram_hints(tokens: Tensor, cfg: Config, device: torch.device, now=time.perf_counter) -> NgramHints:
+    """One causal left-to-right pass, vectorised (two stable sorts instead of a Python loop): for each target
+    tokens[i], its context (the ORDER - 1 tokens before it) is looked up in a table of everything before i --
+    the context's count n and its running most frequent next token h with count c (the first token to reach a
+    new highest count takes the lead) -- before position i is added, so the hint depends on tokens[:i] only. The
+    tilt fires when n > 0 and c / n >= THRESHOLD. The context runs across BOS, as #2135's does: it only ever
+    reads validation tokens before the target, in stream order."""
+    t0 = now()
+    tok = tokens.to(device).long()
+    n = tok.numel()
+    keys = context_keys(tok, cfg.ngram_tilt_order - 1)
+    idx = torch.arange(n, device=device)
+    # time order within each context: a stable sort by key keeps positions ascending
+    ks, by_key = torch.sort(keys, stable=True)
+    first = group_starts(ks)
+    seen = idx - first  # the context's count before this position
+    # occurrence number of (context, next token) in time order, from a stable sort of the pair
+    pair = keys * 1_000_003 ^ tok  # wrapping; exactness is by hash, 2^64 buckets
+    ps, by_pair = torch.sort(pair, stable=True)
+    pair_count = torch.empty(n, dtype=torch.int64, device=device)
+    pair_count[by_pair] = idx - group_starts(ps) + 1  # count of this pair including this position
+    pc = pair_count[by_key]  # in (context, time) order
+    # running top count within the context; a new lead wherever a count passes the previous maximum
+    big = n + 1
+    run = torch.cummax(pc + first * big, 0).values - first * big  # first * big orders the contexts' runs
+    prev_run = torch.zeros_like(run)
+    prev_run[1:] = run[:-1]
+    prev_run[seen == 0] = 0
+    lead = pc > prev_run
+    leader = torch.cummax(torch.where(lead, idx, 0), 0).values  # the last new lead at or before each element
+    # the state before each element: its predecessor in the context's run
+    before = (idx - 1).clamp_min(0)
+    top_tok = tok[by_key][leader[before]]
+    top_cnt = run[before]
+    full = by_key >= cfg.ngram_tilt_order - 1  # a whole context before the position
+    fire = full & (seen > 0) & (top_cnt.double() >= cfg.ngram_tilt_threshold * seen.double())
+    hint = torch.full((n,), -1, dtype=torch.int64, device=device)
+    hint[by_key[fire]] = top_tok[fire]
+    hint[0] = -1  # tokens[0] is no target
+    return NgramHints(hint, int(fire.sum()), now() - t0, cfg.ngram_tilt_boost)
+
+
+def shared_hints(val: ValidationData, cfg: Config, rt: Runtime, log: Logger, now=time.perf_counter
+                 ) -> NgramHints | None:
+    """Every rank builds the hints for the whole stream on its own device (integer ops and stable sorts: the
+    same on every rank) and the group checks that all ranks agree before any of them scores."""
+    if not cfg.ngram_tilt:
+        return None
+    hints = ngram_hints(val.tokens, cfg, rt.device, now)
+    if rt.world_size > 1:
+        check = torch.tensor([hints.fired, int((hints.hint * torch.arange(hints.hint.numel(), device=rt.device)
+                                                 % 1_000_000_007).sum())], dtype=torch.int64, device=rt.device)
+        lo, hi = all_reduce_(check.clone(), dist.ReduceOp.MIN), all_reduce_(check.clone(), dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise RuntimeError("the n-gram tilt's hints differ between ranks; scoring stopped before it started")
+    log(f"ngram_tilt_fired:{hints.fired} targets:{val.tokens.numel() - 1} pass_s:{hints.seconds:.1f}")
+    return hints
+
+
 # ------------------------------------------------------------------------------------- test-time training
 
 
 def lora_shapes(cfg: Config, mask: str) -> dict[str, tuple[int, int]]:
     """Adapter sites at full crawler depth: per block application (slot), K and the O / MLP bypasses, plus Q
-    and V unless TTT_MASK=no_qv (#1953); one adapter on the tied head."""
+    and V unless TTT_MASK=no_qv (#1953), no K with TTT_MASK=no_k (#2135); one adapter on the tied head."""
     d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
     names = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}
-    if mask == "no_qv":
-        names = {k: v for k, v in names.items() if k not in ("q", "v")}
+    drop = {"no_qv": ("q", "v"), "no_k": ("k",)}.get(mask, ())
+    names = {k: v for k, v in names.items() if k not in drop}
     shapes = {f"{slot}.{n}": s for slot in range(len(application_plan(cfg, cfg.n_loops))) for n, s in names.items()}
     return shapes | {"head": (d, cfg.vocab_size)}
 
@@ -3770,7 +3957,14 @@ class TTTSchedule:
     batches: list[list[tuple[int, int]]]
     owner: list[int]
     phase_ends: list[int]  # a phase runs after batches[:i] for each i here
-    phase_docs: list[int]  # ... training on that many of the first scored documents
+    phase_docs: list[int]  # ... training on that many of the scored documents (phase_training_docs)
+    rank_of: list[int]  # each batch's index in length order (shortest first), #1855's batch id
+
+    def phase_training_docs(self, end: int, n_docs: int) -> list[tuple[int, int]]:
+        """#1855's choice: the documents scored so far, ordered by (batch id, position in batch), the first
+        n_docs: the shortest of the scored documents, whatever order they were scored in."""
+        scored = sorted((self.rank_of[i], j, d) for i in range(end) for j, d in enumerate(self.batches[i]))
+        return [d for _, _, d in scored[:n_docs]]
 
 
 def chunk_size_for(cfg: Config, longest: int) -> int:
@@ -3791,7 +3985,10 @@ def batch_cost(docs: list[tuple[int, int]], cfg: Config) -> int:
 
 def ttt_schedule(docs: list[tuple[int, int]], cfg: Config, world: int, phases: int, prefix: int) -> TTTSchedule:
     order = sorted(docs, key=lambda d: d[1] - d[0])
-    batches = [order[i:i + cfg.ttt_batch_docs] for i in range(0, len(order), cfg.ttt_batch_docs)][::-1]
+    by_length = [order[i:i + cfg.ttt_batch_docs] for i in range(0, len(order), cfg.ttt_batch_docs)]
+    # longest batch first; a stable sort, so batches of equal longest document keep length order (#1855)
+    ranked = sorted(enumerate(by_length), key=lambda ib: -max(e - s for s, e in ib[1]))
+    batches, rank_of = [b for _, b in ranked], [i for i, _ in ranked]
     prefix = min(prefix, len(docs)) if phases else 0
     bounds = [prefix * (k + 1) // phases for k in range(phases)] if prefix else []
     seen, ends = np.cumsum([len(b) for b in batches]), []
@@ -3803,7 +4000,7 @@ def ttt_schedule(docs: list[tuple[int, int]], cfg: Config, world: int, phases: i
         for i in sorted(range(a, z), key=lambda j: -batch_cost(batches[j], cfg)):
             r = load.index(min(load))
             owner[i], load[r] = r, load[r] + batch_cost(batches[i], cfg)
-    return TTTSchedule(batches, owner, ends, bounds)
+    return TTTSchedule(batches, owner, ends, bounds, rank_of)
 
 
 def chunk_rows(val: ValidationData, docs: list[tuple[int, int]], k: int, c: int, L: int):
@@ -3825,7 +4022,8 @@ def chunk_rows(val: ValidationData, docs: list[tuple[int, int]], k: int, c: int,
 
 
 def ttt_score_batch(model: nn.Module, lora: BatchedLoRA, opt: torch.optim.Optimizer, val: ValidationData,
-                    docs: list[tuple[int, int]], cfg: Config, rt: Runtime, adapt: bool, hook: ScoreHook | None) -> EvalSums:
+                    docs: list[tuple[int, int]], cfg: Config, rt: Runtime, adapt: bool, hook: ScoreHook | None,
+                    hints: "NgramHints | None" = None) -> EvalSums:
     """Score a batch of documents chunk by chunk; after a chunk is scored, one optimizer step on that same
     chunk adapts each document's own LoRA for the chunks after it (score first, then adapt; #1736). A
     document's last chunk is scored but not trained on."""
@@ -3835,11 +4033,11 @@ def ttt_score_batch(model: nn.Module, lora: BatchedLoRA, opt: torch.optim.Optimi
     for k in range(math.ceil(max(lens) / c)):
         rows, x, y, mask, tgt = chunk_rows(val, docs, k, c, L)
         lora.rows = rows.to(rt.device)
-        with rt.autocast():
-            nll = model(x.to(rt.device), y.to(rt.device), None, lora).float()
-        acc.add(nll.detach(), mask, tgt, val.token_bytes)
+        with rt.autocast():  # the LoRA trains on the untilted NLL; the tilt changes only what is scored (#2135)
+            nll, scored = scored_nll(model, x.to(rt.device), y.to(rt.device), tgt, None, lora, 0, hints)
+        acc.add(scored.detach(), mask, tgt, val.token_bytes, nll.detach())
         if hook:
-            hook(tgt[mask], nll.detach().cpu()[mask])
+            hook(tgt[mask], scored.detach().cpu()[mask])
         more = [lens[i] > (k + 1) * c for i in rows.tolist()]  # from the host's lengths: no device sync
         if adapt and any(more):
             m = mask.to(rt.device)
@@ -3918,7 +4116,8 @@ def sgd_rows_per_rank(n_tokens: int, cfg: Config, world: int) -> int:
 
 
 def ttt_eval(model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Logger, adapt: bool = True,
-             hook: ScoreHook | None = None, compiled: nn.Module | None = None) -> EvalSums:
+             hook: ScoreHook | None = None, compiled: nn.Module | None = None,
+             hints: "NgramHints | None" = None) -> EvalSums:
     """Phased score-first TTT (#1736 lineage): documents are scored in batches, longest first, each adapting
     its own LoRA chunk by chunk. After the first b_k documents have been scored (b_k = cumulative prefix
     boundaries of PHASED_TTT_PREFIX_DOCS over PHASED_TTT_NUM_PHASES), the base model takes a global SGD pass
@@ -3935,12 +4134,12 @@ def ttt_eval(model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Log
         for i in range(start, end):
             if sched.owner[i] == rt.rank:
                 reset_lora(lora, opt, cfg, i)
-                sums.merge(ttt_score_batch(model if compiled is None else compiled, lora, opt, val, sched.batches[i], cfg, rt, adapt, hook))
+                sums.merge(ttt_score_batch(model if compiled is None else compiled, lora, opt, val, sched.batches[i],
+                                           cfg, rt, adapt, hook, hints))
         start = end
         if n_docs:
             barrier()
-            scored = [d for b in sched.batches[:end] for d in b][:n_docs]
-            steps = global_sgd(model, val, scored, cfg, rt, compiled)
+            steps = global_sgd(model, val, sched.phase_training_docs(end, n_docs), cfg, rt, compiled)
             lora, opt = new_lora(cfg, rt, cfg.seed * 7919 + rt.rank + 104_729 * end)  # a fresh A after each phase (#1855)
             log(f"ttt:phase docs:{n_docs} global_sgd_steps:{steps} elapsed:{time.perf_counter() - t0:.1f}s")
     return sums.reduce(rt)
@@ -4021,10 +4220,11 @@ def project_seconds(plan: EvalPlan, docs, n_targets: int, cfg: Config, world: in
 
 
 def fit_plan(cfg: Config, docs, n_targets: int, world: int, costs: EvalCosts, budget_s: float,
-             log: Logger) -> EvalPlan:
+             log: Logger, spent: dict[str, float] | None = None) -> EvalPlan:
     """The configured plan, cut step by step until its projection fits 90% of the budget: drop the sliding
     window first (a diagnostic; TTT is the score), then halve the global SGD prefix, then drop the phases,
-    then TTT itself."""
+    then TTT itself. `spent`: what already ran on the evaluation clock before the plan (the n-gram tilt's pass),
+    logged with the projection; `budget_s` is what it left."""
     plan = EvalPlan(cfg.sliding_eval, cfg.ttt_enabled, cfg.phased_ttt_num_phases, cfg.phased_ttt_prefix_docs)
     cuts = [lambda p: dataclasses.replace(p, sliding=False)]
     cuts += [lambda p: dataclasses.replace(p, prefix_docs=p.prefix_docs // 2)] * 3
@@ -4036,17 +4236,18 @@ def fit_plan(cfg: Config, docs, n_targets: int, world: int, costs: EvalCosts, bu
         if sum(secs.values()) <= 0.9 * budget_s:
             break
     log(f"eval_plan: configured [{first.describe()}] -> planned [{plan.describe()}] projected:"
-        + " ".join(f"{k}={v:.0f}s" for k, v in secs.items()) + f" budget:{budget_s:.0f}s")
+        + " ".join(f"{k}={v:.0f}s" for k, v in secs.items()) + f" budget:{budget_s:.0f}s"
+        + "".join(f" {k}={v:.1f}s(spent)" for k, v in (spent or {}).items()))
     if plan != first:
         log("WARNING: the configured evaluation does not fit EVAL_BUDGET_SECONDS; running the reduced plan above")
     return plan
 
 
 def agreed_plan(cfg: Config, docs, n_targets: int, rt: Runtime, costs: EvalCosts, budget_s: float,
-                log: Logger) -> EvalPlan:
+                log: Logger, spent: dict[str, float] | None = None) -> EvalPlan:
     """Rank 0 fits the plan (with the slowest rank's costs and its own clock) and every rank runs what it decided:
     ranks that chose different stages near a cut would issue mismatched collectives."""
-    plan = fit_plan(cfg, docs, n_targets, rt.world_size, costs, budget_s, log) if rt.is_main else None
+    plan = fit_plan(cfg, docs, n_targets, rt.world_size, costs, budget_s, log, spent) if rt.is_main else None
     if rt.world_size == 1:
         return plan
     t = torch.tensor([0, 0, 0, 0] if plan is None else [plan.sliding, plan.ttt, plan.phases, plan.prefix_docs],
@@ -4082,9 +4283,12 @@ def measure_costs(model: GPT, static: nn.Module, dynamic: nn.Module, cfg: Config
     seg = make_segments(x[:, :-1], cfg.bos_id, L, rt.device) if cfg.doc_masked_attn else None
     xd = x.to(rt.device)
 
+    # the tilt reads one more log-probability: its own graph, primed with a standalone tensor (as scoring passes)
+    read = xd[:, 1:].clone() if cfg.ngram_tilt else None
+
     def window(last: int) -> None:
         with torch.no_grad(), rt.autocast():
-            static(xd[:, :-1], xd[:, 1:], seg, None, last)
+            static(xd[:, :-1], xd[:, 1:], seg, None, last, read)
 
     model.eval()
     full = warm_and_time(lambda: window(0), rt.device)
@@ -4096,8 +4300,8 @@ def measure_costs(model: GPT, static: nn.Module, dynamic: nn.Module, cfg: Config
         lora, opt = new_lora(dataclasses.replace(cfg, ttt_batch_docs=B), rt, 0)
         lora.rows = torch.arange(B, device=rt.device)
         widths = (min(cfg.ttt_chunk_size, L), L)
-        steps = [warm_and_time(lambda w=w: ttt_probe_step(dynamic, random_rows(cfg, B, w, g), lora, opt, rt),
-                               rt.device) for w in widths]
+        steps = [warm_and_time(lambda w=w: ttt_probe_step(dynamic, random_rows(cfg, B, w, g), lora, opt, rt,
+                                                          cfg.ngram_tilt), rt.device) for w in widths]
         per_token = max(0.0, (steps[1] - steps[0]) / (B * (widths[1] - widths[0]))) if widths[1] > widths[0] else 0.0
         per_call = max(0.0, steps[0] - per_token * B * widths[0])
     if cfg.ttt_enabled and cfg.phased_ttt_num_phases:
@@ -4112,11 +4316,12 @@ def warm_and_time(fn: typing.Callable[[], None], device: torch.device) -> float:
     return min(timed_call(fn, device) for _ in range(2))
 
 
-def ttt_probe_step(model: nn.Module, x: Tensor, lora: BatchedLoRA, opt, rt: Runtime) -> None:
+def ttt_probe_step(model: nn.Module, x: Tensor, lora: BatchedLoRA, opt, rt: Runtime, tilt: bool = False) -> None:
     """A LoRA TTT step called as ttt_score_batch calls it (contiguous inputs: strides are guarded too)."""
+    xi, y = x[:, :-1].contiguous().to(rt.device), x[:, 1:].contiguous().to(rt.device)
     with rt.autocast():
-        loss = model(x[:, :-1].contiguous().to(rt.device), x[:, 1:].contiguous().to(rt.device), None, lora).mean()
-    loss.backward()
+        out = model(xi, y, None, lora, 0, y.clone()) if tilt else model(xi, y, None, lora)  # no alias: own guard
+    (out[0] if tilt else out).mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -4159,11 +4364,13 @@ def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime
         costs = slowest_costs(measure_costs(model, static, dynamic, cfg, rt), rt)
     log(f"eval_warmup: compile and cost probes {now() - t0:.1f}s on random tokens graphs:"
         f"{compiled_graph_count() - graphs0} costs:" + ",".join(f"{k}={v:.3g}" for k, v in dataclasses.asdict(costs).items()))
+    hints = shared_hints(val, cfg, rt, log, now)  # one causal pass, inside the clock and before the plan's cut
     left = torch.tensor([cfg.eval_budget_seconds - (now() - t_all)], dtype=torch.float64)
     if rt.world_size > 1:
         left = left.to(rt.device)
         dist.broadcast(left, src=0)
-    plan = agreed_plan(cfg, docs, n_targets, rt, costs, float(left[0]), log)
+    plan = agreed_plan(cfg, docs, n_targets, rt, costs, float(left[0]), log,
+                       {"ngram_tilt": hints.seconds} if hints is not None else None)
     stages = [("roundtrip", "final_int6_roundtrip_exact", True), ("sliding", "final_int6_sliding_window_exact",
               plan.sliding), ("ttt", "quantized_ttt_phased", plan.ttt)]
     results = {}
@@ -4173,11 +4380,13 @@ def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime
         t0 = now()
         load_weights(model, weights)
         s = run_stage(key, dynamic if key == "ttt" else static, model, val, dataclasses.replace(
-            cfg, phased_ttt_num_phases=plan.phases, phased_ttt_prefix_docs=plan.prefix_docs), rt, log)
+            cfg, phased_ttt_num_phases=plan.phases, phased_ttt_prefix_docs=plan.prefix_docs), rt, log, hints)
         ms = 1000 * (now() - t0)
-        log(f"{line} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms")
+        log(f"{line} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms" +
+            (f" ngram_tilt:1 untilted_val_bpb:{s.raw_bpb:.8f}" if hints is not None else ""))
         log(f"{key}_targets:{s.tokens} {key}_bytes:{s.bytes}")
-        results[key] = {"val_loss": s.loss, "val_bpb": s.bpb, "eval_ms": ms, "tokens": s.tokens, "bytes": s.bytes}
+        results[key] = {"val_loss": s.loss, "val_bpb": s.bpb, "eval_ms": ms, "tokens": s.tokens, "bytes": s.bytes,
+                        "untilted_val_bpb": s.raw_bpb}
     log(f"eval_graphs:{compiled_graph_count() - graphs0}")
     return finish_evaluation(results, plan, cfg, now() - t_all, log)
 
@@ -4191,11 +4400,12 @@ def load_weights(model: GPT, weights: dict[str, Tensor]) -> None:
 
 
 def run_stage(key: str, compiled: nn.Module, model: GPT, val: ValidationData, cfg: Config, rt: Runtime,
-              log: Logger) -> EvalSums:
+              log: Logger, hints: NgramHints | None = None) -> EvalSums:
     if key == "ttt":
-        return ttt_eval(model, val, cfg, rt, log, compiled=compiled)
+        return ttt_eval(model, val, cfg, rt, log, compiled=compiled, hints=hints)
     stride = cfg.eval_seq_len if key == "roundtrip" else cfg.eval_stride
-    return eval_windows(compiled, val, cfg.eval_seq_len, stride, cfg.eval_batch_tokens, rt, cfg.doc_masked_attn)
+    return eval_windows(compiled, val, cfg.eval_seq_len, stride, cfg.eval_batch_tokens, rt, cfg.doc_masked_attn,
+                        hints=hints)
 
 
 def finish_evaluation(results: dict, plan: EvalPlan, cfg: Config, total: float, log: Logger) -> dict:

@@ -30,6 +30,7 @@ def test_gpu_bench_tiny_reports_every_figure(tmp_path):
         assert b[f"eval_slice_{k}_measured_s"] > 0 and b[f"eval_slice_{k}_projected_s"] > 0
         assert b[f"eval_projected_{k}_s_on_8_gpus"] > 0
     assert b["artifact_total_bytes"] == b["artifact_model_bytes"] + b["code_bytes"]
+    assert b["ngram_tilt_pass_s"] > 0 and b["ngram_tilt_pass_targets"] == 999_999 and "snapshot_host_ms" in b
     assert b["artifact_fit"][0].startswith("attempt 1 int6 step multiplier 1.0000")
     assert "| figure | value |" in r.stdout  # one summary table
 
@@ -48,6 +49,7 @@ def test_flop_count_matches_a_hand_count():
     assert gpu_bench.train_flops_per_token(model, cfg, 128, 3) == want
 
 
+@pytest.mark.slow
 def test_compressor_bench_repacks_losslessly(trained_tiny):
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "compressor_bench.py"),
                         str(trained_tiny["out"] / "final_model.int6.ptz")],
@@ -58,3 +60,11 @@ def test_compressor_bench_repacks_losslessly(trained_tiny):
     default = int(next(l for l in lines if l.startswith("candidate:pergroup:zpaq,brotli:sorted")).split("bytes:")[1].split()[0])
     assert default == len(tg.pack_artifact(*reversed(tg.unpack_artifact(
         (trained_tiny["out"] / "final_model.int6.ptz").read_bytes())), "pergroup"))
+
+
+def test_tilt_bench_times_the_pass():
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "tilt_bench.py"), "--tokens", "50000"], env=clean_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(l for l in r.stdout.splitlines() if l.startswith("ngram_tilt_pass device:cpu"))
+    assert "targets:49999" in line and float(line.split("pass_s:")[1]) > 0

@@ -21,12 +21,12 @@ from conftest import ROOT
     ("WARMDOWN_ITERS=10 WARMDOWN_FRAC=0.2", "both set"),
     ("MAX_WALLCLOCK_SECONDS=10 GPTQ_RESERVE_SECONDS=20", "GPTQ_RESERVE_SECONDS"),
     ("GATED_ATTN_ENABLED=1", "choose one attention gate"),
-    ("TRAIN_SEQ_SCHEDULE=1024@0.5,2048@1.0", "must end with TRAIN_SEQ_LEN=3072@1.0"),
+    ("TRAIN_SEQ_SCHEDULE=1024@0.5,1536@1.0", "must end with TRAIN_SEQ_LEN=2048@1.0"),
     ("TRAIN_SEQ_SCHEDULE=1024,3072", "LEN@FRACTION"),
     ("PARALLEL_RESIDUAL_START=2", "flat decoder block"),
     ("VE_LAYERS=3", "set VE_DIM"),
     ("USE_CRAWLER=0 DELTA_NET_HEADS=4", "belong to the crawler"),
-    ("DOC_MASKED_ATTN=0", "needs DOC_MASKED_ATTN=1"),
+    ("DOC_MASKED_ATTN=0 TRAIN_SEQ_SCHEDULE=1024@0.5,2048@1.0", "needs DOC_MASKED_ATTN=1"),
     ("GPTQ_CAL_SEQ_LEN=100000", "GPTQ_CAL_SEQ_LEN"),  # killed for memory after training, before issue 17
 ])
 def test_bad_config_names_the_variable(env, needle):
@@ -39,7 +39,7 @@ def test_defaults_are_valid_and_the_frontier_crawler_form():
     assert not warnings
     assert (cfg.n_encoder, cfg.n_crawler, cfg.n_loops, cfg.n_decoder) == (3, 3, 3, 5)
     assert cfg.caseops_enabled and cfg.vocab_size == 8192 and cfg.crawler_start_frac == 0.35
-    assert cfg.seq_stages == [(1024, 0.1), (2048, 0.7), (3072, 1.0)] and cfg.short_chunks == [(256, 8), (2000, 24)]
+    assert cfg.seq_stages == [(2048, 1.0)] and cfg.short_chunks == [] and cfg.eval_seq_len == 2560  # #2135
 
 
 def test_world_divisibility_error():

@@ -183,6 +183,11 @@ def test_ttt_score_first_flip_test(trained_tiny):
         assert any(base[i] != after[i] for i in range(t + 1, e + 1)), "later scores should react"
 
 
+# the evaluation settings of #2014 (our previous default; the README's pr2014 block), for tests written against them
+PR2014_EVAL = {"EVAL_SEQ_LEN": "3072", "TRAIN_SEQ_LEN": "3072", "TRAIN_SEQ_SCHEDULE": "1024@0.1,2048@0.7,3072@1.0",
+               "TTT_SHORT_CHUNKS": "256:8,2000:24", "TTT_BATCH_DOCS": "24"}
+
+
 def test_lora_recipe_is_1855s():
     cfg, _ = tg.load_config({})
     shapes = tg.lora_shapes(cfg, "all")
@@ -197,9 +202,9 @@ def test_lora_recipe_is_1855s():
     before = a.detach().clone()
     lora.reset(None)  # warm start: A carried to the next batch, B zeroed
     assert torch.equal(lora.a["0_k"], before)
-    opt = tg.new_lora(cfg, CPU, 0)[1]
-    assert opt.defaults["lr"] == pytest.approx(1e-4 * 0.75) and opt.defaults["betas"] == (0.0, 0.99)
-    assert opt.defaults["weight_decay"] == 0.5 and opt.defaults["eps"] == 1e-10
+    opt = tg.new_lora(cfg, CPU, 0)[1]  # #2135's LR and weight decay
+    assert opt.defaults["lr"] == pytest.approx(8e-5) and opt.defaults["betas"] == (0.0, 0.99)
+    assert opt.defaults["weight_decay"] == 2.0 and opt.defaults["eps"] == 1e-10
 
 
 def test_phases_train_on_cumulative_prefixes_of_scored_documents():
@@ -212,6 +217,28 @@ def test_phases_train_on_cumulative_prefixes_of_scored_documents():
     scored = np.cumsum([len(b) for b in sched.batches])
     for end, n in zip(sched.phase_ends, sched.phase_docs):
         assert scored[end - 1] >= n and (end == 1 or scored[end - 2] < n)  # the phase waits for exactly enough
+
+
+def test_a_phase_trains_on_the_shortest_scored_documents_in_length_order():
+    """#1855: at a phase boundary of b documents, the global SGD stream is the b shortest of the documents scored
+    so far, in length order (batch id in the length-sorted list, then position), not the order they were scored
+    in (longest first); each document's slice runs to the next document's BOS."""
+    cfg, _ = tg.load_config({"TTT_BATCH_DOCS": "4", "PHASED_TTT_NUM_PHASES": "2", "PHASED_TTT_PREFIX_DOCS": "10"})
+    rng = np.random.default_rng(0)
+    lens = rng.integers(2, 60, 40)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    docs = [(int(s), int(s + n)) for s, n in zip(starts, lens)]
+    sched = tg.ttt_schedule(docs, cfg, 2, 2, 10)
+    for end, n in zip(sched.phase_ends, sched.phase_docs):
+        scored = [d for b in sched.batches[:end] for d in b]
+        want = sorted(scored, key=lambda d: d[1] - d[0])[:n]
+        got = sched.phase_training_docs(end, n)
+        assert [e - s for s, e in got] == [e - s for s, e in want] and set(got) <= set(scored)
+        assert got != scored[:n]  # the scoring order (longest first) would train on the longest ones
+    # equal longest documents: the stable sort keeps their batches in length order
+    ties = [(i * 10, i * 10 + 5) for i in range(8)]
+    sched = tg.ttt_schedule(ties, cfg, 1, 0, 0)
+    assert sched.rank_of == [0, 1]
 
 
 def test_global_sgd_cosine_runs_over_n_chunks_minus_one_and_skips_the_last_chunk(trained_tiny, monkeypatch):
@@ -232,7 +259,7 @@ def test_global_sgd_cosine_runs_over_n_chunks_minus_one_and_skips_the_last_chunk
 
 
 def test_short_documents_get_smaller_chunks_and_costs_are_exact():
-    cfg, _ = tg.load_config({})
+    cfg, _ = tg.load_config(PR2014_EVAL)
     assert [tg.chunk_size_for(cfg, n) for n in (100, 256, 257, 2000, 2001)] == [8, 8, 24, 24, 48]  # #2014
     docs = [(0, 100), (200, 230), (300, 305)]
     small = dataclasses.replace(cfg, ttt_short_chunks="", ttt_chunk_size=16, eval_seq_len=40)
@@ -267,7 +294,7 @@ def test_ttt_requires_bos(trained_tiny):
 
 
 def test_budget_plan_cuts_in_order_until_the_projection_fits():
-    cfg, _ = tg.load_config({"PHASED_TTT_NUM_PHASES": "3", "PHASED_TTT_PREFIX_DOCS": "2000"})
+    cfg, _ = tg.load_config(PR2014_EVAL | {"PHASED_TTT_NUM_PHASES": "3", "PHASED_TTT_PREFIX_DOCS": "2000"})
     docs = [(i * 1000, i * 1000 + 999) for i in range(2000)]
     n = 2_000_000
     lines = []

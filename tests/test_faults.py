@@ -85,7 +85,7 @@ def _fault_run(plain_data, tmp_path, timeout_s: int, hang_step: int):
 
 
 def test_a_hung_rank_is_named_within_the_timeout_and_the_run_is_saved(plain_data, tmp_path):
-    proc = _fault_run(plain_data, tmp_path, timeout_s=8, hang_step=14)
+    proc = _fault_run(plain_data, tmp_path, timeout_s=5, hang_step=14)
     try:
         out = proc.communicate(timeout=240)[0]
     finally:

@@ -324,11 +324,24 @@ def test_deltanet_runs_flash_linear_attention_with_segments_compiled_whole(stand
 # ------------------------------------------------------------------------------------------- the shipped file
 
 
-def test_shipped_wrapper_builds_its_triton_kernels_and_reproduces_the_development_file(plain_data, tmp_path):
+def test_shipped_wrapper_builds_its_triton_kernels(tmp_path):
     """The counted wrapper (what a record ships) exec()s its code from a string; @triton.jit needs the kernel's
     source, so before the fix it failed at the first loss with "@jit functions should be defined in a Python
-    file". Run with the Triton loss (interpreter) and the FA3 stand-in, it trains and evaluates exactly as the
-    development file does."""
+    file". Loaded as a script, the wrapper builds compiled (not interpreted) kernels with their source."""
+    pytest.importorskip("triton", reason="triton is not installed (requirements-dev.txt installs it)")
+    wrapper = tmp_path / "train_gpt.py"
+    wrapper.write_bytes(tg.counted_code((ROOT / "train_gpt.py").read_text()))
+    check = ("import runpy, sys; g = runpy.run_path(sys.argv[1], run_name='shipped'); fwd, bwd = g['_ce_kernels'](); "
+             "print(type(fwd).__name__, 'def fwd(' in fwd.src)")
+    built = subprocess.run([sys.executable, "-c", check, str(wrapper)], env=clean_env(), capture_output=True, text=True,
+                           timeout=120)
+    assert built.returncode == 0 and built.stdout.split() == ["JITFunction", "True"], built.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_shipped_wrapper_reproduces_the_development_file_with_triton_and_fa3(plain_data, tmp_path):
+    """Run with the Triton loss (interpreter) and the FA3 stand-in, the shipped wrapper trains and evaluates
+    exactly as the development file does."""
     pytest.importorskip("triton", reason="triton is not installed (requirements-dev.txt installs it)")
     # Triton's interpreter takes ~6 ms per row of logits: a handful of 128-token steps and a 256-token val set
     env = tiny_env(plain_data, ITERATIONS=4, TRAIN_BATCH_TOKENS=128, FUSED_CE="triton", ATTN_BACKEND="fa3",
@@ -346,11 +359,6 @@ def test_shipped_wrapper_builds_its_triton_kernels_and_reproduces_the_developmen
     shipped = subprocess.run([sys.executable, str(wrapper)], env=full, cwd=wrapper.parent, capture_output=True,
                              text=True, timeout=600)
     assert shipped.returncode == 0, shipped.stderr[-3000:]
-    check = ("import runpy, sys; g = runpy.run_path(sys.argv[1], run_name='shipped'); fwd, bwd = g['_ce_kernels'](); "
-             "print(type(fwd).__name__, 'def fwd(' in fwd.src)")  # compiled (not interpreted) kernels: source needed
-    built = subprocess.run([sys.executable, "-c", check, str(wrapper)], env=clean_env(), capture_output=True, text=True,
-                           timeout=120)
-    assert built.returncode == 0 and built.stdout.split() == ["JITFunction", "True"], built.stderr[-2000:]
     keys = ("step:", "final_int6_roundtrip_exact")
     lines = lambda out: [l.split(" eval_time")[0].split(" train_time")[0] for l in out.splitlines() if l.startswith(keys)]  # noqa: E731
     assert lines(shipped.stdout) == lines(dev.stdout) and len(lines(dev.stdout)) == 6

@@ -136,13 +136,14 @@ def test_delayed_loop_activation_changes_depth_only():
 
 
 def test_block_parts_start_as_the_plain_block():
-    """resid_mix starts at [1, 0], the lane lambdas at 1.1 / 1, the skip gates at 0 (a 50/50 blend), the
-    sparse gate at 0.5, SmearGate at zero strength: the seeds' initial functions (#1736, Ouroboros)."""
+    """resid_mix starts at [1, 0], the lane lambdas at 1.1 / 1 (bf16-rounded, as #1855's bf16 cast leaves it:
+    1.1015625), the skip gates at 0 (a 50/50 blend), the sparse gate at 0.5, SmearGate at zero strength: the seeds'
+    initial functions (#1736, Ouroboros)."""
     cfg, _ = tg.load_config(ALL_ON)
     m = tg.GPT(cfg)
     blk = m.blocks[4]
     assert torch.equal(blk.resid_mix, torch.stack([torch.ones(32), torch.zeros(32)]))
-    assert torch.equal(blk.lane_resid, torch.full((2,), 1.1)) and torch.equal(blk.lane_post, torch.ones(2, 2))
+    assert torch.equal(blk.lane_resid, torch.full((2,), 1.1015625)) and torch.equal(blk.lane_post, torch.ones(2, 2))
     assert torch.equal(m.skip_gates, torch.zeros_like(m.skip_weights))
     n = torch.randn(2, 5, 32)
     assert torch.allclose(blk.attn.gate(n), torch.full((2, 5, 4), 0.5))
@@ -243,3 +244,46 @@ def test_xsa_placement_follows_its_scope():
         cfg, _ = tg.load_config(env | extra)
         with torch.device("meta"):
             assert [int(b.attn.xsa) for b in tg.GPT(cfg).blocks] == want, extra
+
+
+# ---- issue 18: the record's initialisation and precision, stated as rules ----
+
+def _orthogonal(w: torch.Tensor) -> bool:
+    """Rows (or columns, for a tall matrix) orthonormal up to bf16 rounding: singular values all 1."""
+    sv = torch.linalg.svdvals(w.float())
+    return bool(((sv - 1).abs() < 0.02).all())
+
+
+@pytest.mark.parametrize("env", [{}, {"USE_CRAWLER": "0", "NUM_LAYERS": "11"}, {"DELTA_NET_HEADS": "4"}])
+def test_init_is_1855s_orthogonal_inputs_zero_outputs_and_bf16_rounded(env):
+    """#1855 (and every crawler seed): attention q/k/v and the MLP input orthogonal with gain 1, attention and MLP
+    output projections zero, the tied embedding normal(0, 0.005); the model is cast to bf16 once, so every initial
+    value is bf16-representable and the embedding table stays a bf16 master weight."""
+    cfg, _ = tg.load_config({"VOCAB_SIZE": "512", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"} | env)
+    torch.manual_seed(0)
+    m = tg.GPT(cfg)
+    for i, b in enumerate(m.blocks):
+        for w in (b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight, b.mlp.fc.weight):
+            assert _orthogonal(w), i
+        assert not b.attn.proj.weight.any() and not b.mlp.proj.weight.any()
+    # at width 128: c_q std 1/sqrt(128) = 0.088 (nn.Linear's default was 0.051), c_k/c_v 0.0625
+    assert abs(m.blocks[0].attn.c_q.weight.std().item() - 128 ** -0.5) < 0.003
+    assert m.tok_emb.weight.dtype == torch.bfloat16 and abs(m.tok_emb.weight.float().std().item() - 0.005) < 3e-4
+    for name, p in m.named_parameters():
+        assert p.dtype == (torch.bfloat16 if name == "tok_emb.weight" else torch.float32), name
+        assert torch.equal(p.detach(), p.detach().bfloat16().to(p.dtype)), name
+    if m.delta is not None:
+        assert all(_orthogonal(w) for w in (m.delta.q_proj.weight, m.delta.k_proj.weight, m.delta.v_proj.weight))
+
+
+def test_the_seeds_number_ln_scale_layers_flat_blocks_first():
+    """LN_SCALE is 1/sqrt(layer + 1): #1855 numbers its 11 blocks in order (the looped 3-5 included); the crawler
+    seeds number the F flat blocks 0..F-1 (encoder, then decoder) and the crawler block F."""
+    base = {"NUM_FLAT_LAYERS": "4", "FLAT_ENCODER_LAYERS": "2", "NUM_CRAWLER_LAYERS": "1", "CRAWLER_LOOPS": "3",
+            "CRAWLER_LOOP_ROPE_SCALES": "1,1,1", "PARALLEL_RESIDUAL_START": "-1", "MODEL_DIM": "64", "NUM_HEADS": "4",
+            "NUM_KV_HEADS": "2", "ROPE_DIMS": "8"}
+    scales = lambda env: [b.in_scale for b in tg.GPT(tg.load_config(env)[0]).blocks]  # noqa: E731
+    # blocks in order: encoder 0, 1; crawler 2; decoder 3, 4
+    assert scales(base) == pytest.approx([1, 2 ** -0.5, 3 ** -0.5, 4 ** -0.5, 5 ** -0.5])
+    assert scales(base | {"LN_SCALE_ORDER": "flat_first"}) == pytest.approx(
+        [1, 2 ** -0.5, 5 ** -0.5, 3 ** -0.5, 4 ** -0.5])

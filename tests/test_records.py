@@ -124,8 +124,6 @@ def test_run_sh_preflight_failures(plain_data, tmp_path):
     base = tiny_env(plain_data) | {"RECORD_DIR": str(tmp_path / "rec"), "RUN_DIR": str(tmp_path / "run")}
     r = _run_sh(base | {"DATA_PATH": str(tmp_path / "missing")})
     assert r.returncode == 2 and "DATA_PATH" in r.stderr and "cached_challenge_fineweb.py" in r.stderr
-    r = _run_sh(base | {"TOKENIZER_PATH": str(tmp_path / "none.model")})
-    assert r.returncode == 2 and "TOKENIZER_PATH" in r.stderr
     r = _run_sh(base)  # data is fine; this machine has no GPU
     assert r.returncode == 2 and "found 0 CUDA GPUs" in r.stderr and "DEVICE=cpu NPROC=1" in r.stderr
     assert "set NPROC=0" not in r.stderr
@@ -152,13 +150,13 @@ def test_run_sh_never_overwrites_a_finished_seed(plain_data, tmp_path):
         "OVERWRITE": "1", "ITERATIONS": "100000", "TRAIN_LOG_EVERY": "1"}, cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:
-        if "step:1/" in line:  # the re-run is training: kill it as a lost pod would
+        if line.startswith("run: "):  # the re-run has passed preflight and is starting: kill it as a lost pod would
             break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert (rec / "train_seed1337.log").read_text() == "finished\n"
     assert (rec / "train_seed1337.env").read_text() == "finished env\n"
-    assert (rec / "train_seed1337.env.partial").is_file() and (rec / "train_seed1337.log.partial").is_file()
+    assert (rec / "train_seed1337.env.partial").is_file()  # the re-run's own record, beside the finished one
 
 
 @pytest.mark.slow

@@ -55,10 +55,25 @@ def test_wallclock_schedule_never_crosses_the_cap_and_lr_ends_at_floor(durations
     assert start + dur <= budget, "the last step must end inside the budget"
     spike = max(durations)
     assert budget - (start + dur) < 2 * spike, "the run stops no more than two step-times early"
-    # the LR decays monotonically from 1 and meets its floor on the last step
+    # the LR decays monotonically from 1 and holds its floor over the last steps (from 95% of the budget on)
     scales = [p.lr_scale for _, p, _ in steps]
     assert scales[0] == 1.0 and all(a >= b for a, b in zip(scales, scales[1:]))
-    assert last.lr_scale - 0.1 <= 0.9 * spike / (0.5 * budget) + 1e-9
+    assert last.lr_scale == pytest.approx(max(0.1, (1 - start / budget) / 0.5))
+    assert all(p.lr_scale == pytest.approx(0.1) for s, p, _ in steps if s >= 0.951 * budget)
+    if spike < 0.02 * budget:
+        assert last.lr_scale == pytest.approx(0.1)
+
+
+def test_the_lr_is_1855s_clamped_linear_decay():
+    """#1855 (after #1787): lr = max((1 - frac) / WARMDOWN_FRAC, MIN_LR) once frac >= 1 - WARMDOWN_FRAC, frac the
+    fraction of the budget used when the step starts; the 0.1 floor is reached at frac = 1 - 0.1 * 0.85 = 0.915."""
+    cfg, _ = tg.load_config(NO_STAGES | {"MAX_WALLCLOCK_SECONDS": "600", "GPTQ_RESERVE_SECONDS": "0",
+                                         "WARMDOWN_FRAC": "0.85", "MIN_LR": "0.1", "ITERATIONS": "100000"})
+    at = lambda frac: tg.plan_step(cfg, 100, frac * 600_000, 1.0, 600_000).lr_scale  # noqa: E731
+    assert at(0.0) == 1.0 and at(0.15) == 1.0
+    assert at(0.5) == pytest.approx(0.5 / 0.85) and at(0.8) == pytest.approx(0.2 / 0.85)
+    assert at(0.915) == pytest.approx(0.1) and at(0.95) == pytest.approx(0.1) and at(0.999) == pytest.approx(0.1)
+    assert at(0.9) == pytest.approx(0.1 / 0.85)  # the old form min_lr + (1 - min_lr) * left / warmdown gave 0.2
 
 
 def test_step_budget_lr_reaches_floor_exactly_and_loops_start_on_time():
@@ -80,7 +95,8 @@ def test_warmdown_iters_converts_to_time_under_a_cap():
 
 def test_context_grows_in_stages_and_each_change_rewarms_the_lr():
     """#2014: 1024 until 10% of the budget, 2048 until 70%, then 3072; 32 steps of LR re-warmup after each change."""
-    cfg, _ = tg.load_config({"MAX_WALLCLOCK_SECONDS": "0", "ITERATIONS": "1000", "WARMDOWN_FRAC": "0.1"})
+    cfg, _ = tg.load_config({"MAX_WALLCLOCK_SECONDS": "0", "ITERATIONS": "1000", "WARMDOWN_FRAC": "0.1",
+                             "TRAIN_SEQ_LEN": "3072", "TRAIN_SEQ_SCHEDULE": "1024@0.1,2048@0.7,3072@1.0"})  # pr2014
     plans, prev = [], None
     for s in range(1000):
         prev = tg.plan_step(cfg, s, 0.0, 0.0, 0.0, prev)
@@ -105,7 +121,8 @@ def test_prefetching_loader_yields_the_same_batches(plain_data):
 
 def test_training_loop_with_injected_clock(plain_data, monkeypatch):
     """The real loop on the tiny model: the fake clock advances 45 ms per step with spikes; the run stops
-    inside the cap, says so, and its LR is at the floor on the last step."""
+    inside the cap, says so, and its last LR is #1855's max((1 - frac) / 0.3, 0.1) at a frac within two spikes of
+    the cap."""
     from conftest import TINY
 
     cfg, _ = tg.load_config(TINY | {"DATA_PATH": str(plain_data["data_path"]), "TOKENIZER_PATH": str(plain_data["tokenizer"]),
@@ -129,7 +146,7 @@ def test_training_loop_with_injected_clock(plain_data, monkeypatch):
     assert res.stopped_early and res.train_ms <= cfg.train_budget_ms
     assert any(l.startswith("stopping_early: wallclock_cap") for l in lines)
     scales = [float(l.split("lr_scale:")[1]) for l in lines if "lr_scale:" in l]
-    assert len(scales) == res.steps and scales[0] == 1.0 and scales[-1] < 0.1 + 0.9 * 200 / (0.3 * 2000)
+    assert len(scales) == res.steps and scales[0] == 1.0 and 0.1 <= scales[-1] <= (2 * 200 / 2000) / 0.3
 
 
 def test_learning_beats_unigram_entropy(plain_data, trained_tiny):
@@ -163,6 +180,7 @@ def test_two_rank_training_matches_single_process(plain_data, tmp_path):
         torch.testing.assert_close(s1[k], s2[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
+@pytest.mark.slow
 def test_two_ranks_with_delayed_loops(plain_data, tmp_path):
     """Before CRAWLER_START_FRAC the second loop's parameters get no gradient; ranks must still agree."""
     env = tiny_env(plain_data, ITERATIONS=6, CRAWLER_START_FRAC=0.5, TRAIN_LOG_EVERY=1, TTT_ENABLED=0,
@@ -172,10 +190,10 @@ def test_two_ranks_with_delayed_loops(plain_data, tmp_path):
     assert "crawler:loops_enabled loops:2 step:3" in r.stdout and "ranks_in_sync:1" in r.stdout
 
 
-@pytest.mark.parametrize("over,needle", [
+@pytest.mark.parametrize("over,needle", [  # each a trainer process; the checks themselves have in-process tests
     ({"DATA_DIR": "/nonexistent"}, "TOKENIZER_PATH"),
-    ({"VOCAB_SIZE": "1024"}, "VOCAB_SIZE=1024"),
-    ({"WARMDOWN_ITER": "5"}, "WARMDOWN_ITERS"),
+    pytest.param({"VOCAB_SIZE": "1024"}, "VOCAB_SIZE=1024", marks=pytest.mark.slow),
+    pytest.param({"WARMDOWN_ITER": "5"}, "WARMDOWN_ITERS", marks=pytest.mark.slow),
 ])
 def test_bad_setup_fails_before_any_work(plain_data, tmp_path, over, needle):
     env = tiny_env(plain_data, **over)
@@ -187,12 +205,14 @@ def test_bad_setup_fails_before_any_work(plain_data, tmp_path, over, needle):
     assert "model_params:" not in r.stdout and not (tmp_path / "final_model.pt").exists()
 
 
+@pytest.mark.slow  # the CLI form of an in-process test (test_data, test_records' run.sh)
 def test_missing_data_path_fails_early(plain_data, tmp_path):
     env = tiny_env(plain_data, DATA_PATH=str(tmp_path / "nope"))
     r = run_trainer(env, tmp_path)
     assert r.returncode != 0 and "DATA_PATH" in r.stderr
 
 
+@pytest.mark.slow  # the CLI form of an in-process test (test_data, test_records' run.sh)
 def test_data_with_ids_beyond_vocab_rejected(plain_data, tmp_path):
     data = tmp_path / "d"
     data.mkdir()
@@ -237,8 +257,10 @@ def test_compile_priming_warms_both_depths_and_restores_state(plain_data, monkey
     assert not opts.muon.state, "optimizer state must be restored to empty"
 
 
-def test_ema_is_one_fused_update_equal_to_the_per_tensor_rule(monkeypatch):
-    """The EMA updates every tensor with one foreach launch (~150 separate lerp_ launches per step otherwise)."""
+@pytest.mark.parametrize("step", [1, 5, 5000])
+def test_ema_is_one_fused_update_with_a_constant_decay(monkeypatch, step):
+    """The EMA updates every tensor with one foreach launch (~150 separate lerp_ launches per step otherwise), in
+    fp32, with EMA_DECAY from the first step on (#1855: 0.9965, no decay warmup)."""
     cfg, _ = tg.load_config({"VOCAB_SIZE": "97", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
                              "ROPE_DIMS": "4", "GATE_WINDOW": "8"})
     model = tg.GPT(cfg)
@@ -250,8 +272,9 @@ def test_ema_is_one_fused_update_equal_to_the_per_tensor_rule(monkeypatch):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    avg.update(model, 5, 1.0, lambda s: None)
-    decay = min(cfg.ema_decay, 6 / 15)
+    avg.update(model, step, 1.0, lambda s: None)
+    decay = 0.9965
+    assert cfg.ema_decay == decay and all(v.dtype == torch.float32 for v in avg.ema.values())
     for k, v in model.state_dict().items():
         torch.testing.assert_close(avg.ema[k], ref[k] * decay + v.float() * (1 - decay))
     assert calls == [1]
@@ -276,3 +299,22 @@ def test_segments_are_cut_on_the_loader_thread(plain_data, monkeypatch):
     n = len(where)
     loader.next_batch(32)  # a context change: the prefetched batch is re-cut here, once
     assert where[n:].count(main) <= 1
+
+
+@pytest.mark.parametrize("dtype,want", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_muon_momentum_is_bf16_as_1855_keeps_it(dtype, want):
+    """#1855 keeps Muon's momentum (and the gradient it accumulates) in bf16; the crawler seeds in fp32
+    (MUON_MOMENTUM_DTYPE=fp32 in their README block). The tied embedding trains as a bf16 master weight."""
+    cfg, _ = tg.load_config({"VOCAB_SIZE": "97", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+                             "ROPE_DIMS": "4", "GATE_WINDOW": "8", "MUON_MOMENTUM_DTYPE": dtype})
+    assert tg.load_config({})[0].muon_momentum_dtype == "bf16"
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), None, False)
+    model = tg.GPT(cfg)
+    opts = tg.build_optimizers(model, cfg, rt)
+    x = torch.randint(0, 97, (1, 16))
+    model(x, x).mean().backward()
+    opts.muon.step()
+    opts.adam.step()
+    assert {s["momentum"].dtype for s in opts.muon.state.values()} == {want}
+    assert model.tok_emb.weight.dtype == torch.bfloat16
+    assert opts.adam.state[model.tok_emb.weight]["exp_avg"].dtype == torch.bfloat16

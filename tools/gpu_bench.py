@@ -145,6 +145,22 @@ def bench_guards(model: tg.GPT, rt: tg.Runtime, out: dict) -> None:
     out["snapshot_copy_ms"] = round(1e3 * sorted(copy)[5], 3)
 
 
+def bench_tilt(cfg: tg.Config, rt: tg.Runtime, tiny: bool, out: dict) -> None:
+    """The n-gram tilt's hint pass on this device over a stream as long as the CaseOps val split (1M tokens with
+    --tiny); tools/tilt_bench.py times the same pass on the CPU."""
+    from tilt_bench import CASEOPS_VAL_TOKENS, synthetic_stream
+
+    n = 1_000_000 if tiny else CASEOPS_VAL_TOKENS
+    tokens = synthetic_stream(n, cfg.vocab_size)
+    tg.ngram_hints(tokens[:100_000], cfg, rt.device)
+    t0 = time.perf_counter()
+    h = tg.ngram_hints(tokens, cfg, rt.device)
+    tg.sync(rt.device)
+    out["ngram_tilt_pass_s"] = round(time.perf_counter() - t0, 2)
+    out["ngram_tilt_pass_targets"] = n - 1
+    out["ngram_tilt_fired_share"] = round(h.fired / (n - 1), 4)
+
+
 def bench_eval(model: tg.GPT, cfg: tg.Config, rt: tg.Runtime, val: tg.ValidationData, world: int,
                out: dict) -> None:
     """The evaluation on the val slice, stage by stage against the plan's projection, from a freshly compiled model
@@ -291,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             val = section("train", bench_training, model, compiled, cfg, rt, data, 5.0 if a.tiny else a.train_seconds, out)
             section("eval", bench_eval, model, cfg, rt, val, a.world, out)
             bench_guards(model, rt, out)
+            section("tilt", bench_tilt, cfg, rt, a.tiny, out)
             section("wrapper", bench_wrapper, cfg_env, data, work, out)
     section("quant", bench_quant, model, cfg, rt, out)
     print(summary_table(out))
