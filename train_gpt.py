@@ -3714,8 +3714,9 @@ class Accumulator:
         """nll [B, W] on the device (raw: the untilted NLL, when it differs); mask [B, W] (host) marks the scored
         positions, tgt [B, W] their indices."""
         m = mask.to(nll.device, non_blocking=True)
-        self.nll += (nll.double() * m).sum()
-        self.raw += ((nll if raw is None else raw).double() * m).sum()
+        scored = (nll.double() * m).sum()
+        self.nll += scored
+        self.raw += scored if raw is None or raw is nll else (raw.double() * m).sum()  # untilted: the same sum
         self.tokens += int(mask.sum())
         self.bytes += int(token_bytes[tgt[mask]].long().sum())
 
