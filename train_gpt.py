@@ -151,7 +151,7 @@ class Config:
     mlp_leaky_slope: float = _m("0.5", "flat LeakyReLU slope (0 = ReLU^2)", "0..1")
     rope_base: float = _m("10000.0", "RoPE base", "1..")
     rope_dims: int = _m("16", "rotated dims per head (partial RoPE)", "2..")
-    qk_gain_init: float = _m("5.25", "initial per-head query gain (#1953)", "0..")
+    qk_gain_init: float = _m("5.0", "initial per-head query gain (#1855, #2135; #1953/#2014 use 5.25)", "0..")
     xsa_last_n: int = _m("11", "exclusive self-attention on the last N distinct blocks", "0..")
     xsa_scope: str = _m("all", "blocks XSA_LAST_N counts: all distinct blocks (#1736) or the crawler's (seeds)",
                         "all|crawler")

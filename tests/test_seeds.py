@@ -84,13 +84,14 @@ def test_the_default_is_2135s_settings_and_pr2014_keeps_the_previous_default():
     """Issue 19: #2135's settings (read from its code and seed-42 log) are the defaults; `pr2014` restores the
     previous (#2014-based) default exactly."""
     d, _ = tg.load_config({})
-    assert (d.matrix_lr, d.lqer_group, d.lqer_top_k, d.lqer_rank) == (0.028, 32, 3, 4)
+    assert (d.matrix_lr, d.qk_gain_init, d.lqer_group, d.lqer_top_k, d.lqer_rank) == (0.028, 5.0, 32, 3, 4)
     assert (d.ttt_lora_lr * d.ttt_local_lr_mult, d.ttt_weight_decay, d.ttt_lora_rank, d.ttt_mask) == (8e-5, 2.0, 80, "no_k")
     assert (d.phased_ttt_num_phases, d.phased_ttt_prefix_docs, d.eval_seq_len, d.train_seq_len) == (1, 2500, 2560, 2048)
     assert d.seq_stages == [(2048, 1.0)] and (d.ttt_chunk_size, d.ttt_batch_docs) == (48, 64) and d.ngram_tilt
     assert set(tg.lora_shapes(d, d.ttt_mask)) >= {"0.q", "0.v", "0.o", "0.mlp", "head"}
     assert not any(k.endswith(".k") for k in tg.lora_shapes(d, d.ttt_mask))
     old, _ = tg.load_config(env_blocks()["pr2014"] | {"SEED": "1337"})
+    assert old.qk_gain_init == 5.25
     assert (old.matrix_lr, old.lqer_group, old.gptq_cal_samples, old.eval_seq_len, old.ttt_mask) == (0.026, 64, 768, 3072, "no_qv")
     assert old.seq_stages == [(1024, 0.1), (2048, 0.7), (3072, 1.0)] and old.short_chunks == [(256, 8), (2000, 24)]
     assert (old.ttt_lora_lr, old.ttt_local_lr_mult, old.ttt_weight_decay, old.ttt_batch_docs) == (1e-4, 0.75, 0.5, 24)
