@@ -258,6 +258,8 @@ class Config:
                            "SDPA on CPU", "auto|fa3|flex|sdpa")
     delta_backend: str = _f("auto", "DeltaNet kernel: auto = flash-linear-attention on CUDA if importable, else "
                             "torch", "auto|fla|torch")
+    autocast: str = _f("auto", "precision of the forward: auto = bf16 autocast and a bf16 residual stream on CUDA, "
+                       "fp32 elsewhere; bf16 runs the GPU's precision on any device", "auto|bf16|fp32")
     compile_enabled: str = _f("auto", "torch.compile the model: auto = on CUDA, 1 = on any device, 0 = never", "auto|1|0")
     compile_backend: str = _f("inductor", "torch.compile backend; aot_eager traces the same graphs without code "
                               "generation (CPU tests)", "inductor|aot_eager|eager")
@@ -863,7 +865,8 @@ def setup_runtime(cfg: Config) -> Runtime:
     attn = choose_attention(cfg, device, compiled, notes)
     hardware = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
     kernels = Kernels(attn, resolve_fused_ce(cfg, device), resolve_delta(cfg, device))
-    return Runtime(rank, world_size, local_rank, device, torch.bfloat16 if cuda else None, compiled, kernels, hardware,
+    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and cuda)
+    return Runtime(rank, world_size, local_rank, device, torch.bfloat16 if bf16 else None, compiled, kernels, hardware,
                    tuple(notes), cfg.compile_backend)
 
 
@@ -4452,7 +4455,8 @@ def log_header(cfg: Config, rt: Runtime, log: Logger, warnings: list[str]) -> No
     log(f"attention_backend:{rt.attn.name} ATTN_BACKEND={cfg.attn_backend}" + ATTENTION_NOTES.get(
         (rt.device.type, rt.attn.name), ""))
     log(f"compile:enabled={int(rt.compile)} backend={rt.compile_backend} fullgraph={int(cfg.compile_fullgraph)} "
-        f"recompile_limit={RECOMPILE_LIMIT} fused_ce={rt.kernels.ce} delta={rt.kernels.delta}")
+        f"recompile_limit={RECOMPILE_LIMIT} fused_ce={rt.kernels.ce} delta={rt.kernels.delta} "
+        f"autocast={'bf16' if rt.autocast_dtype == torch.bfloat16 else 'fp32'}")
 
 
 # What each backend costs where it runs (the log says it before training).

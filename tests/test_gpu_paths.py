@@ -364,6 +364,51 @@ def test_shipped_wrapper_reproduces_the_development_file_with_triton_and_fa3(pla
     assert lines(shipped.stdout) == lines(dev.stdout) and len(lines(dev.stdout)) == 6
 
 
+# ------------------------------------------------------------------------------------------- the GPU's precision
+
+
+def test_the_gpus_bf16_precision_runs_the_whole_pipeline_on_a_cpu(plain_data, tmp_path):
+    """On CUDA the forward runs under bf16 autocast with a bf16 residual stream; the other CPU tests run fp32.
+    AUTOCAST=bf16 takes the CUDA precision on a CPU, here with the FA3 stand-in (bf16/fp16 only, as FA3 checks):
+    the run trains, calibrates, packs and evaluates every mode, and its roundtrip score is the fp32 score of the
+    same artifact to bf16's precision."""
+    # a CPU multiplies bf16 ~10x slower than fp32: a few 512-token steps and a 512-token val prefix
+    env = tiny_env(plain_data, ITERATIONS=4, TRAIN_BATCH_TOKENS=512, AUTOCAST="bf16", ATTN_BACKEND="fa3",
+                   VAL_TOKEN_LIMIT=512, VAL_BATCH_TOKENS=512, EVAL_BATCH_TOKENS=512, GPTQ_CAL_SAMPLES=8,
+                   TTT_BATCH_DOCS=4, PHASED_TTT_PREFIX_DOCS=4, PHASED_TTT_NUM_PHASES=1)
+    r = run_trainer(env | {"PYTHONPATH": str(STAND_INS)}, tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "autocast=bf16" in r.stdout and "attention_backend:fa3" in r.stdout
+    assert all(m in r.stdout for m in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact",
+                                       "quantized_ttt_phased"))
+    cfg, _ = tg.load_config(env | {"AUTOCAST": "fp32", "ATTN_BACKEND": "sdpa", "SLIDING_EVAL": "0", "TTT_ENABLED": "0"})
+    lines = []
+    tg.run_evaluation(tmp_path / "final_model.int6.ptz", tg.load_validation(cfg, tg.load_sentencepiece(
+        cfg.tokenizer_path)), cfg, CPU, lines.append)
+    fp32 = log_value("\n".join(lines), "final_int6_roundtrip_exact", "val_bpb:")
+    bf16 = log_value(r.stdout, "final_int6_roundtrip_exact", "val_bpb:")
+    assert abs(bf16 - fp32) < 0.01 * fp32 and bf16 != fp32, (bf16, fp32)
+
+
+def test_muons_nccl_collectives_give_the_gloo_update_on_two_ranks(tmp_path):
+    """Comm's NCCL branch (an asynchronous reduce-scatter with AVG, then all_gather_into_tensor) runs every step on
+    8xH100 and never on gloo. Through stand-ins of the two NCCL collectives with their signatures, whose
+    reduce-scatter output is only written when waited on (tests/dist_comm_worker.py), two ranks' Muon updates are
+    the gloo branch's bit for bit, and the same on both ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_comm_worker.py")]
+    r = subprocess.run(cmd, env=clean_env() | {"OMP_NUM_THREADS": "1", "COMM_OUT": str(tmp_path)}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    for res in ranks:
+        assert res["calls"]["reduce_scatter_tensor"] >= 3 and res["calls"]["all_gather_into_tensor"] >= 3
+        assert res["nccl"].keys() == res["gloo"].keys() and len(res["gloo"]) > 10
+        for name, p in res["gloo"].items():
+            assert torch.equal(res["nccl"][name], p), name
+            assert torch.equal(ranks[1]["nccl"][name], ranks[0]["nccl"][name]), name
+
+
 def test_the_evaluation_plan_is_one_plan_on_every_rank(tmp_path):
     """Two gloo ranks whose measured costs differ would each fit a different plan near a cut (and then issue
     different collectives); the group takes the slowest rank's costs and rank 0's decision."""

@@ -57,10 +57,11 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, s
     """Varlen causal attention on [total, H, D] (a dense batch comes flattened with cu = row starts): out, lse.
     Calls are counted here, in the kernel (a counter in the traced wrapper would be a guard of its own)."""
     CALLS[kind] += 1
-    s = _scores(q, k, _segments(q, cu_seqlens, max_seqlen), scale)
-    lse = torch.logsumexp(s, dim=-1)
-    vf = v.float().repeat_interleave(q.size(1) // v.size(1), 1)
-    return torch.einsum("hqk,khd->qhd", torch.exp(s - lse[..., None]), vf).to(q.dtype).contiguous(), lse
+    with torch.autocast(q.device.type, enabled=False):  # a kernel of its own: fp32 maths whatever the caller's autocast
+        s = _scores(q, k, _segments(q, cu_seqlens, max_seqlen), scale)
+        lse = torch.logsumexp(s, dim=-1)
+        vf = v.float().repeat_interleave(q.size(1) // v.size(1), 1)
+        return torch.einsum("hqk,khd->qhd", torch.exp(s - lse[..., None]), vf).to(q.dtype).contiguous(), lse
 
 
 @_fwd.register_fake
@@ -73,16 +74,17 @@ def _(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scal
 def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
          scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """The softmax-attention backward from the saved LSE (as FA3's backward kernel): dq, dk, dv."""
-    rep = q.size(1) // k.size(1)
-    p = torch.exp(_scores(q, k, _segments(q, cu_seqlens, max_seqlen), scale) - lse[..., None])  # [H, N, N]
-    do, vf = dout.float(), v.float().repeat_interleave(rep, 1)
-    dv = torch.einsum("hqk,qhd->khd", p, do)
-    dp = torch.einsum("qhd,khd->hqk", do, vf)
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
-    dq = torch.einsum("hqk,khd->qhd", ds, k.float().repeat_interleave(rep, 1))
-    dk = torch.einsum("hqk,qhd->khd", ds, q.float())
-    fold = lambda t: t.view(t.size(0), k.size(1), rep, t.size(2)).sum(2)  # noqa: E731 - GQA: sum each head group
-    return dq.to(q.dtype).contiguous(), fold(dk).to(k.dtype).contiguous(), fold(dv).to(v.dtype).contiguous()
+    with torch.autocast(q.device.type, enabled=False):
+        rep = q.size(1) // k.size(1)
+        p = torch.exp(_scores(q, k, _segments(q, cu_seqlens, max_seqlen), scale) - lse[..., None])  # [H, N, N]
+        do, vf = dout.float(), v.float().repeat_interleave(rep, 1)
+        dv = torch.einsum("hqk,qhd->khd", p, do)
+        dp = torch.einsum("qhd,khd->hqk", do, vf)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+        dq = torch.einsum("hqk,khd->qhd", ds, k.float().repeat_interleave(rep, 1))
+        dk = torch.einsum("hqk,qhd->khd", ds, q.float())
+        fold = lambda t: t.view(t.size(0), k.size(1), rep, t.size(2)).sum(2)  # noqa: E731 - GQA: sum each head group
+        return dq.to(q.dtype).contiguous(), fold(dk).to(k.dtype).contiguous(), fold(dv).to(v.dtype).contiguous()
 
 
 @_bwd.register_fake
