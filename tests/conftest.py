@@ -62,15 +62,37 @@ def write_plain_shards(docs: list[str], model: Path, out: Path, n_val_docs: int,
         train_gpt.write_shard(out / f"fineweb_train_{i:06d}.bin", stream(rest[i * per:(i + 1) * per]))
 
 
+def built_once(tmp_path_factory, name: str, build, paths: tuple[str, ...]) -> dict:
+    """build(folder) -> dict, run once per test session however many pytest-xdist workers share it: the first
+    worker to ask builds under a folder every worker sees, the others wait on its lock and read the result (the
+    keys in `paths` come back as Paths). Fixtures built this way must be read-only for the tests."""
+    import json
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"shared_{name}"
+    with FileLock(str(folder) + ".lock"):
+        done = folder / "result.json"
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            result = build(folder)
+            done.write_text(json.dumps(result, default=str))
+        out = json.loads(done.read_text())
+    return out | {k: Path(out[k]) for k in paths}
+
+
 @pytest.fixture(scope="session")
 def plain_data(tmp_path_factory) -> dict:
     """data_dir with tokenizers/fineweb_512_bpe.model and datasets/fineweb10B_sp512/ shards."""
-    root = tmp_path_factory.mktemp("data")
-    docs = synthetic_corpus.generate_documents(2400, seed=1)
-    (root / "tokenizers").mkdir()
-    model = train_sentencepiece(docs[:1500], root / "tokenizers" / "fineweb_512_bpe")
-    write_plain_shards(docs, model, root / "datasets" / "fineweb10B_sp512", n_val_docs=200)
-    return {"data_dir": root, "tokenizer": model, "data_path": root / "datasets" / "fineweb10B_sp512", "docs": docs}
+    def build(root: Path) -> dict:
+        docs = synthetic_corpus.generate_documents(2400, seed=1)
+        (root / "tokenizers").mkdir()
+        model = train_sentencepiece(docs[:1500], root / "tokenizers" / "fineweb_512_bpe")
+        write_plain_shards(docs, model, root / "datasets" / "fineweb10B_sp512", n_val_docs=200)
+        return {"data_dir": root, "tokenizer": model, "data_path": root / "datasets" / "fineweb10B_sp512", "docs": docs}
+
+    return built_once(tmp_path_factory, "plain_data", build, ("data_dir", "tokenizer", "data_path"))
 
 
 TINY = {  # the frontier defaults, shrunk to a model that learns the generated corpus in a CPU minute
@@ -130,16 +152,28 @@ def caseops_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def trained_tiny(plain_data, tmp_path_factory) -> dict:
     """One real run of the whole pipeline on the tiny config (150 steps), shared by several tests."""
-    import time
+    def build(out: Path) -> dict:
+        env = tiny_env(plain_data, ITERATIONS=150, GPTQ_CAL_SAMPLES=32, GPTQ_CAL_SEQ_LEN=64)
+        r = run_trainer(env, out)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return {"out": out, "env": env, "stdout": r.stdout}
 
-    out = tmp_path_factory.mktemp("trained")
-    env = tiny_env(plain_data, ITERATIONS=150, GPTQ_CAL_SAMPLES=32, GPTQ_CAL_SEQ_LEN=64)
-    t0 = time.time()
-    r = run_trainer(env, out)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return {"out": out, "env": env, "stdout": r.stdout, "seconds": time.time() - t0}
+    return built_once(tmp_path_factory, "trained_tiny", build, ("out",))
 
 
 def log_value(stdout: str, prefix: str, key: str) -> float:
     line = [l for l in stdout.splitlines() if l.startswith(prefix)][-1]
     return float(line.split(key)[1].split()[0].rstrip("ms"))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`) hand tests out two at a time (its default sends each worker a quarter of its
+    share at once), so that the long tests sorted first below go to different workers."""
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 2
+
+
+def pytest_collection_modifyitems(items):
+    """The long (`slow`) tests first, so that the two workers of `-n 2` finish together. A stable sort: every
+    worker collects the same order, as pytest-xdist requires."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -355,7 +355,7 @@ def test_no_validation_token_reaches_warmups(trained_tiny, plain_data):
 def test_two_ranks_match_one_for_every_eval_mode(trained_tiny, plain_data):
     env = trained_tiny["env"] | {"EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "TTT_CHUNK_SIZE": "32",
                                  "TTT_BATCH_DOCS": "4", "PHASED_TTT_PREFIX_DOCS": "12", "PHASED_TTT_NUM_PHASES": "2",
-                                 "VAL_TOKEN_LIMIT": "4000", "TTT_LORA_RANK": "8", "TTT_WARM_START_A": "0"}
+                                 "VAL_TOKEN_LIMIT": "2000", "TTT_LORA_RANK": "8", "TTT_WARM_START_A": "0"}
     art = str(trained_tiny["out"] / "final_model.int6.ptz")
     res = {}
     for nproc in (1, 2):

@@ -27,7 +27,7 @@ import prepare_caseops_data as prep  # noqa: E402
 import synthetic_corpus  # noqa: E402
 from tools import make_record  # noqa: E402
 
-VAL_DOCS = 300
+VAL_DOCS = 200
 TINY = {  # the frontier defaults on a tiny flat + crawler model that learns this corpus in about a CPU minute
     "CASEOPS_ENABLED": "1", "VOCAB_SIZE": "512", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
     "NUM_FLAT_LAYERS": "2", "FLAT_ENCODER_LAYERS": "1", "NUM_CRAWLER_LAYERS": "1", "CRAWLER_LOOPS": "2",
@@ -38,10 +38,10 @@ TINY = {  # the frontier defaults on a tiny flat + crawler model that learns thi
     "VAL_LOSS_EVERY": "100", "VAL_BATCH_TOKENS": "16384", "MATRIX_LR": "0.02", "EMBED_LR": "0.05", "SCALAR_LR": "0.02",
     "MUON_MOMENTUM_WARMUP_STEPS": "50", "GPTQ_CAL_SAMPLES": "32", "GPTQ_CAL_SEQ_LEN": "128", "EVAL_SEQ_LEN": "160",
     "EVAL_STRIDE": "32", "EVAL_BATCH_TOKENS": "8192", "TTT_LORA_RANK": "8", "TTT_CHUNK_SIZE": "32",
-    "TTT_SHORT_CHUNKS": "", "TTT_BATCH_DOCS": "16", "PHASED_TTT_PREFIX_DOCS": "100", "PHASED_TTT_NUM_PHASES": "2",
+    "TTT_SHORT_CHUNKS": "", "TTT_BATCH_DOCS": "32", "PHASED_TTT_PREFIX_DOCS": "100", "PHASED_TTT_NUM_PHASES": "1",
     "TTT_GLOBAL_CHUNK_TOKENS": "2048", "EVAL_BUDGET_SECONDS": "300",
     # scaled to 160 steps: the default EMA (0.9965, a ~285-step horizon over ~6,500 steps) would average in the
-    # initial weights here; and the default 15-token n-gram context never repeats in 52k val tokens
+    # initial weights here; and the default 15-token n-gram context never repeats in 35k val tokens
     "EMA_DECAY": "0.9", "NGRAM_TILT_ORDER": "6",
 }
 
