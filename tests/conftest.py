@@ -174,6 +174,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The long (`slow`) tests first, so that the two workers of `-n 2` finish together. A stable sort: every
-    worker collects the same order, as pytest-xdist requires."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The long (`release`, `slow`) tests first, so that the two workers of `-n 2` finish together. A stable sort:
+    every worker collects the same order, as pytest-xdist requires."""
+    items.sort(key=lambda item: (item.get_closest_marker("release") is None, item.get_closest_marker("slow") is None))

@@ -159,7 +159,7 @@ def test_run_sh_never_overwrites_a_finished_seed(plain_data, tmp_path):
     assert (rec / "train_seed1337.env.partial").is_file()  # the re-run's own record, beside the finished one
 
 
-@pytest.mark.slow
+@pytest.mark.release
 def test_cpu_pipeline_end_to_end(tmp_path):
     """The README's CPU pipeline command, as written, in a scratch directory."""
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "cpu_pipeline.py"), "--work", str(tmp_path / "w")],

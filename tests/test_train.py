@@ -312,3 +312,26 @@ def test_muon_momentum_is_bf16_as_1855_keeps_it(dtype, want):
     assert {s["momentum"].dtype for s in opts.muon.state.values()} == {want}
     assert model.tok_emb.weight.dtype == torch.bfloat16
     assert opts.adam.state[model.tok_emb.weight]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_a_micro_batch_is_one_flat_span_cut_only_at_bos_and_the_context_length(tmp_path):
+    """#1855's rule (issue 18, item 4): each rank trains on one flat span of its micro-batch; a document runs on
+    across what would be a row boundary, and attention is cut only at a BOS and every TRAIN_SEQ_LEN tokens into
+    a document. Documents here are a BOS and 90 tokens, the context 64, the span 512: segments start at 0, 64, 91,
+    155, 182, ... and never at the row boundaries 128, 192, ... that fall inside a document."""
+    doc = np.concatenate([[1], np.arange(10, 100)]).astype(np.uint16)  # 91 tokens
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.tile(doc, 200))
+    cfg, _ = tg.load_config({"VOCAB_SIZE": "512", "TRAIN_SEQ_LEN": "64", "TRAIN_SEQ_SCHEDULE": "",
+                             "TRAIN_BATCH_TOKENS": "512", "GRAD_ACCUM_STEPS": "1", "BOS_ID": "1"})
+    loader = tg.TrainLoader([str(tmp_path / "fineweb_train_000000.bin")], cfg, 0, 1, 1, torch.device("cpu"), prefetch=0)
+    (micro,) = loader.next_batch()
+    assert micro.x.shape == (1, 512) and torch.equal(micro.x[0, 1:], micro.y[0, :-1])
+    assert micro.x[0, 0] == 1  # the span starts at a document
+    starts = micro.seg.cu[:-1].tolist()
+    assert starts == [d + k for d in range(0, 512, 91) for k in (0, 64) if d + k < 512]
+    row_boundaries_inside_documents = [p for p in range(64, 512, 64) if p % 91 not in (0, 64)]
+    assert row_boundaries_inside_documents and not set(row_boundaries_inside_documents) & set(starts)
+    assert micro.seg.max_len == 64
+    rows = tg.TrainLoader([str(tmp_path / "fineweb_train_000000.bin")], cfg, 0, 1, 1, torch.device("cpu"), prefetch=0,
+                          flat=False)
+    assert rows.next_batch()[0].x.shape == (8, 64)  # the crawler seeds' rows (no document masking)
