@@ -387,7 +387,8 @@ def test_the_gpus_bf16_precision_runs_the_whole_pipeline_on_a_cpu(plain_data, tm
         cfg.tokenizer_path)), cfg, CPU, lines.append)
     fp32 = log_value("\n".join(lines), "final_int6_roundtrip_exact", "val_bpb:")
     bf16 = log_value(r.stdout, "final_int6_roundtrip_exact", "val_bpb:")
-    assert abs(bf16 - fp32) < 0.01 * fp32 and bf16 != fp32, (bf16, fp32)
+    print(f"roundtrip val_bpb: bf16 autocast {bf16:.6f}, fp32 {fp32:.6f}")
+    assert abs(bf16 - fp32) < 0.002 * fp32 and bf16 != fp32, (bf16, fp32)  # measured: 2e-5 relative
 
 
 def test_muons_nccl_collectives_give_the_gloo_update_on_two_ranks(tmp_path):
