@@ -754,12 +754,11 @@ def check_attention_fits(cfg: Config, rt: "Runtime", accum: int) -> None:
     training and evaluation shapes (SDPA's math kernel at full size needs hundreds of GB)."""
     if not cfg.doc_masked_attn or rt.attn.name == "fa3":
         return
-    n = cfg.train_batch_tokens // (rt.world_size * accum)  # tokens per micro-batch: one flat span (TrainLoader)
-    rows, T = 1, n
-    apps = cfg.n_encoder + cfg.n_crawler * max(1, cfg.n_loops) + cfg.n_decoder
+    T = cfg.train_batch_tokens // (rt.world_size * accum)  # tokens per micro-batch: one flat span (TrainLoader)
+    apps = len(application_plan(cfg, cfg.n_loops))
     eager_flex = rt.attn.name == "flex" and not rt.compile  # flex without compile falls back to the math kernel
-    per_call = (lambda r, t, h, c=0: SDPA.masked_call_bytes(r, t, h, t)) if eager_flex else rt.attn.masked_call_bytes
-    train = apps * per_call(rows, T, cfg.num_heads, cfg.train_seq_len)  # kept for the backward, per block application
+    per_call = (lambda r, t, h, c=0: SDPA.masked_call_bytes(r, t, h)) if eager_flex else rt.attn.masked_call_bytes
+    train = apps * per_call(1, T, cfg.num_heads, cfg.train_seq_len)  # kept for the backward, per block application
     evaluate = per_call(max(1, cfg.eval_batch_tokens // cfg.eval_seq_len), cfg.eval_seq_len, cfg.num_heads)
     need, have = max(train, evaluate), device_memory_bytes(rt.device)
     if need > 0.5 * have:
@@ -1098,10 +1097,7 @@ class TrainLoader:
     def _open(self, i: int) -> np.ndarray:
         path = self.paths[self.order[i]]
         tokens = load_shard(path)
-        top = int(tokens.max()) if tokens.size else 0
-        if top >= self.cfg.vocab_size:
-            raise DataError(f"{path} has token id {top} >= VOCAB_SIZE={self.cfg.vocab_size}: the shard is corrupt or "
-                            f"was made with another tokenizer: {fix_hint(self.cfg)}")
+        check_ids(self.cfg, {path: tokens}, False)  # again at open: the file may have changed since the preflight
         return tokens
 
     def _take(self, n: int) -> np.ndarray:
@@ -1326,7 +1322,7 @@ def check_dataset(cfg: Config, sp, need_bos: bool) -> DataReport:
     tokenization = data_tokenization(cfg.data_path)
     check_fingerprint(cfg, vt, len(docs), tokenization)
     check_tokenizer_roundtrip(cfg, sp, docs, tokenization)  # first: a wrong tokenizer fails every later check
-    side = check_sidecar(cfg, sp, val, val_parts, len(docs), tokenization) if cfg.caseops_enabled else None
+    side = check_sidecar(cfg, sp, val, val_parts, tokenization) if cfg.caseops_enabled else None
     train_docs, overlap = check_train_shards(cfg, train, vt, need_bos)
     val_bytes = int(side.astype(np.int64).sum()) if side is not None else None
     return DataReport(len(train), len(val), int(vt.size), len(docs), val_bytes, train_docs, overlap, tokenization)
@@ -1394,11 +1390,17 @@ def check_ids(cfg: Config, parts: dict[str, np.ndarray], need_bos: bool) -> None
                             f"(CaseOps data or TTT need them): {fix_hint(cfg)}")
 
 
-def check_fingerprint(cfg: Config, vt: np.ndarray, n_docs: int, tokenization: str) -> None:
-    """A published split must be complete: 50,000 documents and the known token count. Applies to the
-    published tokenization only (lossless shards of the same documents have other counts)."""
+def published_fingerprint(cfg: Config, tokenization: str):
+    """The published split's fingerprint (KNOWN_VAL) when the data claims to be it: its folder name, the published
+    tokenization (lossless shards of the same documents have other counts) and the whole split; else None."""
     fp = KNOWN_VAL.get(os.path.basename(cfg.data_path.rstrip("/")))
-    if fp is None or cfg.val_token_limit or tokenization != "published":
+    return None if fp is None or cfg.val_token_limit or tokenization != "published" else fp
+
+
+def check_fingerprint(cfg: Config, vt: np.ndarray, n_docs: int, tokenization: str) -> None:
+    """A published split must be complete: 50,000 documents and the known token count."""
+    fp = published_fingerprint(cfg, tokenization)
+    if fp is None:
         return
     if n_docs != fp.docs:
         raise DataError(f"truncated validation split: {n_docs} documents, the published split has {fp.docs}: "
@@ -1411,12 +1413,12 @@ def check_fingerprint(cfg: Config, vt: np.ndarray, n_docs: int, tokenization: st
                         f"tokenizer, or prep with --tokenization lossless into the published folder name): {fix_hint(cfg)}")
 
 
-def check_sidecar(cfg: Config, sp, val: list[str], val_parts: list[np.ndarray], n_docs: int,
-                  tokenization: str) -> np.ndarray:
+def check_sidecar(cfg: Config, sp, val: list[str], val_parts: list[np.ndarray], tokenization: str) -> np.ndarray:
     """The CaseOps byte sidecar must align with the val tokens: one entry per token, BOS and CaseOps markers
     0 (the old #1736 exporter counted markers as bytes), a plain ASCII piece exactly its own length (a shifted
     sidecar fails this at once), a U+2581 piece its text plus the one space (inside a document), and the
-    published split's total. Returns it, concatenated like the val tokens."""
+    published split's total (its document count is check_fingerprint's, which runs first). Returns it, concatenated
+    like the val tokens."""
     side = sidecar_paths(cfg.data_path)
     if len(side) != len(val):
         raise DataError(f"{len(side)} val byte sidecars for {len(val)} val shards in {cfg.data_path}; {fix_hint(cfg)}")
@@ -1444,10 +1446,9 @@ def check_sidecar(cfg: Config, sp, val: list[str], val_parts: list[np.ndarray], 
     if agree < 0.9:  # a folded run of several whitespace characters carries them all: a few percent differ
         raise DataError(f"the sidecar disagrees with the tokens on U+2581 pieces ({agree:.1%} count their text plus "
                         f"one space): the space is miscounted: {fix_hint(cfg)}")
-    fp = KNOWN_VAL.get(os.path.basename(cfg.data_path.rstrip("/")))
+    fp = published_fingerprint(cfg, tokenization)
     total = int(side_all.astype(np.int64).sum())
-    if fp and fp.bytes and tokenization == "published" and not cfg.val_token_limit and n_docs == fp.docs \
-            and total != fp.bytes:
+    if fp and fp.bytes and total != fp.bytes:
         raise DataError(f"the val byte sidecar totals {total} bytes; the published split has {fp.bytes}: "
                         f"{fix_hint(cfg)}")
     return side_all
@@ -1811,15 +1812,13 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, seg: Tenso
     return torch.cat(out, dim=2)[:, :, :T]
 
 
-def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, seg: Segments | None, impl: str,
-               cu: Tensor | None = None) -> Tensor:
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, seg: Segments | None, impl: str) -> Tensor:
     """The delta rule on [B, H, T, D] with the memory cleared at each segment start: flash-linear-attention's
     chunk_delta_rule over the flattened rows (`cu` = segment starts, row starts included) when impl is fla, else
     the torch form above (segment ids)."""
     if impl == "fla":
         B, H, T, D = q.shape
-        if cu is None:
-            cu = seg.cu if seg is not None else torch.arange(0, B * T + 1, T, device=q.device, dtype=torch.int32)
+        cu = seg.cu if seg is not None else torch.arange(0, B * T + 1, T, device=q.device, dtype=torch.int32)
         flat = [t.transpose(1, 2).reshape(1, B * T, H, -1) for t in (q, k, v)]
         o = torch.ops.pgcrawl.fla_delta_rule(*flat, beta.transpose(1, 2).reshape(1, B * T, H), cu)
         return o.view(B, T, H, -1).transpose(1, 2).to(v.dtype)
@@ -3633,10 +3632,16 @@ def load_artifact_model(path: str | Path, rt: Runtime) -> tuple[Config, GPT]:
 
 def model_from_quantized(cfg: Config, qm: dict, rt: Runtime) -> GPT:
     model = GPT(cfg, rt.kernels).to(rt.device)
-    sd = model.state_dict()
-    model.load_state_dict({k: v.to(sd[k].dtype) for k, v in dequantize_state(qm).items()})
-    model.set_active_loops(cfg.n_loops)
+    load_weights(model, dequantize_state(qm))
     return model
+
+
+def load_weights(model: GPT, weights: dict[str, Tensor]) -> None:
+    """Put the artifact's weights back (a global SGD phase changes them), at full crawler depth."""
+    sd = model.state_dict()
+    model.load_state_dict({k: v.to(sd[k].dtype) for k, v in weights.items()})
+    model.set_active_loops(model.cfg.n_loops)
+    model.requires_grad_(True)
 
 
 def minify_source(src: str) -> str:
@@ -3713,15 +3718,16 @@ class Accumulator:
         self.raw = torch.zeros((), dtype=torch.float64, device=device)
         self.tokens = self.bytes = 0
 
-    def add(self, nll: Tensor, mask: Tensor, tgt: Tensor, token_bytes: Tensor, raw: Tensor | None = None) -> None:
+    def add(self, nll: Tensor, mask: Tensor, tgt: Tensor, token_bytes: Tensor, raw: Tensor | None = None) -> Tensor:
         """nll [B, W] on the device (raw: the untilted NLL, when it differs); mask [B, W] (host) marks the scored
-        positions, tgt [B, W] their indices."""
+        positions, tgt [B, W] their indices. Returns the mask on the device, for a caller that needs it too."""
         m = mask.to(nll.device, non_blocking=True)
         scored = (nll.double() * m).sum()
         self.nll += scored
         self.raw += scored if raw is None or raw is nll else (raw.double() * m).sum()  # untilted: the same sum
         self.tokens += int(mask.sum())
         self.bytes += int(token_bytes[tgt[mask]].long().sum())
+        return m
 
     def sums(self) -> EvalSums:
         return EvalSums(float(self.nll), self.tokens, self.bytes, float(self.raw))
@@ -3909,8 +3915,7 @@ def ngram_hints(tokens: Tensor, cfg: Config, device: torch.device, now=time.perf
     full = by_key >= cfg.ngram_tilt_order - 1  # a whole context before the position
     fire = full & (seen > 0) & (top_cnt.double() >= cfg.ngram_tilt_threshold * seen.double())
     hint = torch.full((n,), -1, dtype=torch.int64, device=device)
-    hint[by_key[fire]] = top_tok[fire]
-    hint[0] = -1  # tokens[0] is no target
+    hint[by_key[fire]] = top_tok[fire]  # never position 0 (tokens[0] is no target): its context has seen nothing
     return NgramHints(hint, int(fire.sum()), now() - t0, cfg.ngram_tilt_boost)
 
 
@@ -4039,12 +4044,13 @@ def ttt_score_batch(model: nn.Module, lora: BatchedLoRA, opt: torch.optim.Optimi
         lora.rows = rows.to(rt.device)
         with rt.autocast():  # the LoRA trains on the untilted NLL; the tilt changes only what is scored (#2135)
             nll, scored = scored_nll(model, x.to(rt.device), y.to(rt.device), tgt, None, lora, 0, hints)
-        acc.add(scored.detach(), mask, tgt, val.token_bytes, nll.detach())
+        raw = nll.detach()
+        shown = raw if scored is nll else scored.detach()  # one tensor when nothing is tilted: summed once
+        m = acc.add(shown, mask, tgt, val.token_bytes, raw)
         if hook:
-            hook(tgt[mask], scored.detach().cpu()[mask])
+            hook(tgt[mask], shown.cpu()[mask])
         more = [lens[i] > (k + 1) * c for i in rows.tolist()]  # from the host's lengths: no device sync
         if adapt and any(more):
-            m = mask.to(rt.device)
             per_doc = (nll * m).sum(1) / m.sum(1).clamp_min(1)
             (per_doc * torch.tensor(more, device=rt.device)).sum().backward()
             opt.step()
@@ -4094,7 +4100,7 @@ def global_sgd(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg
     rows, gradients averaged over ranks and clipped at 1, cosine LR from TTT_GLOBAL_LR over n_chunks - 1 steps,
     the last chunk skipped. Returns the number of steps."""
     stream = torch.cat([val.tokens[s:e + 1] for s, e in docs])
-    n_chunks = max(1, math.ceil((stream.numel() - 1) / cfg.ttt_global_chunk_tokens))
+    n_chunks = global_sgd_chunks(stream.numel(), cfg)
     params = [p for p in model.parameters()]
     model.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=cfg.ttt_global_lr, momentum=0.9)
@@ -4113,10 +4119,14 @@ def global_sgd(model: GPT, val: ValidationData, docs: list[tuple[int, int]], cfg
     return n_chunks - 1
 
 
+def global_sgd_chunks(n_tokens: int, cfg: Config) -> int:
+    """TTT_GLOBAL_CHUNK_TOKENS chunks of an n_tokens stream (global_sgd steps on all but the last)."""
+    return max(1, math.ceil((n_tokens - 1) / cfg.ttt_global_chunk_tokens))
+
+
 def sgd_rows_per_rank(n_tokens: int, cfg: Config, world: int) -> int:
     """EVAL_SEQ_LEN rows the busiest rank runs in a global SGD pass over an n_tokens stream (global_sgd's cut)."""
-    n_chunks = max(1, math.ceil((n_tokens - 1) / cfg.ttt_global_chunk_tokens))
-    return (n_chunks - 1) * math.ceil(cfg.ttt_global_chunk_tokens // cfg.eval_seq_len / world)
+    return (global_sgd_chunks(n_tokens, cfg) - 1) * math.ceil(cfg.ttt_global_chunk_tokens // cfg.eval_seq_len / world)
 
 
 def ttt_eval(model: GPT, val: ValidationData, cfg: Config, rt: Runtime, log: Logger, adapt: bool = True,
@@ -4310,7 +4320,7 @@ def measure_costs(model: GPT, static: nn.Module, dynamic: nn.Module, cfg: Config
         per_call = max(0.0, steps[0] - per_token * B * widths[0])
     if cfg.ttt_enabled and cfg.phased_ttt_num_phases:
         span_rows = max(1, cfg.ttt_global_chunk_tokens // L // rt.world_size)
-        sgd_row = warm_and_time(lambda: sgd_probe(model, dynamic, cfg, rt, g), rt.device) / span_rows
+        sgd_row = warm_and_time(lambda: sgd_probe(model, dynamic, span_rows, cfg, rt, g), rt.device) / span_rows
     return EvalCosts(full, strided, per_token, per_call, sgd_row)
 
 
@@ -4330,9 +4340,9 @@ def ttt_probe_step(model: nn.Module, x: Tensor, lora: BatchedLoRA, opt, rt: Runt
     opt.zero_grad(set_to_none=True)
 
 
-def sgd_probe(model: GPT, dynamic: nn.Module, cfg: Config, rt: Runtime, g: torch.Generator) -> None:
-    """Forward + backward of one rank's global SGD span (the weights do not change; the gradients are dropped)."""
-    rows = max(1, cfg.ttt_global_chunk_tokens // cfg.eval_seq_len // rt.world_size)
+def sgd_probe(model: GPT, dynamic: nn.Module, rows: int, cfg: Config, rt: Runtime, g: torch.Generator) -> None:
+    """Forward + backward of a global SGD span of `rows` EVAL_SEQ_LEN rows (the weights do not change; the
+    gradients are dropped)."""
     model.requires_grad_(True)
     sgd_span_backward(dynamic, random_rows(cfg, 1, rows * cfg.eval_seq_len, g)[0], cfg, rt, cfg.bos_id)
     model.zero_grad(set_to_none=True)
@@ -4369,11 +4379,7 @@ def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime
     log(f"eval_warmup: compile and cost probes {now() - t0:.1f}s on random tokens graphs:"
         f"{compiled_graph_count() - graphs0} costs:" + ",".join(f"{k}={v:.3g}" for k, v in dataclasses.asdict(costs).items()))
     hints = shared_hints(val, cfg, rt, log, now)  # one causal pass, inside the clock and before the plan's cut
-    left = torch.tensor([cfg.eval_budget_seconds - (now() - t_all)], dtype=torch.float64)
-    if rt.world_size > 1:
-        left = left.to(rt.device)
-        dist.broadcast(left, src=0)
-    plan = agreed_plan(cfg, docs, n_targets, rt, costs, float(left[0]), log,
+    plan = agreed_plan(cfg, docs, n_targets, rt, costs, cfg.eval_budget_seconds - (now() - t_all), log,
                        {"ngram_tilt": hints.seconds} if hints is not None else None)
     stages = [("roundtrip", "final_int6_roundtrip_exact", True), ("sliding", "final_int6_sliding_window_exact",
               plan.sliding), ("ttt", "quantized_ttt_phased", plan.ttt)]
@@ -4393,14 +4399,6 @@ def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime
                         "untilted_val_bpb": s.raw_bpb}
     log(f"eval_graphs:{compiled_graph_count() - graphs0}")
     return finish_evaluation(results, plan, cfg, now() - t_all, log)
-
-
-def load_weights(model: GPT, weights: dict[str, Tensor]) -> None:
-    """Put the artifact's weights back (a global SGD phase changes them), at full crawler depth."""
-    sd = model.state_dict()
-    model.load_state_dict({k: v.to(sd[k].dtype) for k, v in weights.items()})
-    model.set_active_loops(model.cfg.n_loops)
-    model.requires_grad_(True)
 
 
 def run_stage(key: str, compiled: nn.Module, model: GPT, val: ValidationData, cfg: Config, rt: Runtime,
@@ -4490,7 +4488,7 @@ def config_from_checkpoint(cfg: Config, explicit: set[str]) -> Config:
 def check_compressor(cfg: Config) -> None:
     """Every codec the artifact needs must be importable now, not after ten paid minutes of training: ZPAQ for the
     counted code (always), brotli for the artifact header (always) and COMPRESSOR's own."""
-    codecs = {"zpaq", "brotli"} | ({"zpaq", "brotli"} if cfg.compressor == "pergroup" else {cfg.compressor})
+    codecs = {"zpaq", "brotli", cfg.compressor} - {"pergroup"}  # pergroup packs with ZPAQ and brotli
     missing = []
     for codec in sorted(codecs):
         try:
