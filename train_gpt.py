@@ -2413,7 +2413,7 @@ def build_optimizers(model: nn.Module, cfg: Config, rt: Runtime) -> Optimizers:
         groups[param_route(name, p)].append(p)
     for p in groups["frozen"]:
         p.requires_grad_(False)
-    ns = torch.compile(newton_schulz) if rt.compile else newton_schulz
+    ns = torch.compile(newton_schulz, backend=rt.compile_backend) if rt.compile else newton_schulz
     muon = Muon(groups["matrix"], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_wd,
                 ns_coefficients(cfg.muon_ns, cfg.muon_backend_steps), cfg.muon_row_norm, rt, ns,
                 {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.muon_momentum_dtype])
