@@ -91,12 +91,13 @@ class Hub:
             raise DownloadError(f"could not reach {full} on {self.repo_id}: {e}") from e
         return (meta.etag or "").strip('"').removeprefix("W/").strip('"')
 
-    def fetch(self, remote: str, dest: Path) -> str:
-        """Download `remote` to `dest` (atomically) and return the Hub's hash, which the file was checked against."""
+    def fetch(self, remote: str, dest: Path, expected: str | None = None) -> None:
+        """Download `remote` to `dest` (atomically), checked against the Hub's hash (`expected` when the caller has
+        already asked for it: one metadata request per file)."""
         from huggingface_hub import hf_hub_download
 
         full, sub, name = self._split(remote)
-        expected = self.expected_hash(remote)
+        expected = expected or self.expected_hash(remote)
         try:
             got = Path(hf_hub_download(repo_id=self.repo_id, filename=name, subfolder=sub, repo_type="dataset",
                                        endpoint=self.endpoint, local_dir=self.stage))
@@ -109,7 +110,6 @@ class Hub:
                                 "the transfer was damaged; re-run the same command")
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(got, dest)
-        return expected
 
 
 def file_hash(path: Path, like: str) -> str:
@@ -201,7 +201,7 @@ def download(variant: Variant, train_shards: int, data_dir: Path, source: Hub, l
             if dest.exists():
                 log(f"[{i}/{len(files)}] {f.local}: damaged or incomplete; downloading again")
                 dest.unlink()
-            source.fetch(f.remote, dest)
+            source.fetch(f.remote, dest, expected)
             why = f.verify(dest, data_dir)
             if why is not None:
                 dest.unlink()

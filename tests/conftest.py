@@ -136,17 +136,19 @@ def caseops_data(tmp_path_factory) -> dict:
 
     import prepare_caseops_data as prep
 
-    root = tmp_path_factory.mktemp("caseops")
-    docs = synthetic_corpus.generate_documents(1200, seed=3)
-    jsonl = root / "docs.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    (root / "tokenizers").mkdir()
-    model = prep.train_tokenizer(str(jsonl), 400, str(root / "tokenizers" / "fineweb_400_bpe_lossless_caps_caseops_v1_reserved"),
-                                 skip_docs=200)
-    out = root / "datasets" / "fineweb10B_sp400_lossless_caps_caseops_v1_reserved"
-    manifest = prep.prepare_shards(str(jsonl), str(model), out, val_docs=200, shard_tokens=40_000, workers=1,
-                                   progress=False)
-    return {"root": root, "jsonl": jsonl, "docs": docs, "tokenizer": model, "data_path": out, "manifest": manifest}
+    def build(root: Path) -> dict:
+        docs = synthetic_corpus.generate_documents(1200, seed=3)
+        jsonl = root / "docs.jsonl"
+        jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        (root / "tokenizers").mkdir()
+        model = prep.train_tokenizer(str(jsonl), 400, str(root / "tokenizers" /
+                                                          "fineweb_400_bpe_lossless_caps_caseops_v1_reserved"), skip_docs=200)
+        out = root / "datasets" / "fineweb10B_sp400_lossless_caps_caseops_v1_reserved"
+        manifest = prep.prepare_shards(str(jsonl), str(model), out, val_docs=200, shard_tokens=40_000, workers=1,
+                                       progress=False)
+        return {"root": root, "jsonl": jsonl, "docs": docs, "tokenizer": model, "data_path": out, "manifest": manifest}
+
+    return built_once(tmp_path_factory, "caseops_data", build, ("root", "jsonl", "tokenizer", "data_path"))
 
 
 @pytest.fixture(scope="session")

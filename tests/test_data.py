@@ -169,8 +169,7 @@ def test_bad_input_line_stops_with_location_and_no_trusted_partial_shard(caseops
     docs = tmp_path / "docs.jsonl"
     docs.write_bytes(b"".join(lines[:bad_at] + [raw] + lines[bad_at:]))
     out = tmp_path / "o"
-    argv = ["shards", "--docs", str(docs), "--tokenizer", str(caseops_data["tokenizer"]), "--out", str(out),
-            "--val-docs", "200", "--shard-tokens", "40000", "--workers", "1", "--no-progress"]
+    argv = _prep_args(caseops_data, out, docs)
     with pytest.raises(SystemExit) as e:
         prep.main(argv)
     assert e.value.code == 2
@@ -368,9 +367,9 @@ def test_shards_of_another_prep_are_refused(caseops_data, tmp_path):
         _check(d, caseops_data["tokenizer"])
 
 
-def _prep_args(caseops_data, out, docs=None, val_docs="200"):
+def _prep_args(caseops_data, out, docs=None):
     return ["shards", "--docs", str(docs or caseops_data["jsonl"]), "--tokenizer", str(caseops_data["tokenizer"]),
-            "--out", str(out), "--val-docs", val_docs, "--shard-tokens", "40000", "--workers", "1", "--no-progress"]
+            "--out", str(out), "--val-docs", "200", "--shard-tokens", "40000", "--workers", "1", "--no-progress"]
 
 
 def test_prep_refuses_a_folder_with_an_earlier_preps_shards(caseops_data, tmp_path):

@@ -330,7 +330,7 @@ def test_shipped_wrapper_builds_its_triton_kernels(tmp_path):
     file". Loaded as a script, the wrapper builds compiled (not interpreted) kernels with their source."""
     pytest.importorskip("triton", reason="triton is not installed (requirements-dev.txt installs it)")
     wrapper = tmp_path / "train_gpt.py"
-    wrapper.write_bytes(tg.counted_code((ROOT / "train_gpt.py").read_text()))
+    wrapper.write_bytes(tg.shipped_code())
     check = ("import runpy, sys; g = runpy.run_path(sys.argv[1], run_name='shipped'); fwd, bwd = g['_ce_kernels'](); "
              "print(type(fwd).__name__, 'def fwd(' in fwd.src)")
     built = subprocess.run([sys.executable, "-c", check, str(wrapper)], env=clean_env(), capture_output=True, text=True,
@@ -445,11 +445,12 @@ def test_evaluation_compile_time_is_on_the_evaluation_clock(trained_tiny, monkey
     assert next(l for l in lines if l.startswith("eval_warmup:")).startswith("eval_warmup: compile and cost probes 250.0s")
 
 
-def test_probe_tells_a_traceable_kernel_from_one_that_breaks_the_graph():
-    def untraceable(q, k, v, **kw):  # an FA3 build without torch custom ops behaves like this
-        torch._dynamo.graph_break()
-        return q
+def untraceable(q, k, v, **kw):  # an FA3 build without torch custom ops behaves like this
+    torch._dynamo.graph_break()
+    return q
 
+
+def test_probe_tells_a_traceable_kernel_from_one_that_breaks_the_graph():
     def traceable(q, k, v, **kw):
         return q * 1.0
 
@@ -459,10 +460,6 @@ def test_probe_tells_a_traceable_kernel_from_one_that_breaks_the_graph():
 
 
 def test_an_fa3_that_does_not_trace_is_refused_when_asked_for_and_replaced_by_flex_on_auto(monkeypatch):
-    def untraceable(q, k, v, **kw):
-        torch._dynamo.graph_break()
-        return q
-
     monkeypatch.setattr(tg, "load_fa3", lambda: (untraceable, untraceable))
     cfg, _ = tg.load_config(SMALL | {"ATTN_BACKEND": "fa3"})
     with pytest.raises(tg.ConfigError, match="does not trace"):

@@ -148,15 +148,11 @@ def bench_guards(model: tg.GPT, rt: tg.Runtime, out: dict) -> None:
 def bench_tilt(cfg: tg.Config, rt: tg.Runtime, tiny: bool, out: dict) -> None:
     """The n-gram tilt's hint pass on this device over a stream as long as the CaseOps val split (1M tokens with
     --tiny); tools/tilt_bench.py times the same pass on the CPU."""
-    from tilt_bench import CASEOPS_VAL_TOKENS, synthetic_stream
+    from tilt_bench import CASEOPS_VAL_TOKENS, synthetic_stream, time_pass
 
     n = 1_000_000 if tiny else CASEOPS_VAL_TOKENS
-    tokens = synthetic_stream(n, cfg.vocab_size)
-    tg.ngram_hints(tokens[:100_000], cfg, rt.device)
-    t0 = time.perf_counter()
-    h = tg.ngram_hints(tokens, cfg, rt.device)
-    tg.sync(rt.device)
-    out["ngram_tilt_pass_s"] = round(time.perf_counter() - t0, 2)
+    h, seconds = time_pass(synthetic_stream(n, cfg.vocab_size), cfg, rt.device)
+    out["ngram_tilt_pass_s"] = round(seconds, 2)
     out["ngram_tilt_pass_targets"] = n - 1
     out["ngram_tilt_fired_share"] = round(h.fired / (n - 1), 4)
 

@@ -66,7 +66,8 @@ REQUIRED = ("bytes_code", "bytes_total", "roundtrip_loss", "train_plus_cal_s", "
 
 def parse_log(path: Path) -> SeedRun:
     run = SeedRun(path)
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for line in lines:
         if line.startswith("config: ") and "=" in line:
             k, v = line[8:].split("=", 1)
             run.config[k] = v
@@ -92,8 +93,7 @@ def parse_log(path: Path) -> SeedRun:
                 else:
                     run.values[key] = float(m[1])
     missing = [k for k in REQUIRED if k not in run.values] + [k for k in ("code_sha256",) if k not in run.text]
-    run.text["errors"] = "\n".join(l for l in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                                   if l.startswith("ERROR:") or " valid:0" in l)
+    run.text["errors"] = "\n".join(l for l in lines if l.startswith("ERROR:") or " valid:0" in l)
     if missing or "SEED" not in run.config:
         raise RecordError(f"{path} is incomplete (missing {', '.join(missing) or 'config'}): the run did not "
                           "finish; re-run that seed")

@@ -34,6 +34,16 @@ def synthetic_stream(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(t)
 
 
+def time_pass(tokens: torch.Tensor, cfg: tg.Config, device: torch.device) -> tuple[tg.NgramHints, float]:
+    """The hint pass over `tokens` on `device` and its seconds, after a warm-up pass on a prefix (allocator, kernels)."""
+    tg.ngram_hints(tokens[:100_000], cfg, device)
+    tg.sync(device)
+    t0 = time.perf_counter()
+    hints = tg.ngram_hints(tokens, cfg, device)
+    tg.sync(device)
+    return hints, time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=CASEOPS_VAL_TOKENS)
@@ -50,14 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = synthetic_stream(a.tokens, cfg.vocab_size)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for dev in devices:
-        tg.ngram_hints(tokens[:100_000], cfg, dev)  # warm the allocator and kernels
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        h = tg.ngram_hints(tokens, cfg, dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        s = time.perf_counter() - t0
+        h, s = time_pass(tokens, cfg, dev)
         print(f"ngram_tilt_pass device:{dev.type} threads:{torch.get_num_threads()} targets:{tokens.numel() - 1} "
               f"fired:{h.fired} ({h.fired / (tokens.numel() - 1):.2%}) pass_s:{s:.3f}")
     return 0

@@ -32,7 +32,7 @@ def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final
     out = torch.empty(B * T, H, v.size(-1))
     s = torch.zeros(H, K, v.size(-1))
     for t in range(B * T):
-        if t in starts or (cu_seqlens is None and t % T == 0):
+        if t in starts:
             s = torch.zeros(H, K, v.size(-1))
         kt, vt = kf[t], vf[t]  # [H, K], [H, V]
         s = s + bf[t][..., None] * kt[..., None] * (vt - torch.einsum("hkv,hk->hv", s, kt))[:, None, :]
