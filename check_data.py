@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, _ = train_gpt.load_config(env)
         sp = train_gpt.check_tokenizer(cfg)
-        rep = train_gpt.check_dataset(cfg, sp, need_bos=cfg.caseops_enabled or cfg.ttt_enabled)
+        rep = train_gpt.check_dataset(cfg, sp)
     except (train_gpt.ConfigError, train_gpt.DataError) as e:
         print(f"data check failed: {e}", file=sys.stderr)
         return 1

@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
 # One seed of the reference run:   SEED=42 bash run.sh
-# Preflight (packages, data, tokenizer, GPUs, disk) runs first and fails in seconds with the fix.
-# Output: $RECORD_DIR/train_seed$SEED.log (the console log), train_seed$SEED.env (exact environment,
-# command, versions), and the run's files in $RUN_DIR. The exit code is train_gpt.py's.
-# A seed's finished log and env are never overwritten: the run writes *.partial files and moves them into place
-# when train_gpt.py exits by itself (a killed run leaves only the .partial files); OVERWRITE=1 replaces a log.
+# Preflight (packages, data, tokenizer, the run's output files, GPUs, disk) runs first and fails in seconds with the fix.
+# Output: $RECORD_DIR/train_seed$SEED.log (the console log), train_seed$SEED.env (exact environment, command,
+# versions), and the run's files in $RUN_DIR. The exit code is train_gpt.py's, or 128+signal when the run was stopped.
+# Nothing is overwritten: a seed whose log (finished or .partial) exists, or a RUN_DIR holding a run's files, is
+# refused. The run writes *.partial files and moves them into place only when train_gpt.py finished the pipeline
+# (its summary line is in the log); a stopped or failed run keeps its .partial log, which says what happened.
+# Stopping: Ctrl-C, SIGTERM to this script or to its process group (timeout, a scheduler) reach the trainer, which
+# saves its checkpoint; the log's `tee` ignores them, so the log keeps the run's last lines.
 # Configuration: any train_gpt.py variable (see README), plus
-#   NPROC (8), DEVICE (cuda | cpu), RECORD_DIR, RUN_DIR, PYTHON (python3), MIN_FREE_GB (4), OVERWRITE (0).
+#   NPROC (8), DEVICE (cuda | cpu), RECORD_DIR, RUN_DIR, PYTHON (python3), MIN_FREE_GB (4).
 set -uo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 SEED=${SEED:-1337}
 NPROC=${NPROC:-8}
 DEVICE=${DEVICE:-cuda}
-RECORD_DIR=${RECORD_DIR:-records/track_10min_16mb/$(date +%Y-%m-%d)_FlatCrawler}
+RECORD_DIR=${RECORD_DIR:-runs/logs}
 RUN_DIR=${RUN_DIR:-runs/seed$SEED}
 MIN_FREE_GB=${MIN_FREE_GB:-4}
 LOG="$RECORD_DIR/train_seed$SEED.log"
 ENVF="$RECORD_DIR/train_seed$SEED.env"
 fail() { echo "preflight: FAIL: $*" >&2; exit 2; }
 
-if [ -e "$LOG" ] && [ "${OVERWRITE:-0}" != 1 ]; then
-  fail "$LOG is a finished run of seed $SEED: choose another SEED or RECORD_DIR, move it away, or set OVERWRITE=1"
-fi
+for f in "$LOG" "$LOG.partial"; do
+  [ -e "$f" ] && fail "$f is the log of an earlier run of seed $SEED (a .partial one was stopped or failed): choose another SEED or RECORD_DIR, or move it away"
+done
 echo "preflight: packages"
 "$PY" - <<'PY' || fail "install the requirements: $PY -m pip install -r requirements.txt"
 import importlib, os, sys
@@ -36,6 +39,13 @@ for m in ["torch", "numpy", "sentencepiece", "zpaq", "brotli"] + comp.get(os.env
 if missing:
     sys.exit(f"missing Python packages: {' '.join(missing)}")
 PY
+echo "preflight: the run's output files"
+SEED=$SEED OUTPUT_DIR=$RUN_DIR "$PY" -c "
+import sys, train_gpt as t
+try:
+    t.check_outputs_free(t.load_config()[0])
+except t.ConfigError as e:
+    sys.exit(str(e))" || fail "RUN_DIR=$RUN_DIR: see above"
 echo "preflight: data and tokenizer"
 VARIANT=sp8192_caseops; [ "${CASEOPS_ENABLED:-1}" = 0 ] && VARIANT=sp1024
 SEED=$SEED "$PY" check_data.py >/dev/null || fail "fix the data above (download: $PY data/cached_challenge_fineweb.py --variant $VARIANT)"
@@ -62,11 +72,32 @@ CMD=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train
   env | grep -E "^[A-Z][A-Z0-9_]*=" | grep -vE "^(PATH|HOME|PWD|OLDPWD|SHLVL|TERM|USER|LOGNAME|SHELL|HOSTNAME|LANG|_)=" | sort
 } > "$ENVF.partial"
 echo "run: ${CMD[*]} -> $LOG"
-SEED=$SEED OUTPUT_DIR=$RUN_DIR "${CMD[@]}" 2>&1 | tee "$LOG.partial"
-RC=${PIPESTATUS[0]}
-if [ "$RC" -lt 128 ]; then  # train_gpt.py ended by itself (a pass, an invalid run, an error it reported)
+
+# The trainer runs in the background so that a signal to this script is passed on at once (bash runs a trap only
+# between commands, and `wait` is one it can interrupt); tee reads a FIFO and ignores INT and TERM, so stopping the
+# run never takes its log (or the trainer's stdout) away before the trainer has saved and said so.
+FIFO=$(mktemp -u "${TMPDIR:-/tmp}/run_sh.XXXXXX")
+mkfifo "$FIFO" || fail "cannot make a FIFO for the log"
+(trap '' INT TERM; exec tee "$LOG.partial" < "$FIFO") &
+TEE=$!
+SIGNALED=0
+forward() { SIGNALED=$1; kill -s "$2" "$PID" 2>/dev/null; }
+trap 'forward 130 INT' INT
+trap 'forward 143 TERM' TERM
+SEED=$SEED OUTPUT_DIR=$RUN_DIR "${CMD[@]}" > "$FIFO" 2>&1 &
+PID=$!
+while :; do
+  wait "$PID"
+  RC=$?
+  kill -0 "$PID" 2>/dev/null || break  # a trapped signal ended the wait, not the trainer: wait again
+done
+wait "$PID"; RC=$?  # the trainer's own status (bash keeps it for a child that has exited)
+wait "$TEE"
+rm -f "$FIFO"
+[ "$SIGNALED" -ne 0 ] && RC=$SIGNALED  # torchrun reports a stop by signal as 1
+if [ "$SIGNALED" -eq 0 ] && grep -q "^summary:" "$LOG.partial"; then  # the pipeline ran to its end (pass or not)
   mv -f "$LOG.partial" "$LOG" && mv -f "$ENVF.partial" "$ENVF"
 else
-  echo "run: killed (exit $RC); its log is $LOG.partial, and $LOG was left as it was" >&2
+  echo "run: stopped or failed (exit $RC); its log is $LOG.partial (the checkpoint, if training started, is in $RUN_DIR)" >&2
 fi
 exit "$RC"

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -59,14 +60,16 @@ def _parse(name: str, raw: str, typ) -> object:
         if typ is int:
             return int(float(raw)) if "e" in raw.lower() else int(raw)
         if typ is float:
+            if not math.isfinite(float(raw)):  # nan passes every range check; inf overflows an int
+                raise ValueError
             return float(raw)
         return raw
-    except ValueError:
-        kind = {bool: "0 or 1", int: "an integer", float: "a number"}[typ]
+    except (ValueError, OverflowError):
+        kind = {bool: "0 or 1", int: "an integer", float: "a finite number"}[typ]
         raise ConfigError(f"{name}={raw!r} is not {kind}") from None
 
 
-def _f(default, help: str, spec: str, model: bool = False):
+def _f(default, help: str, spec: str, model: bool = False, evaluation: bool = False):
     """A config field: its default, its help line (README table) and its valid values: "lo..hi" (either side may
     be empty), "a|b|c" for a choice, or "" for anything of the type."""
     lo = hi = None
@@ -76,12 +79,18 @@ def _f(default, help: str, spec: str, model: bool = False):
     elif ".." in spec:
         a, b = spec.split("..")
         lo, hi = (float(a) if a else None), (float(b) if b else None)
-    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices, "model": model})
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices, "model": model,
+                                            "eval": evaluation})
 
 
 def _m(default, help: str, spec: str):
     """A model field: it shapes the weights or the forward pass, so a checkpoint or an artifact carries it."""
     return _f(default, help, spec, model=True)
+
+
+def _e(default, help: str, spec: str):
+    """An evaluation field: it shapes what evaluation scores (EVAL_ONLY takes it from the artifact by default)."""
+    return _f(default, help, spec, evaluation=True)
 
 
 def env_defaults(cls):
@@ -102,21 +111,25 @@ class Config:
     The README's "Defaults and where they come from" table gives the source of each non-trivial default."""
 
     # --- run and data ---
-    seed: int = _f("1337", "random seed (weights, data order)", "0..")
-    run_id: str = _f("", "name of this run; default: seed<SEED>", "")
+    seed: int = _e("1337", "random seed (weights, data order)", "0..")
+    run_id: str = _f("", "name of this run's log and summary; default: seed<SEED> (+_repack with SKIP_TRAIN, +_eval "
+                     "with EVAL_ONLY)", "")
     output_dir: str = _f(".", "where final_model.pt, the artifact, logs/ and the summary go", "")
     data_dir: str = _f("./data", "root holding datasets/ and tokenizers/", "")
     data_path: str = _f("", "shard folder; default: DATA_DIR/datasets/<variant>", "")
     tokenizer_path: str = _f("", "SentencePiece model; default: DATA_DIR/tokenizers/<variant>.model", "")
     vocab_size: int = _m("8192", "must equal the tokenizer's piece count", "2..65536")
-    caseops_enabled: bool = _f("1", "CaseOps data (#1736): byte counts come from the val byte sidecar", "")
+    caseops_enabled: bool = _e("1", "CaseOps data (#1736): byte counts come from the val byte sidecar", "")
     bos_id: int = _m("1", "document separator id; checked against the tokenizer", "0..")
-    val_token_limit: int = _f("0", "score only the first N val tokens (0 = all; smoke tests only)", "0..")
+    val_token_limit: int = _e("0", "score only the first N val tokens (0 = all; smoke tests only)", "0..")
     allow_unknown_env: bool = _f("0", "continue despite env vars that look like ours but are not read", "")
+    val_overlap_docs: int = _f("0", "training documents identical to validation documents accepted as natural duplicates "
+                               "(their hashes are logged); any overlap beyond this is refused", "0..")
     # --- schedule and batch ---
     iterations: int = _f("20000", "maximum optimizer steps", "1..")
     max_wallclock_seconds: float = _f("600.0", "training wallclock cap incl. calibration (0 = none)", "0..")
-    gptq_reserve_seconds: float = _f("10.0", "part of the cap kept for GPTQ calibration and quantization", "0..")
+    gptq_reserve_seconds: float = _f("2.0", "seconds of the cap kept beyond GPTQ calibration's time, which is projected "
+                                     "before training from a timed Hessian pass (the projection's margin)", "0..")
     train_batch_tokens: int = _f("786_432", "global tokens per optimizer step", "1..")
     train_seq_len: int = _f("2048", "training row length = the longest context of TRAIN_SEQ_SCHEDULE (#2135)", "8..")
     train_seq_schedule: str = _f("", "context growth LEN@UNTIL_FRACTION,... (#2014: 1024@0.1,2048@0.7,3072@1.0); "
@@ -223,36 +236,39 @@ class Config:
     artifact_fit: bool = _f("1", "widen the int6 steps just enough that the estimated artifact fits the cap", "")
     skip_train: bool = _f("0", "skip training: calibrate, quantize, pack and evaluate INIT_MODEL_PATH", "")
     init_model_path: str = _f("", "float checkpoint for SKIP_TRAIN (default OUTPUT_DIR/final_model.pt)", "")
+    eval_only: bool = _f("0", "evaluate the packed artifact ARTIFACT_PATH alone, as a reviewer does: no training, no "
+                         "checkpoint; the model and the evaluation settings come from the artifact", "")
+    artifact_path: str = _f("", "artifact for EVAL_ONLY (default OUTPUT_DIR/final_model.int6.ptz)", "")
     # --- evaluation and test-time training ---
-    eval_seq_len: int = _f("2560", "evaluation window length (#2135; #2014: 3072)", "8..")
-    eval_stride: int = _f("64", "sliding-window stride (tokens scored per window after the first)", "1..")
-    sliding_eval: bool = _f("1", "run the sliding-window evaluation (dropped first when the budget is short)", "")
-    eval_batch_tokens: int = _f("262_144", "tokens per evaluation forward on each rank", "1..")
-    eval_budget_seconds: float = _f("600.0", "evaluation time budget; the plan is cut to fit before scoring", "1..")
-    ttt_enabled: bool = _f("1", "phased score-first test-time training after the plain evaluations", "")
-    ngram_tilt: bool = _f("1", "causal token n-gram tilt of the scored distribution (#2135, token-only as #1514)", "")
-    ngram_tilt_order: int = _f("16", "n-gram order of the tilt: the hint for a target reads the 15 tokens before it",
+    eval_seq_len: int = _e("2560", "evaluation window length (#2135; #2014: 3072)", "8..")
+    eval_stride: int = _e("64", "sliding-window stride (tokens scored per window after the first)", "1..")
+    sliding_eval: bool = _e("1", "run the sliding-window evaluation (dropped first when the budget is short)", "")
+    eval_batch_tokens: int = _e("262_144", "tokens per evaluation forward on each rank", "1..")
+    eval_budget_seconds: float = _e("600.0", "evaluation time budget; the plan is cut to fit before scoring", "1..")
+    ttt_enabled: bool = _e("1", "phased score-first test-time training after the plain evaluations", "")
+    ngram_tilt: bool = _e("1", "causal token n-gram tilt of the scored distribution (#2135, token-only as #1514)", "")
+    ngram_tilt_order: int = _e("16", "n-gram order of the tilt: the hint for a target reads the 15 tokens before it",
                                "2..64")
-    ngram_tilt_threshold: float = _f("0.8", "tilt when the context's top next token has this share of its count",
+    ngram_tilt_threshold: float = _e("0.8", "tilt when the context's top next token has this share of its count",
                                      "0..1")
-    ngram_tilt_boost: float = _f("2.625", "logit boost (after the softcap) of the hinted token", "0..20")
-    ttt_lora_rank: int = _f("80", "rank of the per-document LoRA (#1855)", "1..")
-    ttt_lora_alpha: float = _f("144.0", "LoRA output scale alpha/rank (#1855)", "0..")
-    ttt_lora_lr: float = _f("0.00008", "LoRA AdamW learning rate (#2135; #1736: 1e-4)", "0..")
-    ttt_local_lr_mult: float = _f("1.0", "multiplier on TTT_LORA_LR (#1953: 0.75)", "0..")
-    ttt_beta2: float = _f("0.99", "LoRA AdamW beta2, beta1 = 0 (#1855)", "0..1")
-    ttt_weight_decay: float = _f("2.0", "decoupled weight decay on the LoRA (#2135; #1855: 0.5)", "0..")
-    ttt_warm_start_a: bool = _f("1", "carry each LoRA slot's A to the next batch on the rank (#1855)", "")
-    ttt_mask: str = _f("no_k", "LoRA adapters: all (Q,K,V,O,MLP,head), no_k (#2135) or no_qv (#1953)",
+    ngram_tilt_boost: float = _e("2.625", "logit boost (after the softcap) of the hinted token", "0..20")
+    ttt_lora_rank: int = _e("80", "rank of the per-document LoRA (#1855)", "1..")
+    ttt_lora_alpha: float = _e("144.0", "LoRA output scale alpha/rank (#1855)", "0..")
+    ttt_lora_lr: float = _e("0.00008", "LoRA AdamW learning rate (#2135; #1736: 1e-4)", "0..")
+    ttt_local_lr_mult: float = _e("1.0", "multiplier on TTT_LORA_LR (#1953: 0.75)", "0..")
+    ttt_beta2: float = _e("0.99", "LoRA AdamW beta2, beta1 = 0 (#1855)", "0..1")
+    ttt_weight_decay: float = _e("2.0", "decoupled weight decay on the LoRA (#2135; #1855: 0.5)", "0..")
+    ttt_warm_start_a: bool = _e("1", "carry each LoRA slot's A to the next batch on the rank (#1855)", "")
+    ttt_mask: str = _e("no_k", "LoRA adapters: all (Q,K,V,O,MLP,head), no_k (#2135) or no_qv (#1953)",
                        "all|no_k|no_qv")
-    ttt_chunk_size: int = _f("48", "tokens scored per chunk before each LoRA step (#1855)", "1..")
-    ttt_short_chunks: str = _f("", "MAXLEN:CHUNK for batches of short documents (#2014: 256:8,2000:24); empty = off",
+    ttt_chunk_size: int = _e("48", "tokens scored per chunk before each LoRA step (#1855)", "1..")
+    ttt_short_chunks: str = _e("", "MAXLEN:CHUNK for batches of short documents (#2014: 256:8,2000:24); empty = off",
                                "")
-    ttt_batch_docs: int = _f("64", "documents adapted in parallel per batch (#2135; #2014: 24)", "1..")
-    phased_ttt_prefix_docs: int = _f("2500", "scored documents whose tokens feed the global SGD phases (#1855)", "0..")
-    phased_ttt_num_phases: int = _f("1", "global SGD phases over scored-document prefixes (#2014)", "0..")
-    ttt_global_lr: float = _f("0.001", "peak SGD LR of the global phases, cosine to 0 (#1855)", "0..")
-    ttt_global_chunk_tokens: int = _f("32768", "tokens per global SGD step (#1855)", "1..")
+    ttt_batch_docs: int = _e("64", "documents adapted in parallel per batch (#2135; #2014: 24)", "1..")
+    phased_ttt_prefix_docs: int = _e("2500", "scored documents whose tokens feed the global SGD phases (#1855)", "0..")
+    phased_ttt_num_phases: int = _e("1", "global SGD phases over scored-document prefixes (#2014)", "0..")
+    ttt_global_lr: float = _e("0.001", "peak SGD LR of the global phases, cosine to 0 (#1855)", "0..")
+    ttt_global_chunk_tokens: int = _e("32768", "tokens per global SGD step (#1855)", "1..")
     # --- device ---
     attn_backend: str = _f("auto", "attention kernel: auto = FA3 if importable and traceable, else flex on CUDA, "
                            "SDPA on CPU", "auto|fa3|flex|sdpa")
@@ -335,6 +351,7 @@ class Config:
 
 ENV_NAMES = {f.name.upper(): f for f in dataclasses.fields(Config)}
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["model"])
+EVAL_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["eval"])
 # Names exported by the seeds' run scripts that this trainer deliberately does not read.
 RETIRED_ENV = {
     "COMPLEMENT_ALPHA", "MTP_NUM_HEADS", "LATE_QAT_THRESHOLD", "NGRAM_EVAL_ORDER", "TORCHDYNAMO_OPTIMIZE_DDP",
@@ -369,13 +386,16 @@ def int_list(raw: str, name: str) -> tuple[int, ...]:
 
 
 def unknown_env_report(environ: typing.Mapping[str, str]) -> list[str]:
-    """Env vars that look like ours but are not read: typos, retired seed names, seed spellings of ours."""
+    """Env vars that look like ours but are not read: typos, case variants, retired seed names, seed spellings of
+    ours."""
     out = []
     for name in sorted(environ):
-        if name in ENV_NAMES or name.startswith(FOREIGN_PREFIXES):
+        if name in ENV_NAMES or name.upper().startswith(FOREIGN_PREFIXES):
             continue
-        close = difflib.get_close_matches(name, list(ENV_NAMES), n=1, cutoff=0.8)
-        if name in SEED_RENAMES:
+        close = difflib.get_close_matches(name.upper(), list(ENV_NAMES), n=1, cutoff=0.8)
+        if name != name.upper() and close:  # matrix_lr: names are case-sensitive, and ours are upper case
+            out.append(f"{name} is not read: variable names are upper case; did you mean {close[0]}?")
+        elif name in SEED_RENAMES:
             out.append(f"{name} is a seed's name; here it is {SEED_RENAMES[name]}")
         elif name in RETIRED_ENV:
             out.append(f"{name} is a seed option this trainer does not have; unset it")
@@ -393,8 +413,21 @@ def load_config(environ: typing.Mapping[str, str] | None = None) -> tuple[Config
     return cfg, warnings
 
 
-def config_from_dict(d: dict) -> Config:
-    """A Config saved as a dict (checkpoint, artifact header)."""
+def default_run_id(cfg: Config) -> str:
+    return f"seed{cfg.seed}" + ("_repack" if cfg.skip_train else "_eval" if cfg.eval_only else "")
+
+
+def config_from_dict(d: dict, source: str = "the saved config") -> Config:
+    """A Config saved as a dict (checkpoint, artifact header). A field this version does not know, or a model field
+    it lacks, means another version of this script wrote it: its weights would load into a different model."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown, missing = sorted(set(d) - known), sorted(set(MODEL_FIELDS) - set(d))
+    if unknown or missing:
+        raise ConfigError(f"{source} was written by another version of train_gpt.py ("
+                          + "; ".join(([f"fields this version does not know: {', '.join(unknown)}"] if unknown else [])
+                                      + ([f"model fields it lacks: {', '.join(missing)}"] if missing else []))
+                          + "): evaluate or re-pack it with the train_gpt.py that wrote it (a run keeps its counted copy "
+                          "as train_gpt.counted.py)")
     return Config(**d)
 
 
@@ -412,16 +445,21 @@ def load_config_explicit(environ: typing.Mapping[str, str] | None = None) -> tup
     if unknown and not cfg.allow_unknown_env:
         raise ConfigError("unknown environment variables (set ALLOW_UNKNOWN_ENV=1 to run anyway):\n  "
                           + "\n  ".join(unknown))
-    if not cfg.run_id:
-        cfg = dataclasses.replace(cfg, run_id=f"seed{cfg.seed}")
-    if not cfg.data_path:
-        cfg = dataclasses.replace(cfg, data_path=os.path.join(cfg.data_dir, "datasets", cfg.variant))
-    if not cfg.tokenizer_path:
-        tok = (f"fineweb_{cfg.vocab_size}_bpe_lossless_caps_caseops_v1_reserved.model" if cfg.caseops_enabled
-               else f"fineweb_{cfg.vocab_size}_bpe.model")
-        cfg = dataclasses.replace(cfg, tokenizer_path=os.path.join(cfg.data_dir, "tokenizers", tok))
+    cfg = fill_defaults(cfg, explicit)
     validate_config(cfg, explicit)
     return cfg, unknown, explicit
+
+
+def fill_defaults(cfg: Config, explicit: set[str]) -> Config:
+    """The defaults that follow other fields, unless set: RUN_ID (SEED and the kind of run), DATA_PATH and
+    TOKENIZER_PATH (the data variant: VOCAB_SIZE, CASEOPS_ENABLED). Filled again once a re-pack or EVAL_ONLY has
+    taken fields from its checkpoint or artifact."""
+    tok = (f"fineweb_{cfg.vocab_size}_bpe_lossless_caps_caseops_v1_reserved.model" if cfg.caseops_enabled
+           else f"fineweb_{cfg.vocab_size}_bpe.model")
+    derived = {"run_id": default_run_id(cfg), "data_path": os.path.join(cfg.data_dir, "datasets", cfg.variant),
+               "tokenizer_path": os.path.join(cfg.data_dir, "tokenizers", tok)}
+    return dataclasses.replace(cfg, **{k: v for k, v in derived.items()
+                                       if k.upper() not in explicit or not getattr(cfg, k)})
 
 
 def field_errors(cfg: Config) -> list[str]:
@@ -504,8 +542,24 @@ def schedule_errors(cfg: Config, explicit: set[str]) -> list[str]:
     return errs
 
 
+def run_errors(cfg: Config) -> list[str]:
+    """Variables that only act in another kind of run would be silently ignored in this one."""
+    errs = []
+    if cfg.skip_train and cfg.eval_only:
+        errs.append("SKIP_TRAIN and EVAL_ONLY are both set: SKIP_TRAIN re-packs a checkpoint, EVAL_ONLY scores an "
+                    "artifact; choose one")
+    if cfg.init_model_path and not cfg.skip_train:
+        errs.append(f"INIT_MODEL_PATH={cfg.init_model_path} is read only with SKIP_TRAIN=1 (a re-pack of that checkpoint); "
+                    "set SKIP_TRAIN=1 or unset INIT_MODEL_PATH")
+    if cfg.artifact_path and not cfg.eval_only:
+        errs.append(f"ARTIFACT_PATH={cfg.artifact_path} is read only with EVAL_ONLY=1; set EVAL_ONLY=1 or unset it")
+    return errs
+
+
 def validate_config(cfg: Config, explicit: set[str] = frozenset()) -> None:
-    errs = field_errors(cfg) + shape_errors(cfg) + crawler_errors(cfg) + schedule_errors(cfg, explicit)
+    errs = field_errors(cfg)
+    if not errs:  # the checks below divide by fields that a range error may have left at zero (NUM_HEADS=0)
+        errs = shape_errors(cfg) + crawler_errors(cfg) + schedule_errors(cfg, explicit) + run_errors(cfg)
     if errs:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
 
@@ -627,9 +681,17 @@ class FlexAttention(SdpaAttention):
     """Document-masked calls go to PyTorch's flex_attention (a block-sparse kernel that torch.compile generates:
     nothing of size T x T exists; no extra package). The block mask comes from the segment ids per 128-token
     block, without evaluating the mask over T x T: a block pair is empty, full (one segment, strictly below the
-    diagonal) or partial. Unmasked calls go to SDPA's flash path."""
+    diagonal) or partial. Unmasked calls go to SDPA's flash path. When the run compiles, the kernel itself is
+    compiled on its own, so that eager callers (GPTQ calibration's Hessian passes, on the training clock) run the
+    fused kernel too: eager flex_attention materialises every [B, H, T, T] score matrix. Inside a compiled model the
+    compiled kernel is traced like the plain function."""
     name = "flex"
     BLOCK = 128
+
+    def __init__(self, compiled: bool = False, backend: str = "inductor"):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        self.kernel = torch.compile(flex_attention, dynamic=False, backend=backend) if compiled else flex_attention
 
     def prepare(self, seg: Segments | None, T: int) -> typing.Any:
         return None if seg is None else doc_block_mask(seg.ids, self.BLOCK)
@@ -637,10 +699,8 @@ class FlexAttention(SdpaAttention):
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: typing.Any) -> Tensor:
         if mask is None:
             return super().__call__(q, k, v, None)
-        from torch.nn.attention.flex_attention import flex_attention
-
         qt, kt, vt = (t.transpose(1, 2) for t in same_dtype(q, k, v))
-        return flex_attention(qt, kt, vt, block_mask=mask, enable_gqa=qt.size(1) != kt.size(1)).transpose(1, 2)
+        return self.kernel(qt, kt, vt, block_mask=mask, enable_gqa=qt.size(1) != kt.size(1)).transpose(1, 2)
 
     def masked_call_bytes(self, rows: int, T: int, heads: int, max_len: int = 0) -> float:
         n = -(-T // self.BLOCK)
@@ -711,13 +771,17 @@ def load_fa3() -> tuple[typing.Callable, typing.Callable] | None:
 
 
 def probe_traceable(backend: AttentionBackend, device: torch.device, doc_masked: bool) -> str | None:
-    """None when `torch.compile(fullgraph=True)` traces the backend, else why not. Only FA3 builds that register
-    torch custom ops trace; any other build breaks the graph, a hard error at warm-up step 1."""
-    q = torch.zeros(1, 128, 2, 64, device=device, dtype=torch.bfloat16)
+    """None when `torch.compile(fullgraph=True)` traces the backend's forward and backward, as training compiles it
+    (AOT autograd, backend aot_eager: the joint graph without code generation), else why not. Only FA3 builds that
+    register torch custom ops, their backward included, trace; a build whose forward or backward breaks the graph
+    is a hard error at warm-up step 1 (a forward-only probe passes a build whose backward op does not trace)."""
+    q = torch.zeros(1, 128, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     seg = make_segments(torch.zeros(1, 128, dtype=torch.long), 0, 128, device) if doc_masked else None
     torch._dynamo.reset()
     try:
-        torch.compile(lambda a: backend(a, a, a, backend.prepare(seg, 128)), fullgraph=True, backend="eager")(q)
+        out = torch.compile(lambda a: backend(a, a, a, backend.prepare(seg, 128)), fullgraph=True,
+                            backend="aot_eager")(q)
+        out.float().sum().backward()
     except Exception as e:  # noqa: BLE001 - whatever the failure, this backend cannot run compiled
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     finally:
@@ -745,7 +809,7 @@ def choose_attention(cfg: Config, device: torch.device, compiled: bool, notes: l
         notes.append(f"WARNING: FlashAttention 3 is importable but does not trace under torch.compile(fullgraph=True) "
                      f"({why}); install a build with torch custom ops for full speed")
     if want == "flex" or (want == "auto" and device.type == "cuda"):
-        return FlexAttention()
+        return FlexAttention(compiled, cfg.compile_backend)
     return SDPA
 
 
@@ -758,7 +822,8 @@ def check_attention_fits(cfg: Config, rt: "Runtime", accum: int) -> None:
     apps = len(application_plan(cfg, cfg.n_loops))
     eager_flex = rt.attn.name == "flex" and not rt.compile  # flex without compile falls back to the math kernel
     per_call = (lambda r, t, h, c=0: SDPA.masked_call_bytes(r, t, h)) if eager_flex else rt.attn.masked_call_bytes
-    train = apps * per_call(1, T, cfg.num_heads, cfg.train_seq_len)  # kept for the backward, per block application
+    # kept for the backward, per block application (EVAL_ONLY trains nothing)
+    train = 0 if cfg.eval_only else apps * per_call(1, T, cfg.num_heads, cfg.train_seq_len)
     evaluate = per_call(max(1, cfg.eval_batch_tokens // cfg.eval_seq_len), cfg.eval_seq_len, cfg.num_heads)
     need, have = max(train, evaluate), device_memory_bytes(rt.device)
     if need > 0.5 * have:
@@ -889,19 +954,60 @@ def compile_model(model: nn.Module, cfg: Config, rt: Runtime, dynamic: bool = Fa
 
 
 class Logger:
-    """Rank-0 `key:value` lines to stdout and OUTPUT_DIR/logs/RUN_ID.txt."""
+    """Rank-0 `key:value` lines to OUTPUT_DIR/logs/RUN_ID.txt (one run per file: a run refuses to start where its log
+    exists) and to stdout. Logging never stops a run: when stdout's pipe closes (Ctrl-C or SIGTERM reached run.sh's
+    `tee` first) the file keeps the log and stdout goes to /dev/null; when the disk is full the file misses lines
+    and stderr says so once."""
 
     def __init__(self, path: str | None):
-        self.path = path
+        self.path, self.console, self.file_ok = path, True, True
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, msg: str) -> None:
         if self.path is None:
             return
-        print(msg, flush=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(msg + "\n")
+        if self.file_ok:
+            try:
+                with open(self.path, "a", encoding="utf-8") as fh:
+                    fh.write(msg + "\n")
+            except OSError as e:
+                self.file_ok = False
+                self._stderr(f"WARNING: cannot write the log {self.path} ({e.strerror or e}); later lines go to stdout only")
+        if self.console:
+            try:
+                print(msg, flush=True)
+            except OSError:  # BrokenPipeError and friends: the reader of stdout is gone
+                self.console = False
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit's flush must not fail either
+
+    @staticmethod
+    def _stderr(msg: str) -> None:
+        try:
+            print(msg, file=sys.stderr, flush=True)
+        except OSError:
+            pass
+
+
+def write_atomic(path: str | Path, parts: bytes | list[bytes]) -> None:
+    """Every file a run leaves (checkpoint, artifact, counted code, summary, shards, record files) is written whole or
+    not at all: to a temporary name of this process beside it, flushed, fsynced, then renamed over the target. A full
+    disk or a kill mid-write leaves the previous file (or none) and no temporary file, and says what to free."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            for part in [parts] if isinstance(parts, bytes) else parts:
+                fh.write(part)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        err = OSError(f"could not write {path} ({e.strerror or e}); nothing was replaced: free disk space under "
+                      f"{path.parent.resolve()} or write elsewhere")
+        err.errno = e.errno
+        raise err from None
 
 
 COLLECTIVES = [0]  # collectives this rank has entered: after a timeout, the rank with fewer is the late one
@@ -936,6 +1042,17 @@ def sync_grads_(params: list[nn.Parameter], rt: Runtime, average: bool = True) -
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     all_reduce_flat_([p.grad for p in params], rt, average)
+
+
+HOST = torch.device("cpu")
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without stalling the host: copied asynchronously from pinned memory (CUDA stages an
+    "asynchronous" copy from pageable memory synchronously). On the host, the tensor itself."""
+    if device == HOST or t.device == device:
+        return t
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 def sync(device: torch.device) -> None:
@@ -979,12 +1096,14 @@ class DataError(ValueError):
 def read_shard_header(path: str | Path) -> int:
     """Validate a shard's header and size; return its token count."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory where a shard file belongs: remove it, or re-download the shard")
     if not path.is_file():
         raise DataError(f"missing shard {path}")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise DataError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header (truncated?)")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    header = read_array(path, "<i4", HEADER_INTS, 0)
     if header[0] != SHARD_MAGIC:
         raise DataError(f"{path}: magic {header[0]} != {SHARD_MAGIC}; not a token shard")
     if header[1] != SHARD_VERSION:
@@ -998,7 +1117,14 @@ def read_shard_header(path: str | Path) -> int:
 
 def load_shard(path: str | Path) -> np.ndarray:
     n = read_shard_header(path)
-    return np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+    return read_array(path, "<u2", n, HEADER_BYTES)
+
+
+def read_array(path: str | Path, dtype: str, count: int, offset: int) -> np.ndarray:
+    try:
+        return np.fromfile(path, dtype=dtype, count=count, offset=offset)
+    except OSError as e:  # permissions, an I/O error of the disk
+        raise DataError(f"cannot read {path} ({e.strerror or e}): fix its permissions, or re-download it") from None
 
 
 def write_shard(path: str | Path, tokens: np.ndarray) -> None:
@@ -1007,11 +1133,7 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
         raise ValueError("token id does not fit uint16")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(header.tobytes())
-        fh.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
+    write_atomic(path, [header.tobytes(), tokens.astype("<u2").tobytes()])
 
 
 def shard_paths(data_path: str, split: str) -> list[str]:
@@ -1040,17 +1162,22 @@ def segment_arrays(rows: np.ndarray, bos_id: int, max_len: int) -> tuple[np.ndar
     return np.cumsum(starts, axis=1) - 1, np.append(np.flatnonzero(starts.reshape(-1)), rows.size).astype(np.int32)
 
 
-def device_segments(arrays: tuple[np.ndarray, np.ndarray], max_len: int, device: torch.device) -> Segments:
+def host_segments(arrays: tuple[np.ndarray, np.ndarray], pin: bool) -> tuple[Tensor, Tensor]:
+    """(segment ids, cu_seqlens) as host tensors, pinned when they go to another device."""
+    ids, cu = (torch.from_numpy(a) for a in arrays)
+    return (ids.pin_memory(), cu.pin_memory()) if pin else (ids, cu)
+
+
+def device_segments(host: tuple[Tensor, Tensor], max_len: int, device: torch.device) -> Segments:
     """Segments on `device`; the length of cu_seqlens is marked as the graph's one dynamic dimension."""
-    ids, cu = arrays
-    cu_dev = torch.from_numpy(cu).to(device, non_blocking=True)
-    torch._dynamo.mark_dynamic(cu_dev, 0)
-    return Segments(torch.from_numpy(ids).to(device, non_blocking=True), cu_dev, max_len)
+    ids, cu = (to_device(t, device) for t in host)
+    torch._dynamo.mark_dynamic(cu, 0)
+    return Segments(ids, cu, max_len)
 
 
 def make_segments(rows: Tensor, bos_id: int, max_len: int, device: torch.device) -> Segments:
-    """Segments of a CPU batch of rows, on `device`."""
-    return device_segments(segment_arrays(rows.numpy(), bos_id, max_len), max_len, device)
+    """Segments of a host batch of rows, on `device`."""
+    return device_segments(host_segments(segment_arrays(rows.numpy(), bos_id, max_len), device != HOST), max_len, device)
 
 
 class Micro(typing.NamedTuple):
@@ -1062,7 +1189,7 @@ class Micro(typing.NamedTuple):
 
 def to_micro(x: Tensor, y: Tensor, cfg: Config, seq_len: int, device: torch.device) -> Micro:
     seg = make_segments(x, cfg.bos_id, seq_len, device) if cfg.doc_masked_attn else None
-    return Micro(x.to(device, non_blocking=True), y.to(device, non_blocking=True), seg)
+    return Micro(to_device(x, device), to_device(y, device), seg)
 
 
 class TrainLoader:
@@ -1074,12 +1201,13 @@ class TrainLoader:
     step boundaries, a segment of its own on each side); without it (the crawler seeds) the span is cut into
     rows of TRAIN_SEQ_LEN. Shard order and the start offset depend only on SEED; each shard's token ids are
     checked when it is opened, before any of them is used. A background thread reads ahead `prefetch` steps
-    into pinned memory (#1736), segments cut for the context of the latest request."""
+    into pinned memory (#1736), tokens and segments (cut for the context of the latest request) alike, so the
+    training thread only queues asynchronous copies."""
 
     def __init__(self, paths: list[str], cfg: Config, rank: int, world_size: int, accum: int, device: torch.device,
                  prefetch: int = 2, flat: bool | None = None):
         self.paths, self.cfg, self.rank, self.world = list(paths), cfg, rank, world_size
-        self.accum, self.device, self.pin = accum, device, device.type == "cuda"
+        self.accum, self.device, self.pin = accum, device, device != HOST
         self.flat = cfg.doc_masked_attn if flat is None else flat
         self.n = cfg.train_batch_tokens // (world_size * accum)  # tokens per micro-batch
         rng = np.random.default_rng(cfg.seed)
@@ -1089,6 +1217,7 @@ class TrainLoader:
         hits = np.flatnonzero(self.tokens[self.pos:self.pos + 1_000_000] == cfg.bos_id)
         self.pos += int(hits[0]) if hits.size else 0  # the stream starts at a document
         self.seq_len = cfg.train_seq_len  # the context the prefetcher cuts segments for
+        self.host_x: Tensor | None = None  # the host rows of the last batch handed out (recut reads them)
         self.queue: queue.Queue | None = None
         if prefetch:
             self.queue = queue.Queue(maxsize=prefetch)
@@ -1097,7 +1226,7 @@ class TrainLoader:
     def _open(self, i: int) -> np.ndarray:
         path = self.paths[self.order[i]]
         tokens = load_shard(path)
-        check_ids(self.cfg, {path: tokens}, False)  # again at open: the file may have changed since the preflight
+        check_ids(self.cfg, {path: tokens})  # again at open: the file may have changed since the preflight
         return tokens
 
     def _take(self, n: int) -> np.ndarray:
@@ -1122,7 +1251,8 @@ class TrainLoader:
 
     def _prepare(self, seq_len: int) -> tuple:
         x, y = self.read()
-        segs = [segment_arrays(xm, self.cfg.bos_id, seq_len) for xm in x] if self.cfg.doc_masked_attn else None
+        segs = [host_segments(segment_arrays(xm, self.cfg.bos_id, seq_len), self.pin) for xm in x] \
+            if self.cfg.doc_masked_attn else None
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         return (xt.pin_memory(), yt.pin_memory()) if self.pin else (xt, yt), seq_len, segs
 
@@ -1141,10 +1271,17 @@ class TrainLoader:
         if isinstance(item, BaseException):
             raise item
         (x, y), cut, segs = item
+        self.host_x = x
         if segs is not None and cut != seq_len:  # the context changed after this batch was prefetched
-            segs = [segment_arrays(xm.numpy(), self.cfg.bos_id, seq_len) for xm in x]
-        return [Micro(x[m].to(self.device, non_blocking=True), y[m].to(self.device, non_blocking=True),
+            segs = [host_segments(segment_arrays(xm.numpy(), self.cfg.bos_id, seq_len), self.pin) for xm in x]
+        return [Micro(to_device(x[m], self.device), to_device(y[m], self.device),
                       device_segments(segs[m], seq_len, self.device) if segs else None) for m in range(self.accum)]
+
+    def recut(self, batch: list[Micro], seq_len: int) -> list[Micro]:
+        """The last batch handed out, with segments for another context length (at a context change: twice a run),
+        cut from its host rows (reading them back from the device would stall)."""
+        return [Micro(m.x, m.y, make_segments(self.host_x[i], self.cfg.bos_id, seq_len, self.device))
+                for i, m in enumerate(batch)]
 
 
 @dataclass(frozen=True)
@@ -1264,11 +1401,12 @@ class ValFingerprint:
     targets_2048: int
     tokens: int | None = None  # exact token count of the val file, where known
     bytes: int | None = None  # the byte sidecar's total, where known (CaseOps)
+    train_shards: int | None = None  # the published train shards, where known (a download may take fewer)
 
 
 KNOWN_VAL = {"fineweb10B_sp1024": ValFingerprint(50_000, 62_021_632),
              "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved": ValFingerprint(50_000, 47_851_520, 47_853_344,
-                                                                                   151_080_645)}
+                                                                                   151_080_645, 80)}
 
 
 def targets_2048(n_tokens: int) -> int:
@@ -1283,7 +1421,7 @@ class DataReport:
     val_docs: int
     val_bytes: int | None
     train_docs_checked: int
-    overlap_docs: int
+    overlap_hashes: list[str]  # train documents equal to val documents, accepted by VAL_OVERLAP_DOCS
     tokenization: str
 
 
@@ -1299,9 +1437,9 @@ def fix_hint(cfg: Config) -> str:
     return "re-download with data/cached_challenge_fineweb.py"
 
 
-def check_dataset(cfg: Config, sp, need_bos: bool) -> DataReport:
-    """Everything about the data that can go wrong, checked in seconds before training. Raises
-    DataError/ConfigError naming the cause and the command that fixes it."""
+def check_dataset(cfg: Config, sp, train_too: bool = True) -> DataReport:
+    """Everything about the data that can go wrong, checked in seconds before training (the val split alone for an
+    EVAL_ONLY run). Raises DataError/ConfigError naming the cause and the command that fixes it."""
     if not os.path.isdir(cfg.data_path):
         raise DataError(f"DATA_PATH={cfg.data_path} is not a directory; download or prepare the shards "
                         "(see README) or set DATA_PATH")
@@ -1309,21 +1447,25 @@ def check_dataset(cfg: Config, sp, need_bos: bool) -> DataReport:
         raise DataError(f"DATA_PATH={cfg.data_path} has a doubled datasets/datasets and no shards; point it at the "
                         "shard folder")
     train, val = shard_paths(cfg.data_path, "train"), shard_paths(cfg.data_path, "val")
-    if not train or not val:
-        raise DataError(f"DATA_PATH={cfg.data_path} has {len(train)} train and {len(val)} val shards; both are "
-                        f"needed: {fix_hint(cfg)}")
+    if (train_too and not train) or not val:
+        raise DataError(f"DATA_PATH={cfg.data_path} has {len(train)} train and {len(val)} val shards; "
+                        f"{'both are' if train_too else 'val shards are'} needed: {fix_hint(cfg)}")
+    train = train if train_too else []
     for p in train + val:
         read_shard_header(p)
-    check_manifest(cfg, train + val)
+    check_layout(cfg, train, val)
     val_parts = [load_shard(p) for p in val]
     vt = np.concatenate(val_parts)
-    check_ids(cfg, {"val": vt}, need_bos)
+    if vt.size < 2:
+        raise DataError(f"the val split in {cfg.data_path} is empty ({vt.size} tokens): nothing can be scored: "
+                        f"{fix_hint(cfg)}")
+    check_ids(cfg, {"val": vt})
     docs = split_docs(vt, cfg.bos_id)
     tokenization = data_tokenization(cfg.data_path)
     check_fingerprint(cfg, vt, len(docs), tokenization)
     check_tokenizer_roundtrip(cfg, sp, docs, tokenization)  # first: a wrong tokenizer fails every later check
     side = check_sidecar(cfg, sp, val, val_parts, tokenization) if cfg.caseops_enabled else None
-    train_docs, overlap = check_train_shards(cfg, train, vt, need_bos)
+    train_docs, overlap = check_train_shards(cfg, train, vt) if train_too else (0, [])
     val_bytes = int(side.astype(np.int64).sum()) if side is not None else None
     return DataReport(len(train), len(val), int(vt.size), len(docs), val_bytes, train_docs, overlap, tokenization)
 
@@ -1342,52 +1484,84 @@ def doc_keys(tokens: np.ndarray, bos_id: int, k: int = 64) -> np.ndarray:
         return (head * powers).sum(axis=1, dtype=np.uint64) ^ ((ends - starts).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
 
 
-def check_train_shards(cfg: Config, train: list[str], vt: np.ndarray, need_bos: bool) -> tuple[int, int]:
+def check_train_shards(cfg: Config, train: list[str], vt: np.ndarray) -> tuple[int, list[str]]:
     """Every train shard, in one parallel pass before training: token ids below VOCAB_SIZE, BOS present, and no
-    validation document among its documents (#2127: 15 of 34 CaseOps PRs trained on validation documents).
-    Returns (train documents checked, overlapping documents)."""
+    validation document among its documents (#2127: 15 of 34 CaseOps PRs trained on validation documents; one
+    leaked document is a leak). Natural duplicates are accepted only as many as VAL_OVERLAP_DOCS names, and their
+    hashes go to the log. Returns (train documents checked, hashes of the overlapping documents)."""
     from concurrent.futures import ThreadPoolExecutor
 
     val_keys = np.unique(doc_keys(vt, cfg.bos_id))
 
-    def one(path: str) -> tuple[int, int]:
+    def one(path: str) -> tuple[int, np.ndarray]:
         toks = load_shard(path)
-        check_ids(cfg, {os.path.basename(path): toks}, need_bos)
+        if not toks.size:
+            raise DataError(f"{path} holds no tokens (an interrupted export?): {fix_hint(cfg)}")
+        check_ids(cfg, {os.path.basename(path): toks})
         keys = doc_keys(toks, cfg.bos_id)
-        return keys.size, int(np.isin(keys, val_keys).sum())
+        return keys.size, keys[np.isin(keys, val_keys)]
 
     with ThreadPoolExecutor(min(8, len(train))) as ex:  # numpy releases the GIL: reads and scans overlap
         counts = list(ex.map(one, train))
-    n_docs, overlap = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    if overlap > 5 + val_keys.size // 1000:  # exact duplicates are rare in FineWeb; thousands mean a bad split
-        worst = max(zip(counts, train), key=lambda ct: ct[0][1])[1]
+    n_docs, overlap = sum(c[0] for c in counts), sum(c[1].size for c in counts)
+    hashes = [f"{k:016x}" for c in counts for k in c[1].tolist()]
+    if overlap > cfg.val_overlap_docs:
+        worst = max(zip(counts, train), key=lambda ct: ct[0][1].size)[1]
         raise DataError(f"{overlap} training documents are validation documents ({os.path.basename(worst)} has the "
-                        f"most): validation data leaked into training: {fix_hint(cfg)} (prep with the default "
-                        "--val-docs 50000)")
-    return n_docs, overlap
+                        f"most; hashes {', '.join(hashes[:5])}{', ...' if overlap > 5 else ''}): validation data in "
+                        f"training: {fix_hint(cfg)} (prep with the default --val-docs 50000). If they are natural "
+                        f"duplicates in the published split, accept exactly these with VAL_OVERLAP_DOCS={overlap}")
+    return n_docs, hashes
 
 
-def check_manifest(cfg: Config, paths: list[str]) -> None:
-    """Shards our prep wrote are listed in its manifest: any other shard in the folder is left from another prep."""
-    manifest = Path(cfg.data_path) / "manifest.json"
-    if not manifest.is_file():
+def shard_index(path: str) -> int:
+    return int(Path(path).stem.rsplit("_", 1)[1])
+
+
+def check_layout(cfg: Config, train: list[str], val: list[str]) -> None:
+    """The shards are exactly the dataset's. Our prep lists its shards in manifest.json: every listed shard must be
+    there, and nothing else may be. Without a manifest (a published download) each kind is numbered 000000 onwards
+    without a gap, a sidecar for each val shard, and a published folder holds at most its published train shards:
+    a shard left from another download or prep would otherwise be trained on."""
+    side, folder = sidecar_paths(cfg.data_path), Path(cfg.data_path)
+    present = {os.path.basename(p) for p in train + val + side}
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        listed = {n for s in json.loads(manifest.read_text()).get("shards", [])
+                  for n in (s.get("name"), s.get("sidecar")) if n}
+        stray, missing = sorted(present - listed), sorted(n for n in listed - present
+                                                          if train or not n.startswith("fineweb_train_"))
+        if stray:
+            raise DataError(f"{len(stray)} shards in {cfg.data_path} are not in its manifest.json "
+                            f"({', '.join(stray[:3])}): left from another prep; delete them, or prep into an empty folder")
+        if missing:
+            raise DataError(f"{len(missing)} shards listed in {manifest} are missing ({', '.join(missing[:3])}): "
+                            "re-run prepare_caseops_data.py (it resumes)")
         return
-    listed = {n for s in json.loads(manifest.read_text()).get("shards", []) for n in (s.get("name"), s.get("sidecar")) if n}
-    stray = sorted(os.path.basename(p) for p in paths + sidecar_paths(cfg.data_path) if os.path.basename(p) not in listed)
-    if listed and stray:
-        raise DataError(f"{len(stray)} shards in {cfg.data_path} are not in its manifest.json ({', '.join(stray[:3])}): "
-                        "left from another prep; delete them, or prep into an empty folder")
+    for kind, paths in (("train", train), ("val", val), ("val byte sidecar", side)):
+        idx = sorted(shard_index(p) for p in paths)
+        if idx != list(range(len(idx))):
+            odd = sorted(set(idx) ^ set(range(len(idx))))
+            raise DataError(f"the {kind} shards in {cfg.data_path} are not numbered 0..{len(idx) - 1} (at "
+                            f"{', '.join(map(str, odd[:3]))}): a shard is missing, or left from another download or "
+                            f"prep: {fix_hint(cfg)}")
+    fp = KNOWN_VAL.get(folder.name)
+    if fp is not None and fp.train_shards is not None and len(train) > fp.train_shards:
+        raise DataError(f"{cfg.data_path} holds {len(train)} train shards; the published dataset has {fp.train_shards}: "
+                        f"the others are left from another download or prep; remove them")
 
 
-def check_ids(cfg: Config, parts: dict[str, np.ndarray], need_bos: bool) -> None:
+def check_ids(cfg: Config, parts: dict[str, np.ndarray]) -> None:
+    """Token ids below VOCAB_SIZE, and BOS markers: documents are split at BOS everywhere (document-masked attention,
+    the validation leak check, TTT, the n-gram tilt's document spans)."""
     for name, toks in parts.items():
         top = int(toks.max()) if toks.size else 0
         if top >= cfg.vocab_size:
             raise ConfigError(f"{name} data has token id {top} >= VOCAB_SIZE={cfg.vocab_size}; the shards were made "
                               "with a larger tokenizer: set VOCAB_SIZE/TOKENIZER_PATH to match the data")
-        if need_bos and not (toks == cfg.bos_id).any():
-            raise DataError(f"{name} shards contain no BOS ({cfg.bos_id}) markers, so documents cannot be split "
-                            f"(CaseOps data or TTT need them): {fix_hint(cfg)}")
+        if not (toks == cfg.bos_id).any():
+            raise DataError(f"{name} shards contain no BOS ({cfg.bos_id}) markers, so documents cannot be split: "
+                            f"{fix_hint(cfg)}")
 
 
 def published_fingerprint(cfg: Config, tokenization: str):
@@ -1509,12 +1683,14 @@ def preflight(cfg: Config, log: Logger):
     """Everything checkable before paying for training: tokenizer, vocab, shards, BOS, split, overlap."""
     sp = check_tokenizer(cfg)
     t0 = time.perf_counter()
-    rep = check_dataset(cfg, sp, need_bos=cfg.caseops_enabled or cfg.ttt_enabled)
+    rep = check_dataset(cfg, sp, train_too=not cfg.eval_only)
     log(f"train_loader:dataset:{os.path.basename(cfg.data_path.rstrip('/'))} train_shards:{rep.train_shards}")
     log(f"val_tokens: {targets_2048(rep.val_tokens)} (targets rounded down to 2048, as older trainers log) "
         f"file_tokens:{rep.val_tokens} val_docs:{rep.val_docs} val_bytes:{rep.val_bytes}")
-    log(f"data_check: tokenization:{rep.tokenization} overlap_docs:{rep.overlap_docs}/{rep.train_docs_checked} "
-        f"time:{time.perf_counter() - t0:.1f}s")
+    log(f"data_check: tokenization:{rep.tokenization} overlap_docs:{len(rep.overlap_hashes)}/{rep.train_docs_checked}"
+        + (f" accepted_by:VAL_OVERLAP_DOCS={cfg.val_overlap_docs} hashes:{','.join(rep.overlap_hashes)}"
+           if rep.overlap_hashes else "") + ("" if not cfg.eval_only else " train_shards:not_checked(EVAL_ONLY)")
+        + f" time:{time.perf_counter() - t0:.1f}s")
     return sp, shard_paths(cfg.data_path, "train")
 
 
@@ -1816,78 +1992,74 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, seg: Segments | No
     """The delta rule on [B, H, T, D] with the memory cleared at each segment start: flash-linear-attention's
     chunk_delta_rule over the flattened rows (`cu` = segment starts, row starts included) when impl is fla, else
     the torch form above (segment ids)."""
-    if impl == "fla":
+    if impl == "fla":  # FLA asserts one non-fp32 dtype for q, k, v: bf16 in, bf16 out
         B, H, T, D = q.shape
         cu = seg.cu if seg is not None else torch.arange(0, B * T + 1, T, device=q.device, dtype=torch.int32)
-        flat = [t.transpose(1, 2).reshape(1, B * T, H, -1) for t in (q, k, v)]
-        o = torch.ops.pgcrawl.fla_delta_rule(*flat, beta.transpose(1, 2).reshape(1, B * T, H), cu)
+        flat = [t.transpose(1, 2).reshape(1, B * T, H, -1).to(torch.bfloat16) for t in (q, k, v)]
+        bf = beta.transpose(1, 2).reshape(1, B * T, H).to(torch.bfloat16)
+        o, _ = torch.ops.pgcrawl.fla_delta_rule(*flat, bf, cu.long())
         return o.view(B, T, H, -1).transpose(1, 2).to(v.dtype)
     return delta_rule_chunked(q, k, v, beta, None if seg is None else seg.ids).to(v.dtype)
 
 
-# FLA's chunk_delta_rule is @torch.compiler.disable'd (a graph break: fatal under fullgraph=True) and asserts one
-# non-fp32 dtype for q, k, v: it runs as an opaque custom op in bf16, the backward recomputing the forward under
-# autograd (one extra forward, no FLA internals). A custom op's kernel runs with autograd removed from the
-# dispatcher's thread-local keys, so that recompute runs on a helper thread (same CUDA device, default stream).
-_AUTOGRAD_THREAD: list = []
+# FLA's public chunk_delta_rule is @torch.compiler.disable'd (a graph break: fatal under fullgraph=True), and its
+# autograd Function would run inside our graph as an opaque Python object. So two custom ops call FLA's own kernels,
+# chunk_delta_rule_fwd and chunk_delta_rule_bwd (fla/ops/delta_rule/chunk.py), on bf16 inputs, and autograd links them:
+# no torch.autograd inside an op (a nested backward on CUDA's autograd device thread deadlocks) and no helper thread.
+# The forward keeps FLA's WY matrix A for the backward, as FLA's own Function does. Keyword arguments only: the
+# signatures grew chunk_indices / chunk_size over versions, with these names unchanged since fla 0.2.1.
+
+def _fla_kernels():
+    from fla.ops.delta_rule.chunk import chunk_delta_rule_bwd, chunk_delta_rule_fwd
+
+    return chunk_delta_rule_fwd, chunk_delta_rule_bwd
 
 
-def in_autograd_thread(fn: typing.Callable, device: torch.device):
-    from concurrent.futures import ThreadPoolExecutor
-
-    if not _AUTOGRAD_THREAD:
-        _AUTOGRAD_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="autograd"))
-
-    def work():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        with torch.enable_grad():
-            return fn()
-
-    return _AUTOGRAD_THREAD[0].submit(work).result()
-
-
-def _fla_call(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor) -> Tensor:
-    from fla.ops.delta_rule import chunk_delta_rule
-
-    dt = torch.bfloat16
-    o, _ = chunk_delta_rule(q.to(dt), k.to(dt), v.to(dt), beta.to(dt), cu_seqlens=cu.long())
-    return o
+def _on_device(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @torch.library.custom_op("pgcrawl::fla_delta_rule", mutates_args=())
-def _fla_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor) -> Tensor:
-    return _fla_call(q, k, v, beta, cu).to(v.dtype).contiguous()
+def _fla_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor) -> tuple[Tensor, Tensor]:
+    """(o, A) of the delta rule over [1, N, H, D] bf16 inputs with sequences at `cu` (int64 offsets)."""
+    fwd, _ = _fla_kernels()
+    q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
+    with _on_device(q):
+        o, a, _ = fwd(q=q, k=k, v=v, beta=beta, scale=q.size(-1) ** -0.5, initial_state=None, output_final_state=False,
+                      cu_seqlens=cu)
+    return o.contiguous(), a.contiguous()
 
 
 @_fla_delta_rule.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor) -> Tensor:
-    return v.new_empty(v.shape)
+def _(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor) -> tuple[Tensor, Tensor]:
+    return v.new_empty(v.shape), k.new_empty(*k.shape[:3], 64)  # A: [1, N, H, chunk size 64]
 
 
 @torch.library.custom_op("pgcrawl::fla_delta_rule_backward", mutates_args=())
-def _fla_delta_rule_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor
+def _fla_delta_rule_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, a: Tensor, cu: Tensor
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    def recompute():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v, beta)]
-        o = _fla_call(*leaves, cu)
-        return torch.autograd.grad(o, leaves, do.to(o.dtype))
-
-    grads = in_autograd_thread(recompute, q.device)
-    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, beta)))
+    _, bwd = _fla_kernels()
+    with _on_device(q):
+        dq, dk, dv, db, _ = bwd(q=q, k=k, v=v, beta=beta, A=a, scale=q.size(-1) ** -0.5, initial_state=None,
+                                do=do.contiguous(), dht=None, cu_seqlens=cu)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), db.contiguous()
 
 
 @_fla_delta_rule_backward.register_fake
-def _(do: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, cu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _(do: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, a: Tensor, cu: Tensor
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape)
 
 
 def _fla_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    q, k, v, beta, cu = inputs
+    ctx.save_for_backward(q, k, v, beta, output[1], cu)
+    ctx.mark_non_differentiable(output[1])
 
 
-def _fla_backward(ctx, do):
-    return (*torch.ops.pgcrawl.fla_delta_rule_backward(do, *ctx.saved_tensors), None)
+def _fla_backward(ctx, do, da):
+    q, k, v, beta, a, cu = ctx.saved_tensors
+    return (*torch.ops.pgcrawl.fla_delta_rule_backward(do, q, k, v, beta, a, cu), None)
 
 
 torch.library.register_autograd("pgcrawl::fla_delta_rule", _fla_backward, setup_context=_fla_setup)
@@ -2315,24 +2487,25 @@ class Comm:
         all_reduce_(full)
         return full[self.rt.rank * n:(self.rt.rank + 1) * n] / self.rt.world_size, None
 
-    def all_gather(self, shard: Tensor) -> Tensor:
+    def all_gather(self, shard: Tensor) -> tuple[Tensor, typing.Any]:
+        """Every rank's `shard` stacked along dim 0, and a handle to wait on before reading it (None: ready)."""
         if self.rt.world_size == 1:
-            return shard
+            return shard, None
         out = torch.empty((shard.size(0) * self.rt.world_size, *shard.shape[1:]), dtype=shard.dtype, device=shard.device)
         COLLECTIVES[0] += 1
         if self.nccl:
-            dist.all_gather_into_tensor(out, shard)
-        else:
-            dist.all_gather(list(out.chunk(self.rt.world_size)), shard)
-        return out
+            return out, dist.all_gather_into_tensor(out, shard, async_op=True)
+        return out, dist.all_gather(list(out.chunk(self.rt.world_size)), shard, async_op=True)
 
 
 class Muon(torch.optim.Optimizer):
     """Momentum (Nesterov) + Newton-Schulz orthogonalised update. Matrices of one shape are stacked into a bank
     padded to a multiple of the world size (#1736); each rank reduce-scatters the bank's gradients, keeps
     momentum for and orthogonalises only its slice, and all-gathers the updates: one reduce-scatter and one
-    all-gather per bank instead of an all-reduce of the gradients plus one of the updates. Rows are normalised
-    before Newton-Schulz (MuonEq-R, #1736); update scale sqrt(max(1, rows/cols))."""
+    all-gather per bank instead of an all-reduce of the gradients plus one of the updates. The updates are gathered in
+    the momentum's dtype (bf16 by default, as #1855) and asynchronously: bank i's gather runs while bank i+1's
+    Newton-Schulz computes, and bank i's parameters change only after that. Rows are normalised before
+    Newton-Schulz (MuonEq-R, #1736); update scale sqrt(max(1, rows/cols))."""
 
     def __init__(self, params, lr: float, momentum: float, wd: float, coeffs: tuple, row_norm: bool, rt: Runtime,
                  ns=newton_schulz, momentum_dtype: torch.dtype = torch.float32):
@@ -2359,7 +2532,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, launched: list | None = None):
         group = self.param_groups[0]
-        lr, mom = group["lr"], group["momentum"]
+        lr, mom, pending = group["lr"], group["momentum"], None
         for bank, (shard, work) in zip(self.banks, launched if launched is not None else self.launch()):
             if work is not None:
                 work.wait()
@@ -2371,10 +2544,19 @@ class Muon(torch.optim.Optimizer):
             if self.row_norm:
                 u = u / u.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(u.dtype)
             u = self.ns(u, self.coeffs) * max(1.0, u.size(-2) / u.size(-1)) ** 0.5
-            full = self.comm.all_gather(u.float())
-            for i, p in enumerate(bank):
-                p.mul_(1 - lr * group["wd"])
-                p.add_(full[i].to(p.dtype), alpha=-lr)
+            if pending is not None:  # the previous bank's gather ran during this bank's Newton-Schulz
+                self.apply(*pending, lr, group["wd"])
+            pending = (bank, *self.comm.all_gather(u))
+        if pending is not None:
+            self.apply(*pending, lr, group["wd"])
+
+    @staticmethod
+    def apply(bank: list[nn.Parameter], full: Tensor, work, lr: float, wd: float) -> None:
+        if work is not None:
+            work.wait()
+        for i, p in enumerate(bank):
+            p.mul_(1 - lr * wd)
+            p.add_(full[i].to(p.dtype), alpha=-lr)
 
 
 # Optimizer routing table (first match wins): name pattern -> group. Everything 2-D that is left is a Muon
@@ -2637,7 +2819,7 @@ def prime_compile(model: GPT, compiled: nn.Module, opts: Optimizers, data: Train
     rows = max(1, cfg.val_batch_tokens // rt.world_size // cfg.eval_seq_len)
     x = random_rows(cfg, rows, cfg.eval_seq_len, torch.Generator().manual_seed(cfg.seed))
     seg = make_segments(x[:, :-1], cfg.bos_id, cfg.eval_seq_len, rt.device) if cfg.doc_masked_attn else None
-    x = x.to(rt.device)
+    x = to_device(x, rt.device)
     model.eval()
     for loops in depths:
         model.set_active_loops(loops)
@@ -2662,23 +2844,45 @@ class Diverged(RuntimeError):
     """The training loss stopped being finite; nothing after this step is worth paying for."""
 
 
+def peer_store(rt: Runtime, prefix: str):
+    """The launcher's key-value store (torchrun's agent holds it, so it outlives any rank), or None for one process.
+    Used where no collective can be trusted: naming a lost rank, choosing the rank that saves."""
+    if rt.world_size == 1 or "MASTER_ADDR" not in os.environ:
+        return None
+    import datetime
+
+    try:
+        return dist.PrefixStore(prefix + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=datetime.timedelta(seconds=30)))
+    except Exception:  # noqa: BLE001 - without a store the run still stops; rank 0 alone then saves
+        return None
+
+
 class Rescue:
     """What an interrupted run leaves. SIGTERM / SIGINT (a preemption, `timeout`, Ctrl-C, torchrun stopping the
     group) set a flag that the next step's shared all-reduce hands to every rank, so all ranks stop after the same
-    step and rank 0 saves the averaged weights (train_or_load). A rank blocked in a collective (a lost peer) never
-    reaches that step: a watcher thread, woken by the signal itself (a wakeup fd), waits GRACE_S for the loop, then
-    writes rank 0's latest host snapshot of the averaged weights (taken every SNAPSHOT_EVERY steps by an
-    asynchronous copy, ~7 ms of copy engine per 144 MB) and exits."""
+    step; a failure inside the loop (a peer gone, a bug) stops it too. Every rank holds the same averaged weights, so
+    any rank can save them: the first rank to claim the save in the launcher's store writes them (rank 0 alone when
+    there is no store), so losing rank 0 loses nothing. A rank blocked in a collective (a lost peer) never reaches the
+    next step: a watcher thread, woken by the signal itself (a wakeup fd), waits GRACE_S for the loop, then writes
+    this rank's latest host snapshot of the averaged weights (taken every SNAPSHOT_EVERY steps by an asynchronous
+    copy, ~7 ms of copy engine per 144 MB) if no rank has claimed the save, and exits."""
     GRACE_S = 10.0
     SNAPSHOT_EVERY = 100
     SIGNALS = ("SIGTERM", "SIGINT")
 
     def __init__(self, path: Path | None = None, cfg: Config | None = None, rt: Runtime | None = None,
-                 log: Logger | None = None):
+                 log: Logger | None = None, streams=None):
         self.path, self.cfg, self.rt, self.log = path, cfg, rt, log
         self.signal, self.handled = 0, threading.Event()
         self.host: dict[str, Tensor] | None = None
         self.host_step, self.event, self.stream, self.previous = -1, None, None, {}
+        self.staging: dict[str, Tensor] | None = None
+        # the CUDA stream API (torch.cuda, or a stand-in in the tests): copies run on a side stream
+        self.streams = streams if streams is not None else (torch.cuda if rt is not None and rt.device.type == "cuda"
+                                                              else None)
+        self.store = peer_store(rt, "rescue") if rt is not None else None
 
     def install(self) -> None:
         import signal
@@ -2687,7 +2891,7 @@ class Rescue:
             return
         for name in self.SIGNALS:
             sig = getattr(signal, name)
-            self.previous[sig] = signal.signal(sig, lambda num, frame: setattr(self, "signal", num))
+            self.previous[sig] = signal.signal(sig, lambda num, frame: setattr(self, "signal", self.signal or num))
         r, w = os.pipe()
         os.set_blocking(w, False)
         self.previous["wakeup"] = signal.set_wakeup_fd(w)
@@ -2705,45 +2909,92 @@ class Rescue:
                 signal.signal(sig, handler)
         self.previous = {}
 
+    def note(self, msg: str) -> None:
+        """Rank 0 logs; another rank (saving because rank 0 is gone) writes to stderr, which torchrun passes on."""
+        if self.rt is None or self.rt.is_main:
+            (self.log or print)(msg)
+        else:
+            Logger._stderr(f"[rank {self.rt.rank}] {msg}")
+
+    def claim(self) -> bool:
+        """Whether this rank saves: the first rank to ask, through the launcher's store (every rank holds the same
+        averaged weights); without a store, rank 0."""
+        if self.rt is None or self.rt.world_size == 1:
+            return True
+        if self.store is not None:
+            try:
+                return self.store.add("claims", 1) == 1
+            except Exception:  # noqa: BLE001 - the store is gone too: fall back to rank 0
+                pass
+        return self.rt.is_main
+
+    def save(self, state: dict[str, Tensor], step: int) -> str:
+        """Save the averaged weights of `step` if this rank claims the save; what to tell the user either way."""
+        if self.path is None or not self.claim():
+            return f"another rank saves the averaged weights to {self.path}"
+        save_checkpoint(self.path, self.cfg, state, lambda m: None)
+        return f"the averaged weights of step {step} are in {self.path} (saved by rank {self.rt.rank if self.rt else 0})"
+
+    def finish(self, e: "Interrupted") -> typing.NoReturn:
+        """The training loop stopped early on every rank that can still run it: save, say how to re-pack, exit at once
+        with the stop's status (no teardown: a lost peer would hang the process group's shutdown)."""
+        self.handled.set()
+        try:
+            where = self.save(e.state, e.steps) if e.state is not None else "no weights were saved"
+        except OSError as err:
+            where = f"saving them failed: {err}"
+        if e.__cause__ is not None:  # a failure, not a signal: its traceback, for whoever fixes it
+            import traceback
+
+            Logger._stderr("".join(traceback.format_exception(e.__cause__)))
+        self.note(f"ERROR: {e} after {e.steps} steps: {where}; calibrate, pack and evaluate them with SKIP_TRAIN=1 "
+                  f"INIT_MODEL_PATH={self.path} and the same variables")
+        os._exit(e.code)
+
     def _watch(self, fd: int) -> None:
         sig = os.read(fd, 1)[0]
         if self.handled.wait(self.GRACE_S):
             return  # the training loop took the stop itself
-        saved = ""
-        if self.path is not None and self.rt is not None and self.rt.is_main and self.host is not None \
-                and (self.event is None or self.event.query()):
-            save_checkpoint(self.path, self.cfg, self.host, self.log or (lambda m: None))
-            saved = f"; the averaged weights of step {self.host_step} are in {self.path}"
-        (self.log or print)(f"interrupted by signal {sig} while blocked (a rank stopped answering?){saved}: "
-                            f"re-pack them with SKIP_TRAIN=1 INIT_MODEL_PATH={self.path}")
+        where = "no host snapshot was taken yet"
+        if self.host is not None and (self.event is None or self.event.query()):
+            try:
+                where = self.save(self.host, self.host_step)
+            except OSError as err:
+                where = f"saving them failed: {err}"
+        self.note(f"interrupted by signal {sig} while blocked (a rank stopped answering?); {where}: re-pack them with "
+                  f"SKIP_TRAIN=1 INIT_MODEL_PATH={self.path}")
         os._exit(128 + sig)
 
     def snapshot(self, state: dict[str, Tensor], step: int) -> None:
-        """Rank 0: copy the averaged weights to pinned host memory every SNAPSHOT_EVERY steps, asynchronously."""
-        if self.rt is None or not self.rt.is_main or step % self.SNAPSHOT_EVERY:
+        """Every rank: copy the averaged weights to (pinned) host memory every SNAPSHOT_EVERY steps. On CUDA the
+        main stream copies them to a device staging buffer (~0.1 ms for 144 MB) and a side stream copies that to the
+        host: the main stream never waits for the host copy, and the next update of the weights cannot tear it."""
+        if self.rt is None or step % self.SNAPSHOT_EVERY:
             return
-        cuda = self.rt.device.type == "cuda"
         if self.event is not None and not self.event.query():
             return  # the last copy is still in flight
         if self.host is None:
-            self.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=cuda) for k, v in state.items()}
+            pin = self.rt.device.type == "cuda"
+            self.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in state.items()}
         keys = list(state)
-        if not cuda:
+        if self.streams is None:
             torch._foreach_copy_([self.host[k] for k in keys], [state[k] for k in keys])
         else:
-            self.stream = self.stream or torch.cuda.Stream(self.rt.device)
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                torch._foreach_copy_([self.host[k] for k in keys], [state[k] for k in keys], non_blocking=True)
-                self.event = torch.cuda.Event()
+            if self.staging is None:
+                self.staging = {k: torch.empty_like(v) for k, v in state.items()}
+            torch._foreach_copy_([self.staging[k] for k in keys], [state[k] for k in keys])
+            self.stream = self.stream or self.streams.Stream(self.rt.device)
+            self.stream.wait_stream(self.streams.current_stream())  # the side stream waits for the staging copy
+            with self.streams.stream(self.stream):
+                torch._foreach_copy_([self.host[k] for k in keys], [self.staging[k] for k in keys], non_blocking=True)
+                self.event = self.streams.Event()
                 self.event.record(self.stream)
-            torch.cuda.current_stream().wait_stream(self.stream)  # the next EMA update waits for the copy
         self.host_step = step
 
 
 class Interrupted(RuntimeError):
-    """Training stopped early (a signal, a rank that stopped answering) after `steps` steps; `state` holds the
-    averaged weights to save, `code` the exit status."""
+    """Training stopped early (a signal, a rank that stopped answering, a failure) after `steps` steps; `state` holds
+    the averaged weights to save, `code` the exit status."""
 
     def __init__(self, why: str, steps: int, state: dict[str, Tensor] | None, code: int):
         super().__init__(why)
@@ -2759,16 +3010,8 @@ class Heartbeat:
     ANSWER_S = 3.0  # how long describe() waits for the other ranks' stall reports
 
     def __init__(self, rt: Runtime):
-        self.rt, self.store, self.last, self.step = rt, None, time.monotonic(), 0
-        if rt.world_size > 1 and "MASTER_ADDR" in os.environ:
-            import datetime
-
-            try:
-                self.store = dist.PrefixStore("heartbeat", dist.TCPStore(
-                    os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                    timeout=datetime.timedelta(seconds=30)))
-            except Exception:  # noqa: BLE001 - without a store the timeout still fails the run, unnamed
-                self.store = None
+        self.rt, self.last, self.step = rt, time.monotonic(), 0
+        self.store = peer_store(rt, "heartbeat")  # without one a stall still fails the run, unnamed
 
     def beat(self, step: int) -> None:
         self.last, self.step = time.monotonic(), step
@@ -2832,7 +3075,7 @@ def shared_state(clock: StepClock, rt: Runtime, loss: Tensor | None, stop: Rescu
     if rt.is_main:
         sync(rt.device)
     t = torch.tensor([clock.elapsed_ms() if rt.is_main else 0.0, 0.0, float(stop.signal != 0)], dtype=torch.float64)
-    t = t.to(rt.device)
+    t = to_device(t, rt.device)
     if loss is not None:
         t[1] = loss.detach().double()
     elapsed, loss_sum, stopping = all_reduce_(t).tolist()
@@ -2851,16 +3094,14 @@ def validate_and_log(compiled: nn.Module, val: ValidationData, cfg: Config, rt: 
         f"step_avg:{train_ms / max(step, 1):.2f}ms")
 
 
-def recut(batch: list[Micro], cfg: Config, seq_len: int, device: torch.device) -> list[Micro]:
-    """The same micro-batches with segments for another context length (at a context change: twice a run)."""
-    return [Micro(m.x, m.y, make_segments(m.x.cpu(), cfg.bos_id, seq_len, device)) for m in batch]
-
-
 def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: TrainData, val: ValidationData,
-          log: Logger, now: typing.Callable[[], float] = time.perf_counter, stop: Rescue | None = None
-          ) -> TrainResult:
-    """The training loop. Time is read only through `now`, so tests inject a clock. The next step's batch is
-    read, cut into segments and copied while the current step runs on the device."""
+          log: Logger, now: typing.Callable[[], float] = time.perf_counter, stop: Rescue | None = None,
+          reserve_s: float = 0.0) -> TrainResult:
+    """The training loop, inside MAX_WALLCLOCK_SECONDS minus GPTQ_RESERVE_SECONDS minus `reserve_s` (the projected
+    calibration). Time is read only through `now`, so tests inject a clock. The next step's batch is read, cut into
+    segments and copied while the current step runs on the device. Any failure inside the loop stops it as an
+    Interrupted that carries the averaged weights (a diverged loss excepted: those weights are lost)."""
+    budget_ms = cfg.train_budget_ms - 1000 * reserve_s if cfg.train_budget_ms else 0.0
     opts = build_optimizers(model, cfg, rt)
     prime_compile(model, compiled, opts, data, cfg, rt, log)
     graphs, stop, heartbeat = compiled_graph_count(), stop or Rescue(), Heartbeat(rt)
@@ -2886,12 +3127,12 @@ def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: Train
                                       averager.final(model), 128 + (stop.signal or 15))
                 if step:
                     clock.observe(elapsed)
-                plan = plan_step(cfg, step, elapsed, clock.next_step_ms(), cfg.train_budget_ms, prev)
+                plan = plan_step(cfg, step, elapsed, clock.next_step_ms(), budget_ms, prev)
                 if plan is None:
                     break
                 apply_plan(model, opts, plan, prev, step, log)
                 if batch[0].seg is not None and batch[0].seg.max_len != plan.seq_len:
-                    batch = recut(batch, cfg, plan.seq_len, rt.device)
+                    batch = loader.recut(batch, plan.seq_len)
                 loss = train_step(compiled, batch, opts, cfg, rt)
                 batch = loader.next_batch(plan.seq_len)
                 step, prev = step + 1, plan
@@ -2903,11 +3144,12 @@ def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: Train
                     clock.resume()
             except (Diverged, Interrupted):
                 raise
-            except (RuntimeError, dist.DistError) as e:  # a collective timed out: a peer is gone or hung
-                if rt.world_size == 1:
-                    raise
-                raise Interrupted(f"{heartbeat.describe()} ({type(e).__name__}: {str(e).splitlines()[0][:160]})", step,
-                                  averager.final(model), 3) from e
+            except Exception as e:  # noqa: BLE001 - whatever stops the loop, the weights so far are saved
+                first = (str(e).splitlines() or [""])[0][:160]
+                collective = rt.world_size > 1 and isinstance(e, (RuntimeError, dist.DistError))
+                why = f"{heartbeat.describe()} ({type(e).__name__}: {first})" if collective else \
+                    f"training failed at step {step}: {type(e).__name__}: {first}"
+                raise Interrupted(why, step, averager.final(model), 3 if collective else 1) from e
     if compiled_graph_count() > graphs:
         log(f"WARNING: compile:graphs grew from {graphs} to {compiled_graph_count()} during training: a shape was "
             "not primed and compiled on the training clock")
@@ -3126,10 +3368,10 @@ def awq_groups(sd: dict[str, Tensor], hs: dict[str, Tensor], counts: dict[str, i
     (RMS from the Hessian diagonal, sum x^2 / tokens) and promote the top AWQ_GROUPS groups overall."""
     scored = []
     for n in names:
-        w = sd[n].float()
+        w = sd[n].float()  # the host copy: the Hessian's diagonal comes to it, not the weight to the device
         if w.size(1) % AWQ_GROUP:
             continue
-        sal = (torch.diag(hs[n]).float() / max(counts[n], 1)).sqrt() * w.abs().mean(dim=0)
+        sal = (torch.diag(hs[n]).float().cpu() / max(counts[n], 1)).sqrt() * w.abs().mean(dim=0)
         for g, v in enumerate(sal.view(-1, AWQ_GROUP).sum(dim=1).tolist()):
             scored.append((v, n, g * AWQ_GROUP))
     return {n: start for _, n, start in sorted(scored, reverse=True)[:n_groups]}
@@ -3186,22 +3428,24 @@ def quantize_one(w: Tensor, p: QuantPlan, h: Tensor | None, step: float, hi_star
 def quantize_names(sd: dict[str, Tensor], plans: dict[str, QuantPlan], names: list[str],
                    hs: dict[str, Tensor] | None, rt: Runtime, step: float = 1.0,
                    awq: dict[str, int] | None = None) -> dict[str, QTensor]:
-    """Quantize `names`; rank r does every world_size-th tensor, then each is broadcast from its owner."""
-    out = {}
-    for i, n in enumerate(names):
-        w, owner = sd[n].to(rt.device), i % rt.world_size
-        hi = (awq or {}).get(n, -1)
-        if owner == rt.rank:
-            qt = quantize_one(w, plans[n], hs.get(n) if hs else None, step, hi)
-        else:
-            qt = QTensor(torch.empty(w.shape, dtype=torch.int8, device=rt.device),
-                         torch.empty(w.size(0), dtype=torch.float16, device=rt.device), plans[n].bits, hi,
-                         torch.empty(w.size(0), dtype=torch.float16, device=rt.device) if hi >= 0 else None)
-        if rt.world_size > 1:
-            for t in (qt.q, qt.scale) + ((qt.hi_scale,) if hi >= 0 else ()):
+    """Quantize `names` (weights from the host state `sd`, Hessians on the device): rank r quantizes every
+    world_size-th tensor, all of its own first, so the ranks work in parallel; then each tensor is broadcast from
+    its owner, and all come to the host together at the end (a copy to the host inside the loop would make every
+    rank wait for each owner in turn)."""
+    awq = awq or {}
+    out = {n: quantize_one(to_device(sd[n], rt.device), plans[n], hs.get(n) if hs else None, step, awq.get(n, -1))
+           for i, n in enumerate(names) if i % rt.world_size == rt.rank}
+    if rt.world_size > 1:
+        for i, n in enumerate(names):
+            shape, hi, owner = sd[n].shape, awq.get(n, -1), i % rt.world_size
+            if owner != rt.rank:
+                empty = lambda *s, dt=torch.float16: torch.empty(*s, dtype=dt, device=rt.device)  # noqa: E731
+                out[n] = QTensor(empty(*shape, dt=torch.int8), empty(shape[0]), plans[n].bits, hi,
+                                 empty(shape[0]) if hi >= 0 else None)
+            for t in (out[n].q, out[n].scale) + ((out[n].hi_scale,) if hi >= 0 else ()):
                 dist.broadcast(t, src=owner)
-        out[n] = QTensor(qt.q.cpu(), qt.scale.cpu(), qt.bits, hi, qt.hi_scale.cpu() if hi >= 0 else None)
-    return out
+    return {n: QTensor(out[n].q.cpu(), out[n].scale.cpu(), out[n].bits, out[n].hi_start,
+                       out[n].hi_scale.cpu() if out[n].hi_start >= 0 else None) for n in names}
 
 
 HEADER_ALLOWANCE = 16_384  # JSON header and container bytes
@@ -3249,7 +3493,8 @@ class Calibration:
     hs: dict[str, Tensor]
     awq: dict[str, int]
     batches: list[Micro]
-    seconds: float = 0.0  # time spent reading training batches (phase 1 and every phase 2): inside the cap
+    seconds: float = 0.0  # time spent reading training batches (phase 1 and phase 2): inside the cap
+    hs2: dict[str, Tensor] | None = None  # the loop-aware phase-2 Hessians, collected once (calibration_reserve)
 
     def names(self, method: str | tuple[str, ...]) -> list[str]:
         methods = (method,) if isinstance(method, str) else method
@@ -3307,10 +3552,11 @@ def quantize_model(model: GPT, cal: Calibration, cfg: Config, rt: Runtime, log: 
     out |= quantize_names(cal.sd, cal.plans, cal.names(("rtn", "int8row")), None, rt, step)
     out |= quantize_names(cal.sd, cal.plans, flat if two_phase else gptq, cal.hs, rt, step, cal.awq)
     if two_phase:
-        t0 = time.perf_counter()
-        hs2, _ = crawler_hessians_through_quantized_flat(model, out, flat, crawler, cal.hs, cal.batches, rt, log)
-        cal.seconds += time.perf_counter() - t0
-        out |= quantize_names(cal.sd, cal.plans, crawler, hs2, rt, step, cal.awq)
+        if cal.hs2 is None:  # the rate control's later packs reuse the first pack's: two passes in all, as projected
+            t0 = time.perf_counter()
+            cal.hs2, _ = crawler_hessians_through_quantized_flat(model, out, flat, crawler, cal.hs, cal.batches, rt, log)
+            cal.seconds += time.perf_counter() - t0
+        out |= quantize_names(cal.sd, cal.plans, crawler, cal.hs2, rt, step, cal.awq)
     extras = sorted(n for n in gptq + cal.names(("rtn", "int8row")) if cal.plans[n].extras and isinstance(out[n], QTensor))
     add_lqer(out, cal.sd, extras, cfg, log)
     return out
@@ -3559,10 +3805,10 @@ def smallest(raw: bytes, codecs: list[str]) -> tuple[str, bytes]:
     return min(((c, compress(raw, c)) for c in codecs), key=lambda cb: len(cb[1]))
 
 
-def read_container(blob: bytes) -> tuple[dict, dict[str, bytes]]:
-    """Check the container and decompress its streams (role streams in parallel threads)."""
+def read_header(blob: bytes) -> tuple[dict, bytes, int]:
+    """Check the container (magic, version, length, crc32) and read its JSON header: (header, payload, offset of the
+    first stream in the payload)."""
     import zlib
-    from concurrent.futures import ThreadPoolExecutor
 
     if len(blob) < 22 or blob[:8] != ARTIFACT_MAGIC:
         raise ArtifactError("not a flat+crawler artifact (bad magic)")
@@ -3575,7 +3821,30 @@ def read_container(blob: bytes) -> tuple[dict, dict[str, bytes]]:
     if zlib.crc32(payload) != crc:
         raise ArtifactError("artifact corrupted: checksum mismatch")
     hlen = int.from_bytes(payload[:4], "little")
-    header, pos, jobs = json.loads(decompress(payload[4:4 + hlen], "brotli")), 4 + hlen, []
+    return json.loads(decompress(payload[4:4 + hlen], "brotli")), payload, 4 + hlen
+
+
+def read_artifact(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"cannot read the artifact {path} ({e.strerror or e}); check ARTIFACT_PATH") from None
+
+
+def artifact_config(path: str | Path) -> Config:
+    """The config an artifact was packed with, from its header alone (no stream is decompressed)."""
+    try:
+        return config_from_dict(read_header(read_artifact(path))[0]["config"], str(path))
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+
+
+def read_container(blob: bytes) -> tuple[dict, dict[str, bytes]]:
+    """Check the container and decompress its streams (role streams in parallel threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    header, payload, pos = read_header(blob)
+    jobs = []
     for name, codec, size, _ in header["streams"]:
         jobs.append((name, codec, payload[pos:pos + size]))
         pos += size
@@ -3621,12 +3890,12 @@ def unpack_artifact(blob: bytes) -> tuple[Config, dict[str, QTensor | Tensor]]:
             lqer = (qa, torch.from_numpy(take("h", halves, 1)), qb,
                     torch.from_numpy(take("h", halves, rb * cb // header["config"]["lqer_group"])))
         out[e["name"]] = QTensor(q, scale, e["bits"], e["hi_start"], hi, lqer)
-    return config_from_dict(header["config"]), out
+    return config_from_dict(header["config"], "the artifact"), out
 
 
 def load_artifact_model(path: str | Path, rt: Runtime) -> tuple[Config, GPT]:
     """Rebuild the model from the artifact alone, as a reviewer would."""
-    cfg, qm = unpack_artifact(Path(path).read_bytes())
+    cfg, qm = unpack_artifact(read_artifact(path))
     return cfg, model_from_quantized(cfg, qm, rt)
 
 
@@ -3721,7 +3990,7 @@ class Accumulator:
     def add(self, nll: Tensor, mask: Tensor, tgt: Tensor, token_bytes: Tensor, raw: Tensor | None = None) -> Tensor:
         """nll [B, W] on the device (raw: the untilted NLL, when it differs); mask [B, W] (host) marks the scored
         positions, tgt [B, W] their indices. Returns the mask on the device, for a caller that needs it too."""
-        m = mask.to(nll.device, non_blocking=True)
+        m = to_device(mask, nll.device)
         scored = (nll.double() * m).sum()
         self.nll += scored
         self.raw += scored if raw is None or raw is nll else (raw.double() * m).sum()  # untilted: the same sum
@@ -3810,7 +4079,7 @@ def eval_windows(model: nn.Module, val: ValidationData, seq_len: int, stride: in
             chunk, mask, tgt_all = window_inputs(val, b)
             tgt = tgt_all[:, tgt_all.size(1) - (b.last or tgt_all.size(1)):]
             seg = make_segments(chunk[:, :-1], val.bos_id, seq_len, rt.device) if doc_masked else None
-            chunk = chunk.to(rt.device, non_blocking=True)
+            chunk = to_device(chunk, rt.device)
             with rt.autocast():
                 raw, nll = scored_nll(model, chunk[:, :-1], chunk[:, 1:], tgt_all, seg, None, b.last, hints)
             acc.add(nll, mask, tgt, val.token_bytes, raw)
@@ -3842,7 +4111,7 @@ class NgramHints:
         """For target indices `tgt` [B, T] (host) and their targets `y` (device): the ids to read the model's
         probability of (the hint where it fires, else the target itself: a valid id, ignored) and the fired
         mask, both on y's device."""
-        h = self.hint[tgt.to(self.hint.device)].to(y.device)
+        h = self.hint[to_device(tgt, self.hint.device)].to(y.device)
         fired = h >= 0
         return torch.where(fired, h, y), fired
 
@@ -3886,7 +4155,7 @@ def ngram_hints(tokens: Tensor, cfg: Config, device: torch.device, now=time.perf
     tilt fires when n > 0 and c / n >= THRESHOLD. The context runs across BOS, as #2135's does: it only ever
     reads validation tokens before the target, in stream order."""
     t0 = now()
-    tok = tokens.to(device).long()
+    tok = to_device(tokens, device).long()
     n = tok.numel()
     keys = context_keys(tok, cfg.ngram_tilt_order - 1)
     idx = torch.arange(n, device=device)
@@ -4041,9 +4310,9 @@ def ttt_score_batch(model: nn.Module, lora: BatchedLoRA, opt: torch.optim.Optimi
     acc = Accumulator(rt.device)
     for k in range(math.ceil(max(lens) / c)):
         rows, x, y, mask, tgt = chunk_rows(val, docs, k, c, L)
-        lora.rows = rows.to(rt.device)
+        lora.rows = to_device(rows, rt.device)
         with rt.autocast():  # the LoRA trains on the untilted NLL; the tilt changes only what is scored (#2135)
-            nll, scored = scored_nll(model, x.to(rt.device), y.to(rt.device), tgt, None, lora, 0, hints)
+            nll, scored = scored_nll(model, to_device(x, rt.device), to_device(y, rt.device), tgt, None, lora, 0, hints)
         raw = nll.detach()
         shown = raw if scored is nll else scored.detach()  # one tensor when nothing is tilted: summed once
         m = acc.add(shown, mask, tgt, val.token_bytes, raw)
@@ -4052,7 +4321,7 @@ def ttt_score_batch(model: nn.Module, lora: BatchedLoRA, opt: torch.optim.Optimi
         more = [lens[i] > (k + 1) * c for i in rows.tolist()]  # from the host's lengths: no device sync
         if adapt and any(more):
             per_doc = (nll * m).sum(1) / m.sum(1).clamp_min(1)
-            (per_doc * torch.tensor(more, device=rt.device)).sum().backward()
+            (per_doc * to_device(torch.tensor(more), rt.device)).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     lora.rows = None
@@ -4089,7 +4358,7 @@ def sgd_span_backward(compiled: nn.Module, span: Tensor, cfg: Config, rt: Runtim
     x, y = span[None, :-1].clone(), span[None, 1:].clone()  # standalone: dynamo guards a view's base tensor too
     seg = make_segments(x, bos_id, cfg.eval_seq_len, rt.device) if cfg.doc_masked_attn else None
     with rt.autocast():
-        loss = compiled(x.to(rt.device), y.to(rt.device), seg).mean()
+        loss = compiled(to_device(x, rt.device), to_device(y, rt.device), seg).mean()
     loss.backward()
 
 
@@ -4181,13 +4450,14 @@ class EvalCosts:
     """The time model, measured by `measure_costs` at the evaluation's real shapes on random tokens (never
     validation), the slowest rank's figures on every rank: seconds per windowed forward (the whole window through
     the head, or its last stride), per TTT token position and per TTT step (LoRA forward + backward + AdamW,
-    fitted over a chunk-wide and a window-wide step of a full batch), and per global SGD row (forward + backward
-    of one EVAL_SEQ_LEN row)."""
+    fitted over a chunk-wide and a window-wide step of a full batch), per global SGD row (forward + backward of one
+    EVAL_SEQ_LEN row), and per token of the n-gram tilt's hint pass."""
     full_call_s: float
     strided_call_s: float
     ttt_token_s: float
     ttt_call_s: float = 0.0
     sgd_row_s: float = 0.0
+    tilt_token_s: float = 0.0
 
     def seconds(self, work: dict) -> dict:
         (rf, rs), (sf, ss), (tt, tc, sg) = work["roundtrip"], work["sliding"], work["ttt"]
@@ -4199,12 +4469,25 @@ class EvalCosts:
         return torch.tensor(dataclasses.astuple(self), dtype=torch.float64, device=device)
 
 
+def n_windows(n_targets: int, seq_len: int, stride: int) -> int:
+    """len(sliding_windows(n_targets, seq_len, stride)), in closed form."""
+    return 1 if n_targets <= seq_len else math.ceil((n_targets - seq_len) / stride) + 1
+
+
+def eval_rows(cfg: Config, n_targets: int, world: int) -> int:
+    """Windows per windowed forward, the same for roundtrip and sliding (one compiled shape): EVAL_BATCH_TOKENS /
+    EVAL_SEQ_LEN, but no more than a rank's share of the sliding (else the roundtrip) windows, so that a short
+    validation set is not padded to a full batch, in its forwards nor in the cost probes."""
+    L = cfg.eval_seq_len
+    windows = n_windows(n_targets, L, cfg.eval_stride if cfg.sliding_eval else L)
+    return max(1, min(cfg.eval_batch_tokens // L, math.ceil(windows / world)))
+
+
 def window_work(n_targets: int, cfg: Config, stride: int, world: int) -> tuple[int, int]:
     """(whole-window forwards, last-stride forwards) of a windowed evaluation on rank 0, the busiest rank, counted
     as window_batches cuts them: rank 0's first batch holds window 0, which scores a whole window."""
-    L, rows = cfg.eval_seq_len, max(1, cfg.eval_batch_tokens // cfg.eval_seq_len)
-    windows = 1 if n_targets <= L else math.ceil((n_targets - L) / stride) + 1
-    batches = math.ceil(math.ceil(windows / world) / rows)
+    L, rows = cfg.eval_seq_len, eval_rows(cfg, n_targets, world)
+    batches = math.ceil(math.ceil(n_windows(n_targets, L, stride) / world) / rows)
     strided = batches - 1 if stride < min(L, n_targets) else 0
     return batches - strided, strided
 
@@ -4233,12 +4516,27 @@ def project_seconds(plan: EvalPlan, docs, n_targets: int, cfg: Config, world: in
     return costs.seconds(plan_token_work(plan, docs, n_targets, cfg, world))
 
 
+PUBLISHED_SPLIT = (50_000, 47_853_343)  # documents and targets of the published validation split (KNOWN_VAL)
+
+
+def published_docs(docs: list[tuple[int, int]], n_docs: int = PUBLISHED_SPLIT[0],
+                   n_targets: int = PUBLISHED_SPLIT[1]) -> list[tuple[int, int]]:
+    """The published split at full size, modelled from the documents at hand: their lengths, repeated in order to
+    n_docs documents and scaled to n_targets targets (the real split, when `docs` is it)."""
+    lens = np.array([e - s for s, e in docs] or [1], dtype=np.float64)
+    lens = np.resize(lens, n_docs) * n_targets / np.resize(lens, n_docs).sum()
+    ends = np.round(np.cumsum(lens)).astype(np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    return [(int(s), int(max(e, s + 1))) for s, e in zip(starts, ends)]
+
+
 def fit_plan(cfg: Config, docs, n_targets: int, world: int, costs: EvalCosts, budget_s: float,
-             log: Logger, spent: dict[str, float] | None = None) -> EvalPlan:
+             log: Logger, spent: dict[str, float] | None = None, label: str = "eval_plan") -> EvalPlan:
     """The configured plan, cut step by step until its projection fits 90% of the budget: drop the sliding
     window first (a diagnostic; TTT is the score), then halve the global SGD prefix, then drop the phases,
     then TTT itself. `spent`: what already ran on the evaluation clock before the plan (the n-gram tilt's pass),
-    logged with the projection; `budget_s` is what it left."""
+    logged with the projection; `budget_s` is what it left. The log adds the configured plan's projection for the
+    published split at full size on this many ranks (published_docs), whatever split is loaded."""
     plan = EvalPlan(cfg.sliding_eval, cfg.ttt_enabled, cfg.phased_ttt_num_phases, cfg.phased_ttt_prefix_docs)
     cuts = [lambda p: dataclasses.replace(p, sliding=False)]
     cuts += [lambda p: dataclasses.replace(p, prefix_docs=p.prefix_docs // 2)] * 3
@@ -4249,25 +4547,32 @@ def fit_plan(cfg: Config, docs, n_targets: int, world: int, costs: EvalCosts, bu
         secs = project_seconds(plan, docs, n_targets, cfg, world, costs)
         if sum(secs.values()) <= 0.9 * budget_s:
             break
-    log(f"eval_plan: configured [{first.describe()}] -> planned [{plan.describe()}] projected:"
+    full = project_seconds(first, published_docs(docs), PUBLISHED_SPLIT[1], cfg, world, costs)
+    log(f"{label}: configured [{first.describe()}] -> planned [{plan.describe()}] projected:"
         + " ".join(f"{k}={v:.0f}s" for k, v in secs.items()) + f" budget:{budget_s:.0f}s"
-        + "".join(f" {k}={v:.1f}s(spent)" for k, v in (spent or {}).items()))
+        + "".join(f" {k}={v:.1f}s(spent)" for k, v in (spent or {}).items())
+        + f" published_split_on_{world}_ranks:" + " ".join(f"{k}={v:.0f}s" for k, v in full.items())
+        + f" ngram_tilt={costs.tilt_token_s * PUBLISHED_SPLIT[1]:.0f}s")
     if plan != first:
-        log("WARNING: the configured evaluation does not fit EVAL_BUDGET_SECONDS; running the reduced plan above")
+        log(f"WARNING: the configured evaluation does not fit EVAL_BUDGET_SECONDS; {label} runs the reduced plan above")
     return plan
+
+
+def rank0_decides(rt: Runtime, values: list[int]) -> list[int]:
+    """Rank 0's integers on every rank: ranks that decide apart near a cut would issue mismatched collectives."""
+    if rt.world_size == 1:
+        return values
+    t = to_device(torch.tensor(values, dtype=torch.int64), rt.device)
+    dist.broadcast(t, src=0)
+    return t.tolist()
 
 
 def agreed_plan(cfg: Config, docs, n_targets: int, rt: Runtime, costs: EvalCosts, budget_s: float,
                 log: Logger, spent: dict[str, float] | None = None) -> EvalPlan:
-    """Rank 0 fits the plan (with the slowest rank's costs and its own clock) and every rank runs what it decided:
-    ranks that chose different stages near a cut would issue mismatched collectives."""
+    """Rank 0 fits the plan (with the slowest rank's costs and its own clock) and every rank runs what it decided."""
     plan = fit_plan(cfg, docs, n_targets, rt.world_size, costs, budget_s, log, spent) if rt.is_main else None
-    if rt.world_size == 1:
-        return plan
-    t = torch.tensor([0, 0, 0, 0] if plan is None else [plan.sliding, plan.ttt, plan.phases, plan.prefix_docs],
-                     dtype=torch.int64, device=rt.device)
-    dist.broadcast(t, src=0)
-    s, tt, ph, pd = t.tolist()
+    s, tt, ph, pd = rank0_decides(rt, [0, 0, 0, 0] if plan is None else
+                                  [plan.sliding, plan.ttt, plan.phases, plan.prefix_docs])
     return EvalPlan(bool(s), bool(tt), ph, pd)
 
 
@@ -4285,17 +4590,20 @@ def random_rows(cfg: Config, rows: int, T: int, g: torch.Generator) -> Tensor:
     return x
 
 
-def measure_costs(model: GPT, static: nn.Module, dynamic: nn.Module, cfg: Config, rt: Runtime) -> EvalCosts:
+def measure_costs(model: GPT, static: nn.Module, dynamic: nn.Module, cfg: Config, rt: Runtime, rows: int,
+                  docs: list[tuple[int, int]]) -> EvalCosts:
     """Compile (on CUDA) and time every evaluation shape the configuration can run, before any validation token is
-    scored, on random tokens: the windowed forward at [EVAL_BATCH_TOKENS / EVAL_SEQ_LEN, EVAL_SEQ_LEN] (whole
-    window, and last stride for the sliding window), a LoRA TTT step of a full batch at a chunk's and at a window's
-    width, and a global SGD span. Each is timed on its second call, after the first has compiled it; the time is
-    spent inside the evaluation clock. A stage that is off costs 0."""
+    scored, on random tokens: the windowed forward at [rows, EVAL_SEQ_LEN] (whole window, and last stride for the
+    sliding window), a LoRA TTT step of a full batch (at most as many documents as there are) at a chunk's and at a
+    window's width (at most the longest document), a global SGD span, and the n-gram tilt's hint pass over 2^18
+    random tokens (per token). Each is timed on its second call, after the first has compiled it. A stage that is
+    off costs 0. Sizes follow the validation set at hand (`rows`, `docs`), so a short one is probed briefly."""
     g = torch.Generator().manual_seed(0)
-    L, rows, B = cfg.eval_seq_len, max(1, cfg.eval_batch_tokens // cfg.eval_seq_len), max(2, cfg.ttt_batch_docs)
+    L = cfg.eval_seq_len
+    B = max(2, min(cfg.ttt_batch_docs, len(docs)))
     x = random_rows(cfg, rows, L, g)
     seg = make_segments(x[:, :-1], cfg.bos_id, L, rt.device) if cfg.doc_masked_attn else None
-    xd = x.to(rt.device)
+    xd = to_device(x, rt.device)
 
     # the tilt reads one more log-probability: its own graph, primed with a standalone tensor (as scoring passes)
     read = xd[:, 1:].clone() if cfg.ngram_tilt else None
@@ -4308,12 +4616,13 @@ def measure_costs(model: GPT, static: nn.Module, dynamic: nn.Module, cfg: Config
     full = warm_and_time(lambda: window(0), rt.device)
     strided = warm_and_time(lambda: window(cfg.eval_stride), rt.device) if cfg.sliding_eval else 0.0
     model.train()
-    per_token = per_call = sgd_row = 0.0
+    per_token = per_call = sgd_row = tilt = 0.0
     if cfg.ttt_enabled:
         model.requires_grad_(False)
         lora, opt = new_lora(dataclasses.replace(cfg, ttt_batch_docs=B), rt, 0)
         lora.rows = torch.arange(B, device=rt.device)
-        widths = (min(cfg.ttt_chunk_size, L), L)
+        longest = max([e - s for s, e in docs] or [L])
+        widths = (max(2, min(cfg.ttt_chunk_size, L, longest)), max(2, min(L, longest)))
         steps = [warm_and_time(lambda w=w: ttt_probe_step(dynamic, random_rows(cfg, B, w, g), lora, opt, rt,
                                                           cfg.ngram_tilt), rt.device) for w in widths]
         per_token = max(0.0, (steps[1] - steps[0]) / (B * (widths[1] - widths[0]))) if widths[1] > widths[0] else 0.0
@@ -4321,7 +4630,10 @@ def measure_costs(model: GPT, static: nn.Module, dynamic: nn.Module, cfg: Config
     if cfg.ttt_enabled and cfg.phased_ttt_num_phases:
         span_rows = max(1, cfg.ttt_global_chunk_tokens // L // rt.world_size)
         sgd_row = warm_and_time(lambda: sgd_probe(model, dynamic, span_rows, cfg, rt, g), rt.device) / span_rows
-    return EvalCosts(full, strided, per_token, per_call, sgd_row)
+    if cfg.ngram_tilt:
+        probe = torch.randint(0, cfg.vocab_size, (1 << 18,), generator=g)
+        tilt = warm_and_time(lambda: ngram_hints(probe, cfg, rt.device), rt.device) / probe.numel()
+    return EvalCosts(full, strided, per_token, per_call, sgd_row, tilt)
 
 
 def warm_and_time(fn: typing.Callable[[], None], device: torch.device) -> float:
@@ -4332,7 +4644,7 @@ def warm_and_time(fn: typing.Callable[[], None], device: torch.device) -> float:
 
 def ttt_probe_step(model: nn.Module, x: Tensor, lora: BatchedLoRA, opt, rt: Runtime, tilt: bool = False) -> None:
     """A LoRA TTT step called as ttt_score_batch calls it (contiguous inputs: strides are guarded too)."""
-    xi, y = x[:, :-1].contiguous().to(rt.device), x[:, 1:].contiguous().to(rt.device)
+    xi, y = to_device(x[:, :-1].contiguous(), rt.device), to_device(x[:, 1:].contiguous(), rt.device)
     with rt.autocast():
         out = model(xi, y, None, lora, 0, y.clone()) if tilt else model(xi, y, None, lora)  # no alias: own guard
     (out[0] if tilt else out).mean().backward()
@@ -4357,48 +4669,102 @@ def timed_call(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime, log: Logger,
-                   costs: EvalCosts | None = None, now: typing.Callable[[], float] = time.perf_counter) -> dict:
-    """All evaluations from the packed artifact (read once). One model is rebuilt from its weights, and reloaded
-    from them before every stage, as a fresh load would give; its compiled forms are warmed and timed on random
-    tokens first (compile time counts on the evaluation clock), and the plan is cut to fit EVAL_BUDGET_SECONDS
-    before any validation token is scored. Every mode scores the same targets. Time is read through `now`."""
-    t_all = now()
-    torch._dynamo.reset()  # training's graphs are done with: evaluation starts its own compile budget
-    graphs0 = compiled_graph_count()
-    acfg, qm = unpack_artifact(artifact.read_bytes())
-    weights = dequantize_state(qm)
-    log(f"artifact_load_time:{now() - t_all:.1f}s")
-    model = GPT(acfg, rt.kernels).to(rt.device)
+@dataclass
+class Evaluator:
+    """One model and its evaluation graphs, compiled and timed on random tokens before anything is scored (in a
+    training run: before training, on the training model itself, so the artifact's weights are later loaded into
+    graphs that are already built): the compile warm-up and cost probes, outside the evaluation timer (README: "The
+    evaluation clock")."""
+    model: GPT
+    static: nn.Module
+    dynamic: nn.Module
+    costs: EvalCosts
+    warmup_s: float
+
+
+def prepare_evaluation(model: GPT, cfg: Config, rt: Runtime, val: ValidationData, log: Logger,
+                       now: typing.Callable[[], float] = time.perf_counter) -> Evaluator:
+    """Compile and time the evaluation's graphs on `model` (its weights, modes and flags are as before afterwards),
+    then refuse, before anything is paid for, a budget that even the smallest plan cannot meet, and preview the
+    plan the budget allows."""
+    t0, g0 = now(), compiled_graph_count()
     static, dynamic = compile_model(model, cfg, rt), compile_model(model, cfg, rt, dynamic=True)
-    docs, n_targets = document_spans(val.tokens, val.bos_id), val.tokens.numel() - 1
-    t0 = now()
-    if costs is None:
-        load_weights(model, weights)
-        costs = slowest_costs(measure_costs(model, static, dynamic, cfg, rt), rt)
-    log(f"eval_warmup: compile and cost probes {now() - t0:.1f}s on random tokens graphs:"
-        f"{compiled_graph_count() - graphs0} costs:" + ",".join(f"{k}={v:.3g}" for k, v in dataclasses.asdict(costs).items()))
-    hints = shared_hints(val, cfg, rt, log, now)  # one causal pass, inside the clock and before the plan's cut
-    plan = agreed_plan(cfg, docs, n_targets, rt, costs, cfg.eval_budget_seconds - (now() - t_all), log,
+    docs, n = document_spans(val.tokens, val.bos_id), val.tokens.numel() - 1
+    flags, loops, training = [p.requires_grad for p in model.parameters()], model.active_loops, model.training
+    model.set_active_loops(cfg.n_loops)
+    costs = slowest_costs(measure_costs(model, static, dynamic, cfg, rt, eval_rows(cfg, n, rt.world_size), docs), rt)
+    for p, f in zip(model.parameters(), flags):
+        p.requires_grad_(f)
+    model.set_active_loops(loops)
+    model.train(training)
+    model.zero_grad(set_to_none=True)
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()  # the probes' activations are not training's
+    ev = Evaluator(model, static, dynamic, costs, now() - t0)
+    log(f"eval_warmup: compile and cost probes {ev.warmup_s:.1f}s on random tokens, outside the eval timer, graphs:"
+        f"{compiled_graph_count() - g0} costs:" + ",".join(f"{k}={v:.3g}" for k, v in dataclasses.asdict(costs).items()))
+    smallest = EvalPlan(False, False, 0, 0)
+    floor = sum(project_seconds(smallest, docs, n, cfg, rt.world_size, costs).values()) + costs.tilt_token_s * n
+    if floor > cfg.eval_budget_seconds:
+        raise ConfigError(f"EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:.0f} cannot be met: the roundtrip evaluation "
+                          f"alone projects to {floor:.0f}s on this hardware ({n} targets on {rt.world_size} ranks"
+                          + (", with the n-gram tilt's pass" if cfg.ngram_tilt else "") + "); raise the budget, or "
+                          "score fewer tokens (VAL_TOKEN_LIMIT, smoke tests only)")
+    if rt.is_main:
+        fit_plan(cfg, docs, n, rt.world_size, costs, cfg.eval_budget_seconds - costs.tilt_token_s * n, log,
+                 label="eval_plan_preview")
+    return ev
+
+
+def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime, log: Logger,
+                   ev: Evaluator | None = None, now: typing.Callable[[], float] = time.perf_counter) -> dict:
+    """All evaluations from the packed artifact (read once), into the evaluator's model and graphs (EVAL_ONLY: a model
+    built from the artifact's config, warmed up here). Reading, decompressing and dequantizing the artifact and the
+    warm-up are outside the evaluation timer; the timer starts at the first read of validation tokens (the n-gram
+    tilt's pass) and covers the plan, roundtrip, TTT and the sliding window, which runs last and only if the
+    projection says it fits what TTT left (it is informational; TTT is the score). The model is reloaded from the
+    artifact's weights before every stage, as a fresh load would give. Every mode scores the same targets."""
+    t_load = now()
+    acfg, qm = unpack_artifact(read_artifact(artifact))
+    weights = {k: v.to(rt.device) for k, v in dequantize_state(qm).items()}
+    load_s = now() - t_load
+    log(f"artifact_load_time:{load_s:.1f}s (read, decompress, dequantize: outside the eval timer)")
+    if ev is None:
+        ev = prepare_evaluation(GPT(acfg, rt.kernels).to(rt.device), cfg, rt, val, log, now)
+    elif any(getattr(acfg, f) != getattr(ev.model.cfg, f) for f in MODEL_FIELDS):
+        raise ArtifactError(f"{artifact} holds another model than this run's: evaluate it with EVAL_ONLY=1")
+    model, docs, n_targets = ev.model, document_spans(val.tokens, val.bos_id), val.tokens.numel() - 1
+    g0 = compiled_graph_count()
+    t_all = now()  # the evaluation timer
+    hints = shared_hints(val, cfg, rt, log, now)
+    plan = agreed_plan(cfg, docs, n_targets, rt, ev.costs, cfg.eval_budget_seconds - (now() - t_all), log,
                        {"ngram_tilt": hints.seconds} if hints is not None else None)
-    stages = [("roundtrip", "final_int6_roundtrip_exact", True), ("sliding", "final_int6_sliding_window_exact",
-              plan.sliding), ("ttt", "quantized_ttt_phased", plan.ttt)]
+    stage_cfg = dataclasses.replace(cfg, phased_ttt_num_phases=plan.phases, phased_ttt_prefix_docs=plan.prefix_docs)
+    lines = {"roundtrip": "final_int6_roundtrip_exact", "ttt": "quantized_ttt_phased",
+             "sliding": "final_int6_sliding_window_exact"}
     results = {}
-    for key, line, run in stages:
+    for key, run in (("roundtrip", True), ("ttt", plan.ttt), ("sliding", plan.sliding)):
         if not run:
             continue
+        if key == "sliding":
+            left = cfg.eval_budget_seconds - (now() - t_all)
+            need = project_seconds(EvalPlan(True, False, 0, 0), docs, n_targets, cfg, rt.world_size, ev.costs)["sliding"]
+            if not rank0_decides(rt, [int(need <= 0.9 * left)])[0]:
+                log(f"eval: sliding window skipped: it projects to {need:.0f}s and {left:.0f}s of the budget are left")
+                continue
         t0 = now()
         load_weights(model, weights)
-        s = run_stage(key, dynamic if key == "ttt" else static, model, val, dataclasses.replace(
-            cfg, phased_ttt_num_phases=plan.phases, phased_ttt_prefix_docs=plan.prefix_docs), rt, log, hints)
+        s = run_stage(key, ev.dynamic if key == "ttt" else ev.static, model, val, stage_cfg, rt, log, hints)
         ms = 1000 * (now() - t0)
-        log(f"{line} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms" +
+        log(f"{lines[key]} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms" +
             (f" ngram_tilt:1 untilted_val_bpb:{s.raw_bpb:.8f}" if hints is not None else ""))
         log(f"{key}_targets:{s.tokens} {key}_bytes:{s.bytes}")
         results[key] = {"val_loss": s.loss, "val_bpb": s.bpb, "eval_ms": ms, "tokens": s.tokens, "bytes": s.bytes,
                         "untilted_val_bpb": s.raw_bpb}
-    log(f"eval_graphs:{compiled_graph_count() - graphs0}")
-    return finish_evaluation(results, plan, cfg, now() - t_all, log)
+    total = now() - t_all
+    log(f"eval_graphs_compiled_while_scoring:{compiled_graph_count() - g0}")
+    log(f"eval_outside_timer: artifact_load:{load_s:.1f}s warmup:{ev.warmup_s:.1f}s")
+    return finish_evaluation(results, plan, cfg, total, log)
 
 
 def run_stage(key: str, compiled: nn.Module, model: GPT, val: ValidationData, cfg: Config, rt: Runtime,
@@ -4406,7 +4772,8 @@ def run_stage(key: str, compiled: nn.Module, model: GPT, val: ValidationData, cf
     if key == "ttt":
         return ttt_eval(model, val, cfg, rt, log, compiled=compiled, hints=hints)
     stride = cfg.eval_seq_len if key == "roundtrip" else cfg.eval_stride
-    return eval_windows(compiled, val, cfg.eval_seq_len, stride, cfg.eval_batch_tokens, rt, cfg.doc_masked_attn,
+    rows = eval_rows(cfg, val.tokens.numel() - 1, rt.world_size)
+    return eval_windows(compiled, val, cfg.eval_seq_len, stride, rows * cfg.eval_seq_len, rt, cfg.doc_masked_attn,
                         hints=hints)
 
 
@@ -4421,6 +4788,8 @@ def finish_evaluation(results: dict, plan: EvalPlan, cfg: Config, total: float, 
         log(f"WARNING: evaluation took {total:.1f}s > EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:.0f}; "
             "this run is NOT a valid submission")
     return results
+
+
 # =============================================================================================
 # Main: the pipeline, one stage per call
 # =============================================================================================
@@ -4466,23 +4835,27 @@ ATTENTION_NOTES = {
 }
 
 
+CHECKPOINT_NAME, ARTIFACT_NAME, CODE_NAME = "final_model.pt", "final_model.int6.ptz", "train_gpt.counted.py"
+
+
 def checkpoint_path(cfg: Config) -> Path:
-    return Path(cfg.init_model_path or Path(cfg.output_dir) / "final_model.pt")
+    return Path(cfg.init_model_path or Path(cfg.output_dir) / CHECKPOINT_NAME)
 
 
-def config_from_checkpoint(cfg: Config, explicit: set[str]) -> Config:
-    """SKIP_TRAIN: the model is rebuilt from the architecture saved in the checkpoint (every field
-    marked `model`), as the artifact loader does. A model variable set in the environment that
-    disagrees with the checkpoint is an error, never a silent mismatch."""
-    path = checkpoint_path(cfg)
-    if not path.is_file():
-        raise ConfigError(f"SKIP_TRAIN=1 but INIT_MODEL_PATH={path} does not exist")
-    saved = config_from_dict(torch.load(path, map_location="cpu", weights_only=True)["config"])
-    diff = [f"{n.upper()}={getattr(cfg, n)} (checkpoint: {getattr(saved, n)})" for n in MODEL_FIELDS
+def artifact_path(cfg: Config) -> Path:
+    return Path(cfg.artifact_path or Path(cfg.output_dir) / ARTIFACT_NAME)
+
+
+def config_from_saved(cfg: Config, saved: Config, fields: tuple[str, ...], explicit: set[str], source: Path,
+                      kind: str) -> Config:
+    """cfg with `fields` taken from a saved run's config (a checkpoint's or an artifact's). A model variable set in
+    the environment that disagrees with it is an error, never a silent mismatch; other fields set explicitly win."""
+    diff = [f"{n.upper()}={getattr(cfg, n)} ({kind}: {getattr(saved, n)})" for n in MODEL_FIELDS
             if n.upper() in explicit and getattr(cfg, n) != getattr(saved, n)]
     if diff:
-        raise ConfigError(f"{path} was trained with a different model; unset or set " + ", ".join(diff))
-    return dataclasses.replace(cfg, **{n: getattr(saved, n) for n in MODEL_FIELDS})
+        raise ConfigError(f"{source} was trained with a different model; unset or set " + ", ".join(diff))
+    return dataclasses.replace(cfg, **{n: getattr(saved, n) for n in fields
+                                       if n in MODEL_FIELDS or n.upper() not in explicit})
 
 
 def check_compressor(cfg: Config) -> None:
@@ -4506,14 +4879,58 @@ def shipped_code() -> bytes:
     return src if src.startswith(WRAPPER_HEAD) else counted_code(src.decode())
 
 
-def write_outputs(blob: bytes, code: bytes, cfg: Config, rt: Runtime, log: Logger) -> dict:
-    """Rank 0 writes the artifact and the counted code wrapper; sizes go to the log and the summary."""
+def check_code_fits(cfg: Config, code: bytes) -> None:
+    """A cap the counted code alone reaches cannot be met by any artifact: refused before anything is paid for."""
+    if len(code) >= cfg.artifact_limit_bytes:
+        raise ConfigError(f"ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes} cannot be met: the counted code alone is "
+                          f"{len(code)} bytes; raise the cap")
+
+
+def run_outputs(cfg: Config) -> list[Path]:
+    """The files this run writes: its log and summary; a training run or a re-pack also the artifact and the
+    counted code; a training run also the checkpoint (a re-pack reads it)."""
     out = Path(cfg.output_dir)
-    sizes = {"bytes_model": len(blob), "bytes_code": len(code), "bytes_total": len(blob) + len(code)}
-    sizes["valid_size"] = sizes["bytes_total"] <= cfg.artifact_limit_bytes
+    files = [out / "logs" / f"{cfg.run_id}.txt", out / "logs" / f"{cfg.run_id}.summary.json"]
+    if not cfg.eval_only:
+        files += [out / ARTIFACT_NAME, out / CODE_NAME]
+    if not cfg.eval_only and not cfg.skip_train:
+        files.append(out / CHECKPOINT_NAME)
+    return files
+
+
+def check_outputs_free(cfg: Config) -> None:
+    """No run overwrites another's files, whatever its seed and however it ends: a run whose files exist is refused
+    before any work (run.sh calls this in its preflight too)."""
+    taken = [p for p in run_outputs(cfg) if p.exists()]
+    if not taken:
+        return
+    hint = ""
+    if Path(cfg.output_dir, CHECKPOINT_NAME) in taken and not Path(cfg.output_dir, ARTIFACT_NAME).exists():
+        hint = f"; to re-pack that run's checkpoint, set SKIP_TRAIN=1 (it writes beside it, as RUN_ID {cfg.run_id}_repack)"
+    raise ConfigError(f"OUTPUT_DIR={cfg.output_dir} already holds another run's files ("
+                      + ", ".join(str(p.relative_to(cfg.output_dir)) for p in taken) + "): a run never overwrites "
+                      "them; choose another OUTPUT_DIR (run.sh: RUN_DIR) or RUN_ID, or move them away" + hint)
+
+
+def write_outputs(blob: bytes, code: bytes, cfg: Config, rt: Runtime, log: Logger) -> dict:
+    """Rank 0 writes the artifact and the counted code wrapper (atomically); sizes go to the log and the summary.
+    Every rank learns whether the writes succeeded, so that a full disk stops all of them with the same error."""
+    out, error = Path(cfg.output_dir), ""
     if rt.is_main:
-        (out / "final_model.int6.ptz").write_bytes(blob)
-        (out / "train_gpt.counted.py").write_bytes(code)
+        try:
+            write_atomic(out / ARTIFACT_NAME, blob)
+            write_atomic(out / CODE_NAME, code)
+        except OSError as e:
+            error = str(e)
+    if not rank0_decides(rt, [int(not error)])[0]:
+        raise OSError(error or "rank 0 could not write the artifact")
+    sizes = artifact_sizes(len(blob), code, cfg, log)
+    return sizes
+
+
+def artifact_sizes(model_bytes: int, code: bytes, cfg: Config, log: Logger) -> dict:
+    sizes = {"bytes_model": model_bytes, "bytes_code": len(code), "bytes_total": model_bytes + len(code)}
+    sizes["valid_size"] = sizes["bytes_total"] <= cfg.artifact_limit_bytes
     log(f"Serialized model int6+{cfg.compressor}: {sizes['bytes_model']} bytes")
     log(f"Code size: {sizes['bytes_code']} bytes")
     log(f"code_sha256:{hashlib.sha256(code).hexdigest()}")
@@ -4526,21 +4943,40 @@ def write_outputs(blob: bytes, code: bytes, cfg: Config, rt: Runtime, log: Logge
     return sizes
 
 
-def configure() -> tuple[Config, Runtime, Logger, list[str]]:
-    """Config from the environment, the runtime and the logger; a config error exits before any work."""
+@dataclass
+class Run:
+    """What configure decides once: the config, the runtime, the logger and the counted code."""
+    cfg: Config
+    rt: Runtime
+    log: Logger
+    code: bytes
+
+
+def configure() -> Run:
+    """Config from the environment (a re-pack's model from its checkpoint, EVAL_ONLY's model and evaluation settings
+    from its artifact), the runtime and the logger. Everything checkable without data is checked here, in seconds:
+    a config error exits before any work."""
     try:
         cfg, warnings, explicit = load_config_explicit()
         if cfg.skip_train:
-            cfg = config_from_checkpoint(cfg, explicit)
+            saved, _ = load_checkpoint(checkpoint_path(cfg))  # verified now, not after the compile warm-up
+            cfg = config_from_saved(cfg, saved, MODEL_FIELDS, explicit, checkpoint_path(cfg), "checkpoint")
+        if cfg.eval_only:
+            saved = artifact_config(artifact_path(cfg))
+            cfg = config_from_saved(cfg, saved, MODEL_FIELDS + EVAL_FIELDS, explicit, artifact_path(cfg), "artifact")
+        cfg = fill_defaults(cfg, explicit)
         check_compressor(cfg)
+        code = shipped_code()
+        check_code_fits(cfg, code)
+        check_outputs_free(cfg)
         rt = setup_runtime(cfg)
         check_attention_fits(cfg, rt, validate_world(cfg, rt.world_size))
-    except ConfigError as e:
+    except (ConfigError, ArtifactError) as e:
         sys.exit(f"config error: {e}")
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     log = Logger(str(Path(cfg.output_dir) / "logs" / f"{cfg.run_id}.txt") if rt.is_main else None)
     log_header(cfg, rt, log, warnings)
-    return cfg, rt, log, warnings
+    return Run(cfg, rt, log, code)
 
 
 def prepare_inputs(cfg: Config, rt: Runtime, log: Logger) -> RunInputs:
@@ -4556,47 +4992,95 @@ def prepare_inputs(cfg: Config, rt: Runtime, log: Logger) -> RunInputs:
     return RunInputs(sp, data, val)
 
 
+def state_digest(config: dict, state: dict[str, Tensor]) -> str:
+    """sha256 of a checkpoint's config and every tensor's name, dtype, shape and bytes: a flipped bit anywhere in the
+    weights changes it (torch.load itself checks nothing)."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(path: Path, cfg: Config, state: dict[str, Tensor], log: Logger) -> None:
-    """The float checkpoint, atomically: written to a temporary name, fsynced, renamed. A full disk or a kill
-    mid-write leaves the previous file (or none), never a truncated one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save({"config": dataclasses.asdict(cfg), "state_dict": {k: v.detach().cpu() for k, v in state.items()}},
-                       fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write the checkpoint {path} ({e}); free disk space under OUTPUT_DIR") from e
+    """The float checkpoint with its digest, serialised in memory and written atomically (write_atomic): a full disk
+    or a kill mid-write leaves the previous file (or none), never a truncated one."""
+    config, host = dataclasses.asdict(cfg), {k: v.detach().cpu() for k, v in state.items()}
+    buf = io.BytesIO()
+    torch.save({"config": config, "state_dict": host, "sha256": state_digest(config, host)}, buf)
+    write_atomic(path, buf.getbuffer().tobytes())
     log(f"saved:{path}")
 
 
-def train_or_load(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, inputs: RunInputs,
-                  log: Logger) -> TrainResult:
+def load_checkpoint(path: Path) -> tuple[Config, dict[str, Tensor]]:
+    """A checkpoint's config and weights (on the host), refused with the cause when it is missing, unreadable, from
+    another version of this script, or corrupted (its digest differs)."""
+    if not path.is_file():
+        raise ConfigError(f"the checkpoint {path} does not exist (INIT_MODEL_PATH, default OUTPUT_DIR/final_model.pt)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        config, state, digest = ck["config"], ck["state_dict"], ck.get("sha256")
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a damaged pickle, another kind of file
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]}): it is damaged or "
+                          "not a final_model.pt; use another copy") from None
+    if digest is None:
+        raise ConfigError(f"{path} has no digest: it was not written by this train_gpt.py, so its bytes cannot be trusted")
+    if state_digest(config, state) != digest:
+        raise ConfigError(f"{path} is corrupted: its weights do not match the digest saved with them; use another copy")
+    return config_from_dict(config, str(path)), state
+
+
+def calibration_reserve(model: GPT, cfg: Config, rt: Runtime, data: TrainData, log: Logger,
+                        now: typing.Callable[[], float] = time.perf_counter) -> float:
+    """The part of MAX_WALLCLOCK_SECONDS kept for GPTQ calibration, projected before the training clock starts from
+    the real thing: one calibration batch's Hessian pass, timed after an untimed one, times this rank's batches,
+    times the passes calibration makes (phase 1 and the loop-aware phase 2, which the rate control's later packs
+    reuse), 10% over, plus GPTQ_RESERVE_SECONDS; the slowest rank's. A reserve that leaves no training is refused."""
+    if not cfg.max_wallclock_seconds:
+        return 0.0
+    batches = data.calibration_batches()
+    names = {n for n, t in model.state_dict().items() if quant_plan(n, t, cfg).method == "gptq"}
+    passes = 1 + int(cfg.loop_aware_gptq and any(is_crawler(n, cfg) for n in names)
+                     and any(not is_crawler(n, cfg) for n in names))
+    loops = model.active_loops
+    model.set_active_loops(cfg.n_loops)
+    collect_hessians(model, batches[:1], names, rt)
+    sync(rt.device)
+    t0 = now()
+    collect_hessians(model, batches[:1], names, rt)
+    sync(rt.device)
+    per_batch = all_reduce_(torch.tensor([now() - t0], dtype=torch.float64, device=rt.device),
+                            dist.ReduceOp.MAX if rt.world_size > 1 else None).item()
+    model.set_active_loops(loops)
+    projected = per_batch * len(batches) * passes if names else 0.0
+    reserve = 1.1 * projected + cfg.gptq_reserve_seconds
+    log(f"calibration_projection: {1000 * per_batch:.0f}ms per batch x {len(batches)} batches x {passes} passes = "
+        f"{projected:.1f}s; reserve {reserve:.1f}s of MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:.0f}")
+    if reserve >= cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds:
+        raise ConfigError(f"calibration projects to {projected:.0f}s, which leaves no training inside "
+                          f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:.0f}: lower GPTQ_CAL_SAMPLES or raise the cap")
+    return reserve - cfg.gptq_reserve_seconds  # GPTQ_RESERVE_SECONDS is already out of cfg.train_budget_ms
+
+
+def train_or_load(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, inputs: RunInputs, log: Logger,
+                  reserve_s: float = 0.0) -> TrainResult:
     """Train and save the float checkpoint (then validate it), or (SKIP_TRAIN) load it: both give a TrainResult.
-    A signal during training saves the averaged weights and exits saying how to re-pack them; a diverged loss
-    exits at once."""
+    A signal or a failure during training saves the averaged weights (Rescue) and exits saying how to re-pack them;
+    a diverged loss exits at once."""
     if cfg.skip_train:
-        state = torch.load(checkpoint_path(cfg), map_location=rt.device, weights_only=True)["state_dict"]
+        _, state = load_checkpoint(checkpoint_path(cfg))
         model.load_state_dict(state)
         model.set_active_loops(cfg.n_loops)
         log(f"skip_train: loaded {checkpoint_path(cfg)}")
         return TrainResult(0, 0.0, False, state, 0.0)
-    path = Path(cfg.output_dir) / "final_model.pt"
+    path = Path(cfg.output_dir) / CHECKPOINT_NAME
     stop = Rescue(path, cfg, rt, log)
     stop.install()
     try:
-        result = train(model, compiled, cfg, rt, inputs.train, inputs.val, log, stop=stop)
+        result = train(model, compiled, cfg, rt, inputs.train, inputs.val, log, stop=stop, reserve_s=reserve_s)
     except Interrupted as e:
-        stop.handled.set()
-        if rt.is_main and e.state is not None:
-            save_checkpoint(path, cfg, e.state, log)
-        log(f"ERROR: {e} after {e.steps} steps: the averaged weights are in {path}; calibrate, pack and evaluate "
-            f"them with SKIP_TRAIN=1 INIT_MODEL_PATH={path} and the same variables")
-        sys.stdout.flush()
-        os._exit(e.code)  # no teardown: a lost peer would hang the process group's shutdown
+        stop.finish(e)
     except Diverged as e:
         log(f"ERROR: {e}")
         sys.exit(f"error: {e}")
@@ -4609,14 +5093,13 @@ def train_or_load(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, inp
     return result
 
 
-def calibrate_and_pack(model: GPT, cfg: Config, rt: Runtime, inputs: RunInputs, result: TrainResult,
+def calibrate_and_pack(model: GPT, cfg: Config, rt: Runtime, inputs: RunInputs, result: TrainResult, code: bytes,
                        log: Logger) -> tuple[dict, float]:
     """GPTQ calibration on training data (inside the training budget), then quantization and packing under the
-    cap. Only the passes over training batches (phase-1 and every loop-aware phase-2 Hessian collection)
-    count against MAX_WALLCLOCK_SECONDS."""
+    cap. Only the passes over training batches (phase-1 and the loop-aware phase-2 Hessian collection) count
+    against MAX_WALLCLOCK_SECONDS."""
     cal = calibrate(model, cfg, rt, inputs.train.calibration_batches(), log)
     t0, phase1_s = time.perf_counter(), cal.seconds
-    code = shipped_code()
     blob = pack_within_cap(model, cal, cfg, rt, len(code), log)
     total_s = result.train_ms / 1000 + cal.seconds
     log(f"gptq:calibration time:{cal.seconds:.1f}s train+calibration:{total_s:.1f}s "
@@ -4629,27 +5112,29 @@ def calibrate_and_pack(model: GPT, cfg: Config, rt: Runtime, inputs: RunInputs, 
     return sizes, cal.seconds
 
 
-def run_verdict(cfg: Config, result: TrainResult, sizes: dict, cal_s: float, evals: dict) -> tuple[list[str], list[str]]:
+def run_verdict(cfg: Config, result: TrainResult | None, sizes: dict, cal_s: float, evals: dict
+                ) -> tuple[list[str], list[str]]:
     """(broken, not_a_submission): rules of the challenge the run broke (over the cap, over a budget, unequal
     target counts: the process exits non-zero), and what makes it no submission by the user's own choice (a val
-    prefix, a re-pack without training)."""
+    prefix, a re-pack without training, an evaluation of an artifact alone)."""
     broken = []
     if not sizes["valid_size"]:
         broken.append(f"artifact {sizes['bytes_total']} bytes > {cfg.artifact_limit_bytes}")
-    if cfg.max_wallclock_seconds and result.train_ms / 1000 + cal_s > cfg.max_wallclock_seconds:
+    if result is not None and cfg.max_wallclock_seconds and result.train_ms / 1000 + cal_s > cfg.max_wallclock_seconds:
         broken.append(f"training + calibration {result.train_ms / 1000 + cal_s:.1f}s > {cfg.max_wallclock_seconds:.0f}s")
     if not evals["eval_within_budget"]:
         broken.append(f"evaluation {evals['eval_total_s']:.1f}s > {cfg.eval_budget_seconds:.0f}s")
     if not evals["same_targets"]:
         broken.append("the evaluation modes scored different targets")
     chosen = (["VAL_TOKEN_LIMIT scores a prefix of the val split"] if cfg.val_token_limit else []) + \
-             (["SKIP_TRAIN re-packs a checkpoint: no training time"] if cfg.skip_train else [])
+             (["SKIP_TRAIN re-packs a checkpoint: no training time"] if cfg.skip_train else []) + \
+             (["EVAL_ONLY scores an artifact: its training is another run's"] if cfg.eval_only else [])
     return broken, chosen
 
 
-def write_summary(cfg: Config, rt: Runtime, inputs: RunInputs, result: TrainResult, sizes: dict, cal_s: float,
+def write_summary(cfg: Config, rt: Runtime, inputs: RunInputs, result: TrainResult | None, sizes: dict, cal_s: float,
                   evals: dict, log: Logger) -> bool:
-    """The machine-readable summary; returns whether the run kept the challenge's rules."""
+    """The machine-readable summary (written atomically); returns whether the run kept the challenge's rules."""
     val = inputs.val
     broken, chosen = run_verdict(cfg, result, sizes, cal_s, evals)
     summary = {
@@ -4657,28 +5142,47 @@ def write_summary(cfg: Config, rt: Runtime, inputs: RunInputs, result: TrainResu
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "hardware": {"device": rt.hardware, "world_size": rt.world_size},
         "val": {"tokens": val.tokens.numel() - 1, "bytes": int(val.token_bytes[1:].sum()), "docs": val.n_docs},
-        "train": {"steps": result.steps, "train_ms": result.train_ms, "stopped_early": result.stopped_early,
-                  "peak_memory_mib": result.peak_mem_mib, "skipped": cfg.skip_train},
+        "train": None if result is None else {
+            "steps": result.steps, "train_ms": result.train_ms, "stopped_early": result.stopped_early,
+            "peak_memory_mib": result.peak_mem_mib, "skipped": cfg.skip_train},
         "calibration_s": cal_s, "sizes": sizes, "eval": evals,
         "valid": not broken and not chosen, "invalid_reasons": broken + chosen,
     }
     if rt.is_main:
         path = Path(cfg.output_dir) / "logs" / f"{cfg.run_id}.summary.json"
-        path.write_text(json.dumps(summary, indent=1))
+        write_atomic(path, json.dumps(summary, indent=1, allow_nan=False).encode())
         log(f"summary:{path} valid:{int(summary['valid'])}" + (f" reasons:{'; '.join(broken + chosen)}"
                                                                 if broken or chosen else ""))
     return not broken
 
 
-def main() -> None:
-    cfg, rt, log, _ = configure()
+def pipeline(run: Run) -> bool:
+    """preflight -> the evaluation's warm-up -> train (or load) -> calibrate, quantize, pack -> evaluate -> summary
+    (EVAL_ONLY: preflight -> evaluate the artifact -> summary). Returns whether the run kept the challenge's rules."""
+    cfg, rt, log = run.cfg, run.rt, run.log
     inputs = prepare_inputs(cfg, rt, log)
+    if cfg.eval_only:
+        artifact = artifact_path(cfg)
+        evals = run_evaluation(artifact, inputs.val, cfg, rt, log)
+        sizes = artifact_sizes(artifact.stat().st_size, run.code, cfg, log)
+        return write_summary(cfg, rt, inputs, None, sizes, 0.0, evals, log)
     model, compiled = build_model(cfg, rt)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    result = train_or_load(model, compiled, cfg, rt, inputs, log)
-    sizes, cal_s = calibrate_and_pack(model, cfg, rt, inputs, result, log)
-    evals = run_evaluation(Path(cfg.output_dir) / "final_model.int6.ptz", inputs.val, cfg, rt, log)
-    kept_rules = write_summary(cfg, rt, inputs, result, sizes, cal_s, evals, log)
+    ev = prepare_evaluation(model, cfg, rt, inputs.val, log)
+    reserve = 0.0 if cfg.skip_train else calibration_reserve(model, cfg, rt, inputs.train, log)
+    result = train_or_load(model, compiled, cfg, rt, inputs, log, reserve)
+    sizes, cal_s = calibrate_and_pack(model, cfg, rt, inputs, result, run.code, log)
+    evals = run_evaluation(Path(cfg.output_dir) / ARTIFACT_NAME, inputs.val, cfg, rt, log, ev)
+    return write_summary(cfg, rt, inputs, result, sizes, cal_s, evals, log)
+
+
+def main() -> None:
+    run = configure()
+    try:
+        kept_rules = pipeline(run)
+    except (ConfigError, DataError, ArtifactError, OSError) as e:  # a budget no plan meets, a damaged artifact, a
+        run.log(f"ERROR: {e}")  # full disk: one line with the cause and the fix, no traceback
+        sys.exit(f"error: {e}")
     shutdown()
     if not kept_rules:
         sys.exit("error: this run broke a rule of the challenge (see summary reasons above); its files are kept")

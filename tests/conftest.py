@@ -115,13 +115,16 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in train_gpt.ENV_NAMES and not k.startswith("PYTEST")}
 
 
-def run_trainer(env: dict, out: Path, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_trainer(env: dict, out: Path, nproc: int = 1, timeout: int = 300, emulate: bool = False
+                ) -> subprocess.CompletedProcess:
+    """train_gpt.py as a subprocess (under torchrun for nproc > 1); with `emulate`, through tests/host_device_main.py:
+    host and device told apart, CUDA's rules on mixing them enforced (issue 24)."""
     full = clean_env() | {"OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"} | env
+    script = str(ROOT / "tests" / "host_device_main.py") if emulate else str(ROOT / "train_gpt.py")
     if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "train_gpt.py")]
+        cmd = [sys.executable, script]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train_gpt.py")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     return subprocess.run(cmd, env=full, cwd=out, capture_output=True, text=True, timeout=timeout)
 
 
@@ -153,10 +156,12 @@ def caseops_data(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def trained_tiny(plain_data, tmp_path_factory) -> dict:
-    """One real run of the whole pipeline on the tiny config (150 steps), shared by several tests."""
+    """One real run of the whole pipeline on the tiny config (150 steps), shared by several tests, with host and
+    device told apart (tests/host_device.py): training with document masking, the crawler's loop switch (at 20%) and
+    BigramHash, loop-aware GPTQ with AWQ and LQER, packing, and every evaluation with the n-gram tilt."""
     def build(out: Path) -> dict:
-        env = tiny_env(plain_data, ITERATIONS=150, GPTQ_CAL_SAMPLES=32, GPTQ_CAL_SEQ_LEN=64)
-        r = run_trainer(env, out)
+        env = tiny_env(plain_data, ITERATIONS=150, GPTQ_CAL_SAMPLES=32, GPTQ_CAL_SEQ_LEN=64, CRAWLER_START_FRAC=0.2)
+        r = run_trainer(env, out, emulate=True)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return {"out": out, "env": env, "stdout": r.stdout}
 

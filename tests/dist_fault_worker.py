@@ -1,6 +1,9 @@
-"""train_gpt.main under torchrun with one rank that hangs at a given optimizer step (used by test_faults):
-FAULT_HANG_RANK, FAULT_HANG_STEP; the rescue thread's grace and snapshot interval shortened for a test."""
+"""train_gpt.main under torchrun (or alone) with one rank that fails at a given optimizer step (used by test_faults):
+FAULT_RANK, FAULT_STEP and FAULT_MODE: `hang` (sleeps: a rank that stops answering), `kill` (SIGKILL: a lost rank),
+`raise` (an exception inside the training loop). The rescue thread's grace and snapshot interval are shortened for a
+test."""
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -9,15 +12,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 tg.Rescue.GRACE_S, tg.Rescue.SNAPSHOT_EVERY = 2.0, 5
-hang_rank, hang_step = int(os.environ.pop("FAULT_HANG_RANK")), int(os.environ.pop("FAULT_HANG_STEP"))
+rank, step, mode = (os.environ.pop(k) for k in ("FAULT_RANK", "FAULT_STEP", "FAULT_MODE"))
 real, calls = tg.train_step, [0]
 
 
 def train_step(*a, **k):
     calls[0] += 1
-    if int(os.environ.get("RANK", "0")) == hang_rank and calls[0] == hang_step:
-        print(f"FAULT: rank {hang_rank} hangs at step {hang_step}", flush=True)
-        time.sleep(3600)
+    if int(os.environ.get("RANK", "0")) == int(rank) and calls[0] == int(step):
+        print(f"FAULT: rank {rank} {mode}s at step {step}", flush=True)
+        if mode == "hang":
+            time.sleep(3600)
+        elif mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            raise RuntimeError("a fault injected into the training step")
     return real(*a, **k)
 
 

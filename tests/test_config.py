@@ -28,6 +28,15 @@ from conftest import ROOT
     ("USE_CRAWLER=0 DELTA_NET_HEADS=4", "belong to the crawler"),
     ("DOC_MASKED_ATTN=0 TRAIN_SEQ_SCHEDULE=1024@0.5,2048@1.0", "needs DOC_MASKED_ATTN=1"),
     ("GPTQ_CAL_SEQ_LEN=100000", "GPTQ_CAL_SEQ_LEN"),  # killed for memory after training, before issue 17
+    # issue 25: a traceback, or a variable silently ignored, before
+    ("NUM_HEADS=0", "NUM_HEADS=0 is below its minimum 1"),  # was a ZeroDivisionError
+    ("NUM_KV_HEADS=0", "NUM_KV_HEADS=0 is below its minimum 1"),
+    ("MATRIX_LR=nan", "MATRIX_LR='nan' is not a finite number"),  # nan passes every range check
+    ("NUM_LAYERS=1e999", "NUM_LAYERS='1e999' is not an integer"),  # was an OverflowError
+    ("matrix_lr=0.05", "matrix_lr is not read: variable names are upper case; did you mean MATRIX_LR"),
+    ("INIT_MODEL_PATH=/x/final_model.pt", "INIT_MODEL_PATH=/x/final_model.pt is read only with SKIP_TRAIN=1"),
+    ("ARTIFACT_PATH=/x/a.ptz", "read only with EVAL_ONLY=1"),
+    ("SKIP_TRAIN=1 EVAL_ONLY=1", "choose one"),
 ])
 def test_bad_config_names_the_variable(env, needle):
     with pytest.raises(tg.ConfigError, match=needle):
@@ -60,6 +69,20 @@ def test_config_survives_a_dict_round_trip():
 
     cfg, _ = tg.load_config({"VE_DIM": "8", "VE_LAYERS": "1,4"})
     assert tg.config_from_dict(dataclasses.asdict(cfg)) == cfg
+
+
+def test_a_saved_config_of_another_version_is_named_not_a_traceback():
+    """A checkpoint or artifact whose config has a field this version does not know raised a TypeError; one that lacks
+    a model field would have loaded into a different model."""
+    import dataclasses
+
+    saved = dataclasses.asdict(tg.load_config({})[0])
+    with pytest.raises(tg.ConfigError, match="another version of train_gpt.py .*does not know: future_knob"):
+        tg.config_from_dict(saved | {"future_knob": 3}, "ckpt.pt")
+    with pytest.raises(tg.ConfigError, match="model fields it lacks: rope_dims"):
+        tg.config_from_dict({k: v for k, v in saved.items() if k != "rope_dims"}, "ckpt.pt")
+    older = {k: v for k, v in saved.items() if k != "ngram_tilt_boost"}  # a missing non-model field takes its default
+    assert tg.config_from_dict(older).ngram_tilt_boost == 2.625
 
 
 def test_config_reference_lists_every_field():

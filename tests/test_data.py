@@ -1,6 +1,7 @@
 """Data: the CaseOps prep reproduces the published dataset, bad input fails cleanly, the data check names causes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -196,12 +197,12 @@ def _cfg(data_path, tokenizer, vocab=400):
 
 def _check(d, tokenizer):
     cfg = _cfg(d, tokenizer)
-    return tg.check_dataset(cfg, tg.check_tokenizer(cfg), need_bos=True)
+    return tg.check_dataset(cfg, tg.check_tokenizer(cfg))
 
 
 def test_data_check_accepts_good_data(caseops_data):
     rep = _check(caseops_data["data_path"], caseops_data["tokenizer"])
-    assert rep.val_docs == 200 and rep.overlap_docs == 0 and rep.val_bytes == caseops_data["manifest"]["val_bytes"]
+    assert rep.val_docs == 200 and rep.overlap_hashes == [] and rep.val_bytes == caseops_data["manifest"]["val_bytes"]
     assert rep.tokenization == "published"
 
 
@@ -248,7 +249,7 @@ def _truncated(d):
 
 @pytest.mark.parametrize("breaker,needle", [
     (_no_bos, "no BOS"), (_misaligned, "misaligned sidecar"), (_shifted_sidecar, "misaligned sidecar"),
-    (_old_exporter, "old exporter"), (_overlap, "leaked into training"), (_truncated, "truncated"),
+    (_old_exporter, "old exporter"), (_overlap, "validation data in training"), (_truncated, "truncated"),
 ])
 def test_data_check_names_the_cause(caseops_data, tmp_path, breaker, needle):
     d = _copy(caseops_data, tmp_path)
@@ -320,7 +321,7 @@ def test_overlap_in_a_later_train_shard_is_found(caseops_data, tmp_path):
     assert len(list(d.glob("fineweb_train_*.bin"))) > 1
     val = tg.load_shard(d / "fineweb_val_000000.bin")
     _mutate(_last_train(d), lambda t: np.concatenate([t, val]))
-    with pytest.raises(tg.DataError, match=f"{_last_train(d).name} has the most.*leaked into training"):
+    with pytest.raises(tg.DataError, match=f"{_last_train(d).name} has the most.*validation data in training"):
         _check(d, caseops_data["tokenizer"])
 
 
@@ -408,3 +409,89 @@ def test_prep_names_a_missing_input_or_an_unwritable_out(caseops_data, tmp_path,
         needle = f"--{what} {tmp_path / 'missing'} is not a readable file"
     with pytest.raises(SystemExit, match=needle):
         prep.main(args)
+
+
+# ---- issue 25: the data the score depends on is verified as a whole; errors name the cause ----
+
+def _plain(plain_data, tmp_path, **env):
+    d = tmp_path / "fineweb10B_sp512"
+    shutil.copytree(plain_data["data_path"], d)
+    cfg, _ = tg.load_config({"DATA_PATH": str(d), "TOKENIZER_PATH": str(plain_data["tokenizer"]), "VOCAB_SIZE": "512",
+                             "CASEOPS_ENABLED": "0"} | env)
+    return d, cfg
+
+
+def test_an_empty_val_split_is_refused_not_scored_zero(plain_data, tmp_path):
+    """An empty val split scored val_bpb 0.00000000 with valid:1 and passed check_data.py."""
+    d, cfg = _plain(plain_data, tmp_path)
+    tg.write_shard(d / "fineweb_val_000000.bin", np.zeros(0, dtype=np.uint16))
+    with pytest.raises(tg.DataError, match="val split .* is empty"):
+        tg.check_dataset(cfg, tg.check_tokenizer(cfg))
+
+
+def test_bos_markers_are_checked_whatever_the_settings(plain_data, tmp_path):
+    """Without CaseOps and with TTT off the BOS checks were skipped: the val split was scored as one document and the
+    leak check compared nothing. Every published shard has a BOS before each document."""
+    d, cfg = _plain(plain_data, tmp_path, TTT_ENABLED="0")
+    for p in d.glob("fineweb_*.bin"):
+        _mutate(p, lambda t: t[t != 1])
+    with pytest.raises(tg.DataError, match="no BOS"):
+        tg.check_dataset(cfg, tg.check_tokenizer(cfg))
+
+
+def test_a_stray_shard_in_a_published_layout_is_refused(plain_data, tmp_path):
+    """A folder without a manifest (a download) is the published numbering 000000 onwards: a shard left from another
+    download or prep was trained on; so were too many shards in a published CaseOps folder."""
+    d, cfg = _plain(plain_data, tmp_path)
+    tg.check_dataset(cfg, tg.check_tokenizer(cfg))
+    shutil.copy(d / "fineweb_train_000000.bin", d / "fineweb_train_000057.bin")
+    with pytest.raises(tg.DataError, match="train shards .* not numbered 0..2 .*57"):
+        tg.check_dataset(cfg, tg.check_tokenizer(cfg))
+    published = tmp_path / "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+    published.mkdir()
+    for i in range(81):
+        (published / f"fineweb_train_{i:06d}.bin").touch()
+    (published / "fineweb_val_000000.bin").touch()
+    (published / "fineweb_val_bytes_000000.bin").touch()
+    cfg = dataclasses.replace(cfg, data_path=str(published))
+    train, val = tg.shard_paths(str(published), "train"), tg.shard_paths(str(published), "val")
+    with pytest.raises(tg.DataError, match="81 train shards; the published dataset has 80"):
+        tg.check_layout(cfg, train, val)
+
+
+def test_a_shard_listed_in_the_manifest_must_be_there(caseops_data, tmp_path):
+    d = _copy(caseops_data, tmp_path)
+    _last_train(d).unlink()
+    with pytest.raises(tg.DataError, match="listed in .*manifest.json are missing"):
+        _check(d, caseops_data["tokenizer"])
+
+
+def test_one_leaked_document_is_refused_and_natural_duplicates_are_accepted_by_count(plain_data, tmp_path):
+    """Up to 5 + val_docs/1000 leaked documents used to pass with a log line. Now any overlap is refused, naming the
+    count and the variable; VAL_OVERLAP_DOCS accepts exactly that many, and their hashes are reported."""
+    d, cfg = _plain(plain_data, tmp_path)
+    val = tg.load_shard(d / "fineweb_val_000000.bin")
+    second = np.flatnonzero(val == 1)[1]
+    _mutate(d / "fineweb_train_000001.bin", lambda t: np.concatenate([t, val[:second]]))  # one val document
+    with pytest.raises(tg.DataError, match="1 training documents are validation documents.*VAL_OVERLAP_DOCS=1"):
+        tg.check_dataset(cfg, tg.check_tokenizer(cfg))
+    rep = tg.check_dataset(dataclasses.replace(cfg, val_overlap_docs=1), tg.check_tokenizer(cfg))
+    assert len(rep.overlap_hashes) == 1 and len(rep.overlap_hashes[0]) == 16
+
+
+def test_shard_faults_are_named(plain_data, tmp_path, monkeypatch):
+    """A directory where a shard belongs was reported as "missing"; an unreadable shard gave a traceback."""
+    d, cfg = _plain(plain_data, tmp_path)
+    (d / "fineweb_train_000001.bin").unlink()
+    (d / "fineweb_train_000001.bin").mkdir()
+    with pytest.raises(tg.DataError, match="is a directory where a shard file belongs"):
+        tg.check_dataset(cfg, tg.check_tokenizer(cfg))
+    (d / "fineweb_train_000001.bin").rmdir()
+    shutil.copy(plain_data["data_path"] / "fineweb_train_000001.bin", d)
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(np, "fromfile", denied)  # root reads any file: deny it the way the kernel would
+    with pytest.raises(tg.DataError, match="cannot read .*Permission denied.*permissions"):
+        tg.load_shard(d / "fineweb_train_000001.bin")

@@ -27,20 +27,21 @@ def test_a_diverging_run_stops_within_a_few_steps_and_says_what_to_lower(plain_d
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    """A full disk (or a kill) while saving leaves the previous checkpoint whole, never a truncated one."""
+    """A full disk (or a kill) while saving leaves the previous checkpoint whole, never a truncated one, and no
+    temporary file. A full disk inside torch.save surfaced as a RuntimeError that nothing caught: the checkpoint is
+    now serialised in memory and written by write_atomic, whose only failure is an OSError with the fix."""
     cfg, _ = tg.load_config({})
     path = tmp_path / "final_model.pt"
     tg.save_checkpoint(path, cfg, {"w": torch.ones(3)}, lambda s: None)
     before = path.read_bytes()
 
-    def full_disk(obj, fh):
-        fh.write(b"partial")
+    def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="free disk space"):
+    monkeypatch.setattr(os, "fsync", full_disk)  # where a delayed allocation on a full disk fails
+    with pytest.raises(OSError, match="No space left on device.*nothing was replaced: free disk space"):
         tg.save_checkpoint(path, cfg, {"w": torch.zeros(3)}, lambda s: None)
-    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+    assert path.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name != path.name]
 
 
 def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
@@ -64,9 +65,9 @@ def test_sigterm_saves_the_averaged_weights_and_skip_train_repacks_them(plain_da
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
-    assert "SKIP_TRAIN=1" in out and "saved:" in out
-    state = torch.load(tmp_path / "final_model.pt", weights_only=True)
-    assert state["config"]["seed"] == 1337 and state["state_dict"]
+    assert "SKIP_TRAIN=1" in out and "the averaged weights of step 1" in out
+    cfg, state = tg.load_checkpoint(tmp_path / "final_model.pt")  # whole: its digest matches
+    assert cfg.seed == 1337 and state
     repack = tmp_path / "repack"
     repack.mkdir()
     r = run_trainer(tiny_env(plain_data, SKIP_TRAIN=1, INIT_MODEL_PATH=tmp_path / "final_model.pt",
@@ -74,18 +75,18 @@ def test_sigterm_saves_the_averaged_weights_and_skip_train_repacks_them(plain_da
     assert r.returncode == 0 and "final_int6_roundtrip_exact" in r.stdout, r.stderr[-2000:]
 
 
-def _fault_run(plain_data, tmp_path, timeout_s: int, hang_step: int):
-    env = clean_env() | {"OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "FAULT_HANG_RANK": "1",
-                         "FAULT_HANG_STEP": str(hang_step)} | tiny_env(
+def _fault_run(plain_data, tmp_path, timeout_s: int, step: int, mode: str = "hang", rank: int = 1, nproc: int = 2):
+    env = clean_env() | {"OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "FAULT_RANK": str(rank),
+                         "FAULT_STEP": str(step), "FAULT_MODE": mode} | tiny_env(
         plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1, DIST_TIMEOUT_SECONDS=timeout_s)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "tests" / "dist_fault_worker.py")]
     return subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
 def test_a_hung_rank_is_named_within_the_timeout_and_the_run_is_saved(plain_data, tmp_path):
-    proc = _fault_run(plain_data, tmp_path, timeout_s=5, hang_step=14)
+    proc = _fault_run(plain_data, tmp_path, timeout_s=5, step=14)
     try:
         out = proc.communicate(timeout=240)[0]
     finally:
@@ -97,7 +98,7 @@ def test_a_hung_rank_is_named_within_the_timeout_and_the_run_is_saved(plain_data
 def test_sigterm_while_blocked_on_a_lost_rank_saves_the_last_snapshot(plain_data, tmp_path):
     """torchrun stops the group when a rank dies; the others may be blocked in a collective and never reach the
     next step: the rescue thread writes rank 0's last host snapshot of the averaged weights."""
-    proc = _fault_run(plain_data, tmp_path, timeout_s=600, hang_step=14)
+    proc = _fault_run(plain_data, tmp_path, timeout_s=600, step=14)
     try:
         _wait_for(proc, "FAULT: rank 1 hangs")
         time.sleep(2)  # rank 0 is now blocked in the step's all-reduce
@@ -106,4 +107,149 @@ def test_sigterm_while_blocked_on_a_lost_rank_saves_the_last_snapshot(plain_data
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert "while blocked" in out and "of step 10 are in" in out, out[-3000:]
-    assert torch.load(tmp_path / "final_model.pt", weights_only=True)["state_dict"]
+    assert tg.load_checkpoint(tmp_path / "final_model.pt")[1]
+
+
+def test_losing_rank_0_loses_nothing(plain_data, tmp_path):
+    """Every rank holds the same averaged weights, but only rank 0 saved: when rank 0 died, nothing was saved. Now
+    the first surviving rank to claim the save in the launcher's store writes its own copy (here rank 1, with the
+    weights of the step it stopped at, or its last snapshot when it was blocked)."""
+    proc = _fault_run(plain_data, tmp_path, timeout_s=600, step=14, mode="kill", rank=0)
+    try:
+        out = proc.communicate(timeout=240)[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert "FAULT: rank 0 kills" in out and "saved by rank 1" in out, out[-3000:]
+    cfg, state = tg.load_checkpoint(tmp_path / "final_model.pt")
+    assert cfg.seed == 1337 and state
+
+
+def test_a_failure_inside_the_training_loop_leaves_a_checkpoint(plain_data, tmp_path):
+    """Only RuntimeError and DistError on several ranks stopped the loop with a save: any other failure (a logging
+    pipe closing, a bug) lost the training. Now any exception inside the loop saves the averaged weights and says
+    how to re-pack them, with the traceback; the run exits 1."""
+    proc = _fault_run(plain_data, tmp_path, timeout_s=600, step=14, mode="raise", rank=0, nproc=1)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode != 0 and "training failed at step 13: RuntimeError: a fault injected" in out, out[-3000:]
+    assert "SKIP_TRAIN=1" in out and "Traceback" in out
+    assert tg.load_checkpoint(tmp_path / "final_model.pt")[1]
+
+
+# ---- issue 25: stopping run.sh, its log pipe, and a full disk ----
+
+def _run_sh(plain_data, tmp_path, **over) -> subprocess.Popen:
+    env = clean_env() | tiny_env(plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1) | {
+        "RECORD_DIR": str(tmp_path / "rec"), "RUN_DIR": str(tmp_path / "run"), "DEVICE": "cpu", "NPROC": "1",
+        "MIN_FREE_GB": "0", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable} | {k: str(v) for k, v in over.items()}
+    return subprocess.Popen(["bash", str(ROOT / "run.sh")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _stopped_run_left(tmp_path, proc, out: str, code: int) -> str:
+    """What a stopped run must leave: its checkpoint, an honest (.partial) log, the signal's exit status."""
+    assert proc.returncode == code, out[-3000:]
+    assert tg.load_checkpoint(tmp_path / "run" / "final_model.pt")[1]
+    assert not (tmp_path / "rec" / "train_seed1337.log").exists()  # never promoted to a finished log
+    assert "stopped or failed" in out
+    return (tmp_path / "rec" / "train_seed1337.log.partial").read_text()
+
+
+def test_ctrl_c_through_run_sh_saves_the_training_and_keeps_an_honest_log(plain_data, tmp_path):
+    """Ctrl-C reaches run.sh's whole process group, `tee` included: tee died first, the trainer's next print raised
+    BrokenPipeError, the rescue never saved, torchrun exited 1 and run.sh promoted the .partial log to a finished one.
+    Now tee ignores the signal and keeps logging, the trainer saves, and run.sh exits 130 with the log .partial."""
+    proc = _run_sh(plain_data, tmp_path)
+    try:
+        _wait_for(proc, "step:12/")
+        os.killpg(proc.pid, signal.SIGINT)
+        out = proc.communicate(timeout=180)[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    log = _stopped_run_left(tmp_path, proc, out, 130)
+    assert "stopping: signal received" in log and "the averaged weights of step" in log and "SKIP_TRAIN=1" in log
+
+
+def test_a_scheduler_stopping_run_sh_alone_is_passed_on_even_without_a_log_pipe(plain_data, tmp_path):
+    """SIGTERM to run.sh alone (docker stop, a scheduler that signals the job's first process) never reached the
+    trainer while bash waited on its pipeline; and a trainer whose stdout reader is gone (tee killed) died at its next
+    print. Now run.sh passes the signal on at once, and the trainer logs to its file when stdout is gone."""
+    proc = _run_sh(plain_data, tmp_path)
+    try:
+        _wait_for(proc, "step:8/")
+        tee = subprocess.run(["pgrep", "-g", str(proc.pid), "-x", "tee"], capture_output=True, text=True).stdout.split()
+        assert len(tee) == 1
+        os.kill(int(tee[0]), signal.SIGKILL)  # the log pipe is gone: every print from now on hits a broken pipe
+        time.sleep(3)
+        os.kill(proc.pid, signal.SIGTERM)  # to run.sh alone
+        out = proc.communicate(timeout=180)[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    _stopped_run_left(tmp_path, proc, out, 143)
+    own = (tmp_path / "run" / "logs" / "seed1337.txt").read_text()  # the trainer's own log went on after the pipe
+    assert "stopping: signal received" in own and "the averaged weights of step" in own
+
+
+def test_a_full_disk_leaves_the_previous_files_and_names_what_to_free(trained_tiny, tmp_path):
+    """The artifact was written in place: a full disk left a truncated .ptz. Here the disk takes no file larger than
+    the artifact less 4 KB (RLIMIT_FSIZE; the log is far smaller): the re-pack fails writing it with one line naming
+    the file and the fix, and leaves no temporary or truncated file."""
+    import resource
+
+    limit = (trained_tiny["out"] / "final_model.int6.ptz").stat().st_size - 4096
+    env = trained_tiny["env"] | {"SKIP_TRAIN": "1", "INIT_MODEL_PATH": str(trained_tiny["out"] / "final_model.pt"),
+                                 "TTT_ENABLED": "0", "SLIDING_EVAL": "0"}
+    full = clean_env() | {"OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"} | env
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=full, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"error: could not write {tmp_path / 'final_model.int6.ptz'} (File too large); nothing was replaced" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "final_model.int6.ptz").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
+
+
+def test_a_run_never_overwrites_another_runs_files(trained_tiny, plain_data, tmp_path):
+    """A new run into a finished OUTPUT_DIR replaced its checkpoint and artifact, whatever its seed, even if it was
+    then interrupted at step 12; a re-pack over a good artifact destroyed it. Both are refused before any work, and a
+    re-pack of an interrupted run (a checkpoint, no artifact) writes beside it under a RUN_ID of its own."""
+    import shutil
+
+    done = tmp_path / "done"
+    shutil.copytree(trained_tiny["out"], done)
+    before = {p: p.read_bytes() for p in done.rglob("*") if p.is_file()}
+    for extra in ({"SEED": "7"}, {"SKIP_TRAIN": "1"}):
+        r = run_trainer(trained_tiny["env"] | extra, done)
+        assert r.returncode != 0 and "already holds another run's files (" in r.stderr, r.stderr[-2000:]
+        assert "model_params:" not in r.stdout
+    assert {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
+    stopped = tmp_path / "stopped"  # what an interrupted run leaves: its checkpoint and its log
+    (stopped / "logs").mkdir(parents=True)
+    shutil.copy(done / "final_model.pt", stopped)
+    (stopped / "logs" / "seed1337.txt").write_text("the interrupted run's log\n")
+    r = run_trainer(trained_tiny["env"], stopped)
+    assert r.returncode != 0 and "to re-pack that run's checkpoint, set SKIP_TRAIN=1" in r.stderr
+    r = run_trainer(trained_tiny["env"] | {"SKIP_TRAIN": "1", "TTT_ENABLED": "0", "SLIDING_EVAL": "0"}, stopped)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (stopped / "logs" / "seed1337.txt").read_text() == "the interrupted run's log\n"
+    assert (stopped / "logs" / "seed1337_repack.txt").is_file() and (stopped / "final_model.int6.ptz").is_file()
+
+
+def test_a_checkpoint_is_verified_before_it_is_trusted(trained_tiny, tmp_path):
+    """A checkpoint with corrupted bytes loaded and re-packed with exit 0: its weights now carry a digest, checked on
+    every load (the re-pack checks it before any work)."""
+    cfg, state = tg.load_checkpoint(trained_tiny["out"] / "final_model.pt")
+    ck = torch.load(trained_tiny["out"] / "final_model.pt", weights_only=True)
+    name = next(iter(ck["state_dict"]))
+    ck["state_dict"][name] = ck["state_dict"][name].clone()
+    ck["state_dict"][name].view(-1)[0] += 1  # one weight changed, the digest kept
+    torch.save(ck, tmp_path / "tampered.pt")
+    with pytest.raises(tg.ConfigError, match="is corrupted: its weights do not match the digest"):
+        tg.load_checkpoint(tmp_path / "tampered.pt")
+    raw = bytearray((trained_tiny["out"] / "final_model.pt").read_bytes())
+    raw[len(raw) // 3: len(raw) // 3 + 64] = bytes(64)
+    (tmp_path / "damaged.pt").write_bytes(bytes(raw))
+    with pytest.raises(tg.ConfigError, match="corrupted|not a readable checkpoint"):
+        tg.load_checkpoint(tmp_path / "damaged.pt")
+    torch.save({"config": ck["config"], "state_dict": ck["state_dict"]}, tmp_path / "foreign.pt")
+    with pytest.raises(tg.ConfigError, match="has no digest"):
+        tg.load_checkpoint(tmp_path / "foreign.pt")

@@ -111,15 +111,20 @@ def test_counted_wrapper_runs_the_pipeline_from_checkpoint(trained_tiny, tmp_pat
 
 def test_over_limit_is_evaluated_kept_and_exits_non_zero(trained_tiny, tmp_path):
     """An artifact over the cap is still evaluated (the user wants the number) and kept, but the run is marked
-    invalid and exits non-zero (it exited 0 before)."""
+    invalid and exits non-zero (it exited 0 before). A cap the counted code alone reaches is refused at the start
+    (it was found only after the whole training)."""
+    code = len(tg.shipped_code())
     env = trained_tiny["env"] | {"SKIP_TRAIN": "1", "INIT_MODEL_PATH": str(trained_tiny["out"] / "final_model.pt"),
-                                 "ARTIFACT_LIMIT_BYTES": "1000"}
+                                 "ARTIFACT_LIMIT_BYTES": str(code + 1000), "ARTIFACT_FIT": "0"}
+    r = run_trainer(env | {"ARTIFACT_LIMIT_BYTES": str(code)}, tmp_path)
+    assert r.returncode != 0 and f"cannot be met: the counted code alone is {code} bytes" in r.stderr
+    assert "model_params:" not in r.stdout and not list(tmp_path.iterdir())
     r = run_trainer(env, tmp_path)
     assert r.returncode != 0 and "broke a rule of the challenge" in r.stderr
     assert "ARTIFACT OVER LIMIT" in r.stdout and "NOT a valid submission" in r.stdout
     assert "final_int6_roundtrip_exact" in r.stdout and (tmp_path / "final_model.int6.ptz").is_file()
-    summary = json.loads((tmp_path / "logs" / "seed1337.summary.json").read_text())
-    assert summary["valid"] is False and any("> 1000" in x for x in summary["invalid_reasons"])
+    summary = json.loads((tmp_path / "logs" / "seed1337_repack.summary.json").read_text())
+    assert summary["valid"] is False and any(f"> {code + 1000}" in x for x in summary["invalid_reasons"])
     assert any("SKIP_TRAIN" in x for x in summary["invalid_reasons"])
 
 
@@ -187,15 +192,24 @@ def test_rate_control_repacks_when_the_packer_does_worse_than_the_estimate(train
     assert len(fits) >= 2 and float(fits[1].split("multiplier ")[1].split()[0]) > 1.0
     assert len(blob) + 1000 <= cfg.artifact_limit_bytes
     assert int(fits[-1].rsplit(": ", 1)[1].split()[0]) == len(blob) + 1000
+    # calibration makes two passes over its batches whatever the rate control does (as calibration_reserve projects):
+    # phase 1, and phase 2 for the first pack, which the re-packs reuse (each re-collected it before)
+    passes, collect = [], tg.collect_hessians
+    monkeypatch.setattr(tg, "collect_hessians", lambda *a, **k: (passes.append(1), collect(*a, **k))[1])
+    cal = tg.calibrate(model, cfg, rt, batches, lambda s: None)
+    lines = []
+    tg.pack_within_cap(model, cal, cfg, rt, 1000, lines.append)
+    assert len([l for l in lines if l.startswith("artifact_fit: attempt")]) >= 2 and len(passes) == 2
 
 
 def test_skip_train_rebuilds_the_checkpoints_architecture(trained_tiny, tmp_path):
     """A model field the environment does not set comes from the checkpoint (ROPE_DIMS, QK_GAIN_INIT, ... all of
-    them, not a hand-kept list), so the rebuilt model is the trained one."""
+    them, not a hand-kept list), so the rebuilt model is the trained one. The re-pack runs with host and device told
+    apart (tests/host_device.py): the checkpoint is read on the host and its weights copied to the device."""
     env = {k: v for k, v in trained_tiny["env"].items() if k not in ("ROPE_DIMS", "INST_DIM", "MLP_MULT")}
     env |= {"SKIP_TRAIN": "1", "INIT_MODEL_PATH": str(trained_tiny["out"] / "final_model.pt"), "TTT_ENABLED": "0",
             "SLIDING_EVAL": "0"}
-    r = run_trainer(env, tmp_path)
+    r = run_trainer(env, tmp_path, emulate=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "config: ROPE_DIMS=8" in r.stdout and "config: INST_DIM=8" in r.stdout and "config: MLP_MULT=2.0" in r.stdout
     r = run_trainer(env | {"ROPE_DIMS": "4"}, tmp_path)

@@ -128,6 +128,7 @@ def test_loop_aware_calibration(trained_tiny, plain_data):
     batches = tg.TrainData(tg.shard_paths(str(plain_data["data_path"]), "train"), cfg, rt, 1).calibration_batches()
     lines = []
     names = {n for n, t in model.state_dict().items() if tg.is_crawler(n, cfg) and tg.quant_plan(n, t, cfg).method == "gptq"}
+    model.set_active_loops(cfg.n_loops)  # calibration's depth
     h1, _ = tg.collect_hessians(model, batches, names, rt)
     qm_two = tg.quantize_model(model, tg.calibrate(model, cfg, rt, batches, lines.append), cfg, rt, lines.append)
     shift = float([l for l in lines if "phase2" in l][0].split("max_rel_change:")[1])

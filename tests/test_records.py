@@ -115,6 +115,25 @@ def test_record_refuses_duplicate_seeds_and_cli_reports(trained_tiny, tmp_path, 
     assert "duplicate seeds" in capsys.readouterr().err
 
 
+def test_a_record_is_built_once_from_complete_single_run_logs(trained_tiny, tmp_path):
+    """make_record reused an existing record folder (keeping a stale seed log), wrote NaN (invalid JSON) for one
+    log's standard deviation, and accepted a log holding a finished run followed by a killed re-run."""
+    logs = _seed_logs(trained_tiny, tmp_path)
+    folder = mr.build_record(logs, "Tiny", "a", "b", tmp_path / "records", date="2026-11-23")
+    with pytest.raises(mr.RecordError, match="exists: a record folder is built once"):
+        mr.build_record(logs[:1], "Tiny", "a", "b", tmp_path / "records", date="2026-11-23")
+    assert {p.name for p in folder.glob("train_seed*.log")} == {"train_seed1.log", "train_seed2.log"}
+    one = mr.build_record(logs[:1], "One", "a", "b", tmp_path / "records", date="2026-11-23")
+    sub = json.loads((one / "submission.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert sub["val_bpb_std"] is None and "std n/a (one seed)" in (one / "README.md").read_text()
+    twice = tmp_path / "twice" / "train_seed9.log"
+    twice.parent.mkdir()
+    twice.write_text(logs[0].read_text() + logs[1].read_text().split("quantized_ttt_phased")[0])
+    with pytest.raises(mr.RecordError, match="holds 2 runs"):
+        mr.build_record([twice], "Twice", "a", "b", tmp_path / "records")
+    assert not list((tmp_path / "records" / "track_10min_16mb").glob(".*"))  # no half-built folder left
+
+
 def _run_sh(env, timeout=120):
     return subprocess.run(["bash", str(ROOT / "run.sh")], env=clean_env() | env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
@@ -135,28 +154,27 @@ def test_run_sh_preflight_failures(plain_data, tmp_path):
     assert not (tmp_path / "rec" / "train_seed1337.log").exists()
 
 
-def test_run_sh_never_overwrites_a_finished_seed(plain_data, tmp_path):
-    """A re-run of a finished seed is refused before anything runs; a run killed mid-way leaves only .partial
-    files, so the finished log and env stay whole."""
+def test_run_sh_never_overwrites_a_seeds_log_or_a_runs_files(plain_data, tmp_path):
+    """A re-run of a seed whose log exists (finished, or .partial from a run that was stopped) is refused before
+    anything runs, and so is a RUN_DIR that holds another run's files: a run killed mid-way leaves .partial files and
+    its checkpoint, and nothing of another run is replaced."""
     rec = tmp_path / "rec"
     rec.mkdir()
     (rec / "train_seed1337.log").write_text("finished\n")
-    (rec / "train_seed1337.env").write_text("finished env\n")
     base = tiny_env(plain_data) | {"RECORD_DIR": str(rec), "RUN_DIR": str(tmp_path / "run"), "DEVICE": "cpu",
                                    "NPROC": "1", "MIN_FREE_GB": "0"}
     r = _run_sh(base)
-    assert r.returncode == 2 and "finished run of seed 1337" in r.stderr and "OVERWRITE=1" in r.stderr
-    proc = subprocess.Popen(["bash", str(ROOT / "run.sh")], env=clean_env() | base | {
-        "OVERWRITE": "1", "ITERATIONS": "100000", "TRAIN_LOG_EVERY": "1"}, cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    for line in proc.stdout:
-        if line.startswith("run: "):  # the re-run has passed preflight and is starting: kill it as a lost pod would
-            break
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert (rec / "train_seed1337.log").read_text() == "finished\n"
-    assert (rec / "train_seed1337.env").read_text() == "finished env\n"
-    assert (rec / "train_seed1337.env.partial").is_file()  # the re-run's own record, beside the finished one
+    assert r.returncode == 2 and "train_seed1337.log is the log of an earlier run of seed 1337" in r.stderr
+    (rec / "train_seed1337.log").rename(rec / "train_seed1337.log.partial")
+    r = _run_sh(base)
+    assert r.returncode == 2 and "train_seed1337.log.partial is the log of an earlier run" in r.stderr
+    (rec / "train_seed1337.log.partial").unlink()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "final_model.int6.ptz").write_bytes(b"another run's artifact")
+    r = _run_sh(base)
+    assert r.returncode == 2 and "already holds another run's files (final_model.int6.ptz)" in r.stderr
+    assert (tmp_path / "run" / "final_model.int6.ptz").read_bytes() == b"another run's artifact"
+    assert not list(rec.iterdir())
 
 
 @pytest.mark.release

@@ -165,16 +165,20 @@ def test_learning_beats_unigram_entropy(plain_data, trained_tiny):
 def test_two_rank_training_matches_single_process(plain_data, tmp_path):
     """Two gloo ranks train exactly what one process does with the same global batch (accumulated in two
     halves), also across the crawler's loop switch: before CRAWLER_START_FRAC the second loop's parameters get no
-    gradient, and the ranks must still agree."""
-    env = tiny_env(plain_data, ITERATIONS=6, CRAWLER_START_FRAC=0.5, TRAIN_LOG_EVERY=1, TTT_ENABLED=0, SLIDING_EVAL=0)
+    gradient, and the ranks must still agree. Both run with host and device told apart (tests/host_device.py), the
+    two ranks through the whole pipeline: calibration, packing and every evaluation, TTT's phases included."""
+    env = tiny_env(plain_data, ITERATIONS=6, CRAWLER_START_FRAC=0.5, TRAIN_LOG_EVERY=1, VAL_TOKEN_LIMIT=2048,
+                   PHASED_TTT_PREFIX_DOCS=8)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     env["GRAD_CLIP_NORM"] = "0"  # gradients are clipped per rank before averaging (#1736), so only unclipped runs agree
-    r1 = run_trainer(env | {"GRAD_ACCUM_STEPS": "2"}, one)
-    r2 = run_trainer(env | {"GRAD_ACCUM_STEPS": "1"}, two, nproc=2)
+    r1 = run_trainer(env | {"GRAD_ACCUM_STEPS": "2", "TTT_ENABLED": "0", "SLIDING_EVAL": "0"}, one, emulate=True)
+    r2 = run_trainer(env | {"GRAD_ACCUM_STEPS": "1"}, two, nproc=2, emulate=True)
     assert r1.returncode == 0, r1.stderr[-3000:]
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "ranks_in_sync:1" in r2.stdout and "world_size:2" in r2.stdout
+    assert all(m in r2.stdout for m in ("gptq:phase2", "awq_lite:", "lqer:", "final_int6_roundtrip_exact",
+                                        "quantized_ttt_phased", "ttt:phase docs:", "final_int6_sliding_window_exact"))
     assert "crawler:loops_enabled loops:2 step:3" in r2.stdout
     loss = lambda out: [l.split("train_loss:")[1].split()[0] for l in out.splitlines() if "train_loss:" in l]  # noqa: E731
     assert loss(r1.stdout)[0] == loss(r2.stdout)[0], "the first global batch must be the same"
@@ -335,3 +339,33 @@ def test_a_micro_batch_is_one_flat_span_cut_only_at_bos_and_the_context_length(t
     rows = tg.TrainLoader([str(tmp_path / "fineweb_train_000000.bin")], cfg, 0, 1, 1, torch.device("cpu"), prefetch=0,
                           flat=False)
     assert rows.next_batch()[0].x.shape == (8, 64)  # the crawler seeds' rows (no document masking)
+
+
+def test_the_calibration_reserve_is_projected_before_the_clock(plain_data, monkeypatch):
+    """GPTQ calibration runs on the training clock. Its reserve was a constant GPTQ_RESERVE_SECONDS=10 (#2135 kept
+    0.5 s and ran 606.5 s); it is now projected before training from a timed Hessian pass on a real calibration batch:
+    per batch x this rank's batches x two passes (phase 1 and the loop-aware phase 2), 10% over, plus the margin; the
+    training loop stops that much earlier. A projection that leaves no training is refused before training."""
+    from conftest import TINY
+
+    cfg, _ = tg.load_config(TINY | {"DATA_PATH": str(plain_data["data_path"]), "MAX_WALLCLOCK_SECONDS": "100",
+                                    "GPTQ_RESERVE_SECONDS": "2", "GPTQ_CAL_SAMPLES": "32", "GPTQ_CAL_SEQ_LEN": "64"})
+    rt = tg.Runtime.cpu()
+    clock, real, lines = FakeClock(), tg.collect_hessians, []
+
+    def timed(*a, **k):  # each Hessian pass over one batch takes 0.5 s of the (fake) clock
+        clock.t += 0.5 * len(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(tg, "collect_hessians", timed)
+    model = tg.GPT(cfg)
+    data = tg.TrainData(tg.shard_paths(cfg.data_path, "train"), cfg, rt, 1)
+    reserve = tg.calibration_reserve(model, cfg, rt, data, lines.append, now=clock)
+    assert len(data.calibration_batches()) == 4
+    assert reserve == pytest.approx(1.1 * 0.5 * 4 * 2)  # GPTQ_RESERVE_SECONDS is already out of train_budget_ms
+    assert lines == ["calibration_projection: 500ms per batch x 4 batches x 2 passes = 4.0s; reserve 6.4s of "
+                     "MAX_WALLCLOCK_SECONDS=100"]
+    assert cfg.train_budget_ms - 1000 * reserve == pytest.approx(100_000 - 6_400)
+    with pytest.raises(tg.ConfigError, match="leaves no training"):
+        tg.calibration_reserve(model, dataclasses.replace(cfg, max_wallclock_seconds=8.0), rt, data, lines.append,
+                               now=clock)

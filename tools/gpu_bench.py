@@ -49,7 +49,6 @@ TINY = {"VOCAB_SIZE": "512", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS"
         "PHASED_TTT_PREFIX_DOCS": "8", "TTT_GLOBAL_CHUNK_TOKENS": "256", "EVAL_BATCH_TOKENS": "1024",
         "VAL_BATCH_TOKENS": "1024", "WARMUP_STEPS": "4", "TRAIN_LOG_EVERY": "5", "VAL_TOKEN_LIMIT": "2000"}
 H100_BF16_FLOPS = 790e12  # the MFU reference of the GPU-readiness issue
-PUBLISHED_VAL = (47_853_343, 50_000)  # targets and documents of the CaseOps val split
 
 
 def flat_batch(tokens: np.ndarray, n: int, seq: int, cfg: tg.Config, rt: tg.Runtime, at: int) -> list[tg.Micro]:
@@ -159,43 +158,35 @@ def bench_tilt(cfg: tg.Config, rt: tg.Runtime, tiny: bool, out: dict) -> None:
 
 def bench_eval(model: tg.GPT, cfg: tg.Config, rt: tg.Runtime, val: tg.ValidationData, world: int,
                out: dict) -> None:
-    """The evaluation on the val slice, stage by stage against the plan's projection, from a freshly compiled model
-    (dynamo reset, as run_evaluation does); then the projection for the published split on `world` GPUs."""
-    torch._dynamo.reset()
+    """The evaluation on the val slice, stage by stage against the plan's projection, on the graphs the trainer
+    prepares before training (prepare_evaluation: compile and cost probes on random tokens, outside the eval timer);
+    then the projection for the published split on `world` GPUs (published_docs: this slice's document lengths
+    scaled to 50,000 documents and 47,853,343 targets), and the tilt's share of it."""
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    static, dynamic = tg.compile_model(model, cfg, rt), tg.compile_model(model, cfg, rt, dynamic=True)
-    tg.load_weights(model, weights)
-    g0 = tg.compiled_graph_count()
-    out["eval_warmup_s"] = round(tg.timed_call(lambda: out.__setitem__(
-        "_costs", tg.measure_costs(model, static, dynamic, cfg, rt)), rt.device), 1)
-    costs = out.pop("_costs")
+    g0, lines = tg.compiled_graph_count(), []
+    ev = tg.prepare_evaluation(model, cfg, rt, val, lines.append)
+    out["eval_warmup_s"] = round(ev.warmup_s, 1)
     out["eval_warmup_graphs"] = tg.compiled_graph_count() - g0
-    out |= {f"eval_cost_{k}": float(f"{v:.3g}") for k, v in dataclasses.asdict(costs).items()}
+    out |= {f"eval_cost_{k}": float(f"{v:.3g}") for k, v in dataclasses.asdict(ev.costs).items()}
     docs, n = tg.document_spans(val.tokens, val.bos_id), val.tokens.numel() - 1
     plan = tg.EvalPlan(cfg.sliding_eval, cfg.ttt_enabled, cfg.phased_ttt_num_phases, cfg.phased_ttt_prefix_docs)
-    projected = tg.project_seconds(plan, docs, n, cfg, 1, costs)
+    projected = tg.project_seconds(plan, docs, n, cfg, 1, ev.costs)
     for key in ("roundtrip", "sliding", "ttt"):
         tg.load_weights(model, weights)
         s = {}
-        secs = tg.timed_call(lambda: s.setdefault("r", tg.run_stage(key, dynamic if key == "ttt" else static, model,
-                                                                      val, cfg, rt, lambda m: None)), rt.device)
+        secs = tg.timed_call(lambda: s.setdefault("r", tg.run_stage(key, ev.dynamic if key == "ttt" else ev.static,
+                                                                      model, val, cfg, rt, lambda m: None)), rt.device)
         out[f"eval_slice_{key}_measured_s"] = round(secs, 2)
         out[f"eval_slice_{key}_projected_s"] = round(projected[key], 2)
         out[f"eval_slice_{key}_bpb"] = round(s["r"].bpb, 4)
     out["eval_graphs_after_warmup"] = tg.compiled_graph_count() - g0 - out["eval_warmup_graphs"]
-    full_docs = lognormal_docs(*PUBLISHED_VAL)
-    full = tg.project_seconds(plan, full_docs, PUBLISHED_VAL[0], cfg, world, costs)
+    full_docs = tg.published_docs(docs)
+    full = tg.project_seconds(plan, full_docs, tg.PUBLISHED_SPLIT[1], cfg, world, ev.costs)
     out |= {f"eval_projected_{k}_s_on_{world}_gpus": round(v, 1) for k, v in full.items()}
-    out["eval_plan_within_budget"] = tg.fit_plan(cfg, full_docs, PUBLISHED_VAL[0], world, costs,
-                                                 cfg.eval_budget_seconds - out["eval_warmup_s"], lambda s: None).describe()
-
-
-def lognormal_docs(n_targets: int, n_docs: int) -> list[tuple[int, int]]:
-    rng = np.random.default_rng(0)
-    lens = rng.lognormal(0.0, 1.0, n_docs)
-    lens = np.maximum(2, np.round(lens * n_targets / lens.sum())).astype(int)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    return [(int(s), int(s + k)) for s, k in zip(starts, lens)]
+    out[f"eval_projected_ngram_tilt_s_on_{world}_gpus"] = round(ev.costs.tilt_token_s * tg.PUBLISHED_SPLIT[1], 1)
+    out["eval_plan_within_budget"] = tg.fit_plan(
+        cfg, full_docs, tg.PUBLISHED_SPLIT[1], world, ev.costs,
+        cfg.eval_budget_seconds - ev.costs.tilt_token_s * tg.PUBLISHED_SPLIT[1], lambda s: None).describe()
 
 
 def bench_wrapper(cfg_env: dict, data: Path, work: Path, out: dict) -> None:

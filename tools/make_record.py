@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -67,6 +68,10 @@ REQUIRED = ("bytes_code", "bytes_total", "roundtrip_loss", "train_plus_cal_s", "
 def parse_log(path: Path) -> SeedRun:
     run = SeedRun(path)
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    starts = sum(line.startswith("versions:") for line in lines)  # the first line every run logs
+    if starts > 1:
+        raise RecordError(f"{path} holds {starts} runs (a re-run appended to it): a record takes one run per log; "
+                          "give the log of the run you mean")
     for line in lines:
         if line.startswith("config: ") and "=" in line:
             k, v = line[8:].split("=", 1)
@@ -137,9 +142,10 @@ def check_runs(runs: list[SeedRun], size_cap: int, train_budget: float, eval_bud
 # --- statistics -------------------------------------------------------------------------------
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
+def mean_std(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value: no spread can be estimated from it)."""
     m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
     return m, s
 
 
@@ -241,7 +247,8 @@ def readme(name: str, runs: list[SeedRun], sub: dict) -> str:
         f"Flat + crawler GPT, {cfg.get('NUM_FLAT_LAYERS')} flat blocks + {cfg.get('NUM_CRAWLER_LAYERS')} crawler "
         f"x {cfg.get('CRAWLER_LOOPS')} loops, dim {cfg.get('MODEL_DIM')}, vocab {cfg.get('VOCAB_SIZE')}"
         f"{' (CaseOps)' if cfg.get('CASEOPS_ENABLED') == 'True' else ''}; loop-aware GPTQ int6 + {cfg.get('COMPRESSOR')}.", "",
-        f"**val_bpb {sub['val_bpb']:.5f}** (mean of {len(runs)} seeds, std {sub['val_bpb_std']:.5f}), "
+        f"**val_bpb {sub['val_bpb']:.5f}** (mean of {len(runs)} seeds, std "
+        f"{'n/a (one seed)' if sub['val_bpb_std'] is None else format(sub['val_bpb_std'], '.5f')}), "
         f"val_loss {sub['val_loss']:.5f} nats; largest artifact {sub['compliance']['max_bytes_total']} bytes.", "",
         *rows, "", sig_text, "", "![training curves](train_curves.png)", "",
         "## Reproduce", "", "```bash",
@@ -265,12 +272,26 @@ def build_record(logs: list[Path], name: str, author: str, github_id: str, out_r
         raise RecordError(f"{code} is not the code the logs measured (size or sha256 differs)")
     date = date or dt.date.today().isoformat()
     folder = out_root / "track_10min_16mb" / f"{date}_{name}"
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        raise RecordError(f"{folder} exists: a record folder is built once, whole, from its logs; move it away or "
+                          "choose another --name or --date")
+    build = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")  # renamed into place once every file is written
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    try:
+        write_record_files(build, runs, blob, name, author, github_id, date, prev_losses, margin, size_cap)
+        os.replace(build, folder)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return folder
+
+
+def write_record_files(folder: Path, runs: list[SeedRun], blob: bytes, name: str, author: str, github_id: str,
+                       date: str, prev_losses: list[float] | None, margin: float, size_cap: int) -> None:
     (folder / "train_gpt.py").write_bytes(blob)
     for r in runs:
-        dest = folder / f"train_seed{r.seed}.log"
-        if r.path.resolve() != dest.resolve():
-            shutil.copyfile(r.path, dest)
+        shutil.copyfile(r.path, folder / f"train_seed{r.seed}.log")
     extras = [ROOT / "requirements.txt"]
     if runs[0].config.get("CASEOPS_ENABLED") == "True":
         extras.append(ROOT / "lossless_caps.py")
@@ -296,10 +317,12 @@ def build_record(logs: list[Path], name: str, author: str, github_id: str, out_r
     }
     if prev_losses:
         sub["significance"] = welch_one_sided(losses, prev_losses, margin)
-    (folder / "submission.json").write_text(json.dumps(sub, indent=1))
+    (folder / "submission.json").write_text(json.dumps(sub, indent=1, allow_nan=False))
     plot(runs, folder / "train_curves.png")
     (folder / "README.md").write_text(readme(name, runs, sub))
-    return folder
+    for f in folder.iterdir():  # on disk before the folder is renamed into place
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
 
 
 def main(argv: list[str] | None = None) -> int:
