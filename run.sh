@@ -26,8 +26,9 @@ fail() { echo "preflight: FAIL: $*" >&2; exit 2; }
 for f in "$LOG" "$LOG.partial"; do
   [ -e "$f" ] && fail "$f is the log of an earlier run of seed $SEED (a .partial one was stopped or failed): choose another SEED or RECORD_DIR, or move it away"
 done
-echo "preflight: packages"
-"$PY" - <<'PY' || fail "install the requirements: $PY -m pip install -r requirements.txt"
+echo "preflight: packages and the run's output files"
+# one Python start for three checks; it prints the CUDA GPU count for the GPU check below
+NGPU=$(SEED=$SEED OUTPUT_DIR=$RUN_DIR "$PY" - <<'PY'
 import importlib, os, sys
 comp = {"zstd": ["zstandard"]}  # zpaq (counted code) and brotli (artifact header) are needed whatever COMPRESSOR says
 missing = []
@@ -37,21 +38,27 @@ for m in ["torch", "numpy", "sentencepiece", "zpaq", "brotli"] + comp.get(os.env
     except ImportError:
         missing.append(m)
 if missing:
-    sys.exit(f"missing Python packages: {' '.join(missing)}")
-PY
-echo "preflight: the run's output files"
-SEED=$SEED OUTPUT_DIR=$RUN_DIR "$PY" -c "
-import sys, train_gpt as t
+    print(f"missing Python packages: {' '.join(missing)}", file=sys.stderr)
+    sys.exit(3)
+import torch
+import train_gpt as t
 try:
-    t.check_outputs_free(t.load_config()[0])
+    t.check_outputs_free(t.load_config()[0])  # the trainer's own rule: no run overwrites another's files
 except t.ConfigError as e:
-    sys.exit(str(e))" || fail "RUN_DIR=$RUN_DIR: see above"
+    sys.exit(str(e))
+print(torch.cuda.device_count())
+PY
+)
+case $? in
+  0) ;;
+  3) fail "install the requirements: $PY -m pip install -r requirements.txt" ;;
+  *) fail "the configuration or RUN_DIR=$RUN_DIR (see the message above)" ;;
+esac
 echo "preflight: data and tokenizer"
 VARIANT=sp8192_caseops; [ "${CASEOPS_ENABLED:-1}" = 0 ] && VARIANT=sp1024
 SEED=$SEED "$PY" check_data.py >/dev/null || fail "fix the data above (download: $PY data/cached_challenge_fineweb.py --variant $VARIANT)"
 if [ "$DEVICE" = cuda ]; then
   echo "preflight: GPUs"
-  NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
   if [ "$NGPU" -eq 0 ]; then
     fail "found 0 CUDA GPUs (is this a GPU machine? check nvidia-smi and that torch is a CUDA build), or run on CPU with DEVICE=cpu NPROC=1"
   fi

@@ -156,12 +156,11 @@ def caseops_data(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def trained_tiny(plain_data, tmp_path_factory) -> dict:
-    """One real run of the whole pipeline on the tiny config (150 steps), shared by several tests, with host and
-    device told apart (tests/host_device.py): training with document masking, the crawler's loop switch (at 20%) and
-    BigramHash, loop-aware GPTQ with AWQ and LQER, packing, and every evaluation with the n-gram tilt."""
+    """One real run of the whole pipeline on the tiny config (150 steps), shared by several tests (the same pipeline
+    with host and device told apart: test_host_device.py)."""
     def build(out: Path) -> dict:
-        env = tiny_env(plain_data, ITERATIONS=150, GPTQ_CAL_SAMPLES=32, GPTQ_CAL_SEQ_LEN=64, CRAWLER_START_FRAC=0.2)
-        r = run_trainer(env, out, emulate=True)
+        env = tiny_env(plain_data, ITERATIONS=150, GPTQ_CAL_SAMPLES=32, GPTQ_CAL_SEQ_LEN=64)
+        r = run_trainer(env, out)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return {"out": out, "env": env, "stdout": r.stdout}
 

@@ -40,7 +40,10 @@ DEVICE = torch.device("cpu", 1)
 HOST, DEV = "host", "device"
 aten = torch.ops.aten
 
-PLACES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # storage -> (place, pinned)
+# id(storage) -> (place, pinned), for device and pinned storages only (a storage without an entry is plain host
+# memory). A storage's Python object lives exactly as long as the storage (torch preserves it), and a finalizer drops
+# the entry when it dies, so an id is never read for another object.
+PLACES: dict[int, tuple[str, bool]] = {}
 
 # Copies are how data moves between the places: they may mix them (and are counted when they stall).
 TRANSFERS = {aten._to_copy.default, aten.copy_.default, aten._copy_from.default, aten._copy_from_and_resize.default,
@@ -57,21 +60,17 @@ class PlaceError(RuntimeError):
 
 
 def tensors_in(*objs) -> list[Tensor]:
-    """The tensors in op arguments or results (nested lists, tuples and dicts): torch's pytree, without its cost."""
+    """The tensors in op arguments or results, in order (nested lists, tuples and dicts): torch's pytree, without
+    its cost; a sequence of numbers (a shape, a stride) is skipped whole."""
     out: list[Tensor] = []
-
-    def walk(x) -> None:
+    for x in objs:
         if isinstance(x, Tensor):
             out.append(x)
         elif isinstance(x, (list, tuple)):
-            for y in x:
-                walk(y)
+            if x and not isinstance(x[0], (int, float, bool)):
+                out += tensors_in(*x)
         elif isinstance(x, dict):
-            for y in x.values():
-                walk(y)
-
-    for o in objs:
-        walk(o)
+            out += tensors_in(*x.values())
     return out
 
 
@@ -83,19 +82,24 @@ def storage(t: Tensor):
 
 
 def place(t: Tensor) -> str:
-    s = storage(t)
-    return PLACES.get(s, (HOST, False))[0] if s is not None else HOST
+    return PLACES.get(id(storage(t)), (HOST, False))[0]
 
 
 def pinned(t: Tensor) -> bool:
-    s = storage(t)
-    return s is not None and PLACES.get(s, (HOST, False))[1]
+    return PLACES.get(id(storage(t)), (HOST, False))[1]
 
 
 def set_place(t: Tensor, where: str, is_pinned: bool = False) -> None:
     s = storage(t)
-    if s is not None:
-        PLACES[s] = (where, is_pinned and where == HOST)
+    if s is None:
+        return
+    key, entry = id(s), (where, is_pinned and where == HOST)
+    if entry == (HOST, False):
+        PLACES.pop(key, None)
+    else:
+        if key not in PLACES:
+            weakref.finalize(s, PLACES.pop, key, None)
+        PLACES[key] = entry
 
 
 def place_of(device) -> str | None:
@@ -136,6 +140,19 @@ def _group_by_place(tensorlistlist, with_indices: bool = False):
     return out
 
 
+KINDS: dict[int, str] = {}  # id(op) -> its rule: collective, transfer, indexing, data_dependent or plain
+
+
+def kind(func) -> str:
+    k = KINDS.get(id(func))
+    if k is None:
+        k = ("collective" if func.namespace == "c10d" and "barrier" not in func.__name__  # a barrier's tensor is the
+             else "transfer" if func in TRANSFERS else "indexing" if func in INDEXING  # backend's own
+             else "data_dependent" if func in DATA_DEPENDENT else "plain")
+        KINDS[id(func)] = k
+    return k
+
+
 class _Dispatch(TorchDispatchMode):
     """Op-level rules: mixing, collectives, transfers and data-dependent ops counted, outputs tagged."""
 
@@ -145,32 +162,32 @@ class _Dispatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if kwargs.get("pin_memory"):
+        want_pinned = bool(kwargs.get("pin_memory"))
+        if want_pinned:
             kwargs["pin_memory"] = False  # a CPU build has no pinned allocator: emulated by the tag below
-            want_pinned = True
-        else:
-            want_pinned = False
         flat = tensors_in(args, kwargs)
         places = [place(t) for t in flat]
-        on_dev = DEV in places
-        if func.namespace == "c10d" and "barrier" not in func.__name__:  # a barrier's tensor is the backend's own
-            if HOST in places and flat:
+        on_dev, k = DEV in places, kind(func)
+        if k == "collective":
+            if HOST in places:
                 raise PlaceError(f"{func}: NCCL collectives take device tensors only; this one got a host tensor")
-        elif func in TRANSFERS:
+        elif k == "transfer":
             self.owner.transfer(func, args, kwargs, flat, places)
-        elif func in INDEXING:
+        elif k == "indexing":
             self.check_indexing(func, args, places)
+            if on_dev and self.bool_index(args):
+                self.owner.stall(str(func))
         elif on_dev:
             host = [t for t, p in zip(flat, places) if p == HOST and t.dim() > 0]
             if host:
                 raise PlaceError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                  f"{DEVICE} and cpu! ({func} got a host tensor of shape {tuple(host[0].shape)} and a "
                                  "device tensor)")
-        if on_dev and (func in DATA_DEPENDENT or (func in INDEXING and self.bool_index(args))):
-            self.owner.stall(str(func))
+            if k == "data_dependent":
+                self.owner.stall(str(func))
         out = func(*args, **kwargs)
         where = place_of(kwargs.get("device"))
-        if func in TRANSFERS:  # device=cpu here is `options()` of a physically-CPU tensor: Python's .cpu() / .to(host)
+        if k == "transfer":  # device=cpu here is `options()` of a physically-CPU tensor: Python's .cpu() / .to(host)
             where = DEV if where == DEV else (places[0] if places else HOST)  # were taken at the API level
         elif on_dev:
             where = DEV
@@ -178,10 +195,11 @@ class _Dispatch(TorchDispatchMode):
             where = DEV if where == DEV else self.owner.context[-1]  # inputs (`options()` carries cpu for both)
         else:
             where = HOST
-        inputs = {id(storage(t)) for t in flat}
-        for o in tensors_in(out):
-            if id(storage(o)) not in inputs:  # a new storage; views and in-place ops keep theirs
-                set_place(o, where, want_pinned)
+        if where == DEV or want_pinned:  # a new host storage needs no entry
+            inputs = {id(storage(t)) for t in flat}
+            for o in tensors_in(out):
+                if id(storage(o)) not in inputs:  # a new storage; views and in-place ops keep theirs
+                    set_place(o, where, want_pinned)
         return out
 
     @staticmethod

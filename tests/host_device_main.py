@@ -1,10 +1,7 @@
 """train_gpt.py with host and device told apart (tests/host_device.py): the runtime's device is DEVICE (`cpu:1`), a
 place of its own, and every mix of host and device tensors that CUDA refuses fails here too. Used as the script of a
-trainer subprocess (conftest.run_trainer with emulate=True), under torchrun as well; the same environment variables.
-With HOST_DEVICE_SYNCS=<path> the host stalls of the run are written there as JSON (what, where) pairs."""
+trainer subprocess (conftest.run_trainer with emulate=True), under torchrun as well; the same environment variables."""
 import dataclasses
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,10 +12,5 @@ from host_device import DEVICE, HostDevice  # noqa: E402
 
 real = tg.setup_runtime
 tg.setup_runtime = lambda cfg: dataclasses.replace(real(cfg), device=DEVICE)
-out = os.environ.pop("HOST_DEVICE_SYNCS", "")
-with HostDevice() as hd:
-    try:
-        tg.main()
-    finally:
-        if out:
-            Path(out).write_text(json.dumps(hd.syncs))
+with HostDevice():
+    tg.main()

@@ -375,8 +375,7 @@ def test_pipeline_summary_and_final_lines(trained_tiny):
     out, log = trained_tiny["out"], trained_tiny["stdout"]
     for line in ("final_int6_roundtrip_exact val_loss:", "final_int6_sliding_window_exact val_loss:",
                  "quantized_ttt_phased val_loss:", "eval_total_time:", "val_tokens: ", "data_check: tokenization:",
-                 "eval_plan: configured", "crawler:loops_enabled loops:2 step:30", "gptq:phase2", "awq_lite:",
-                 "lqer:", "ttt:phase docs:"):
+                 "eval_plan: configured", "gptq:phase2", "awq_lite:", "lqer:", "ttt:phase docs:"):
         assert line in log, line
     summary = json.loads((out / "logs" / "seed1337.summary.json").read_text())
     assert summary["eval"]["same_targets"] is True  # a val prefix is never a submission, but broke no budget
@@ -436,17 +435,18 @@ def _final_lines(out: str) -> dict:
     return {l.split()[0]: l.split(" eval_time")[0] for l in out.splitlines() if l.startswith(keys)}
 
 
+@pytest.mark.slow
 def test_an_artifact_alone_is_scored_as_the_training_run_scored_it(trained_tiny, plain_data, tmp_path):
     """Reviewers reproduce a record from its artifact; an artifact could not be scored without its float checkpoint.
     EVAL_ONLY=1 ARTIFACT_PATH=... takes the model and the evaluation settings from the artifact (the environment names
     only where the data is), and scores every mode exactly as the training run did, with the same logs and a summary
-    of its own (host and device told apart). A damaged artifact is refused in its first second, with the cause."""
+    of its own. A damaged artifact is refused in its first second, with the cause."""
     art = tmp_path / "given" / "final_model.int6.ptz"
     art.parent.mkdir()
     art.write_bytes((trained_tiny["out"] / "final_model.int6.ptz").read_bytes())
     env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(art), "DATA_DIR": str(plain_data["data_dir"])}
     (tmp_path / "eval").mkdir()
-    r = run_trainer(env, tmp_path / "eval", emulate=True)
+    r = run_trainer(env, tmp_path / "eval")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     ours, trained = _final_lines(r.stdout), _final_lines(trained_tiny["stdout"])
     assert len(trained) == 3 and ours == trained, (ours, trained)
@@ -461,3 +461,23 @@ def test_an_artifact_alone_is_scored_as_the_training_run_scored_it(trained_tiny,
     r = run_trainer(env, tmp_path / "again")
     assert r.returncode != 0 and f"config error: {art}: artifact corrupted: checksum mismatch" in r.stderr
     assert "Traceback" not in r.stderr and "model_params:" not in r.stdout
+
+
+def test_the_plan_projects_the_published_split_with_the_cost_model():
+    """A smoke run on a prefix of the val split fits its plan to the prefix; its log also projects the configured plan
+    for the published split at full size on the same ranks (its 50,000 documents, 47,853,343 targets, lengths
+    modelled on the documents at hand), with the same cost model, and the tilt's pass at that length."""
+    cfg, _ = tg.load_config({"PHASED_TTT_NUM_PHASES": "1", "PHASED_TTT_PREFIX_DOCS": "2500"})
+    rng = np.random.default_rng(0)
+    ends = np.cumsum(rng.integers(20, 3000, 300))
+    docs = [(int(s), int(e)) for s, e in zip(np.concatenate([[0], ends[:-1]]), ends)]
+    costs = tg.EvalCosts(0.25, 0.05, 3e-6, 0.01, 0.0125, 4e-6)
+    lines = []
+    tg.fit_plan(cfg, docs, int(ends[-1]), 8, costs, 600.0, lines.append)
+    full = tg.published_docs(docs)
+    assert len(full) == 50_000 and sum(e - s for s, e in full) == 47_853_343 == tg.PUBLISHED_SPLIT[1]
+    plan = tg.EvalPlan(cfg.sliding_eval, cfg.ttt_enabled, cfg.phased_ttt_num_phases, cfg.phased_ttt_prefix_docs)
+    want = tg.project_seconds(plan, full, 47_853_343, cfg, 8, costs)
+    logged = lines[0].split("published_split_on_8_ranks:")[1].split()
+    assert logged == [f"{k}={v:.0f}s" for k, v in want.items()] + [f"ngram_tilt={4e-6 * 47_853_343:.0f}s"]
+    assert want["ttt"] > 60 and want["sliding"] > want["roundtrip"]  # full-size figures, not the prefix's

@@ -56,9 +56,15 @@ def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list
     raise AssertionError(f"{needle!r} not seen: " + "".join(seen[-20:]))
 
 
+QUICK = {"TTT_ENABLED": "0", "SLIDING_EVAL": "0", "NGRAM_TILT": "0"}  # a run that is stopped in training
+
+
+@pytest.mark.slow
 def test_sigterm_saves_the_averaged_weights_and_skip_train_repacks_them(plain_data, tmp_path):
+    """SIGTERM saves the averaged weights; a new training run into that folder is refused (it would overwrite them),
+    and SKIP_TRAIN re-packs them beside them, under a RUN_ID of its own, leaving the interrupted run's log as it was."""
     env = clean_env() | {"OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"} | tiny_env(
-        plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1)
+        plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1, **QUICK)
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(proc, "step:12/")
@@ -68,23 +74,26 @@ def test_sigterm_saves_the_averaged_weights_and_skip_train_repacks_them(plain_da
     assert "SKIP_TRAIN=1" in out and "the averaged weights of step 1" in out
     cfg, state = tg.load_checkpoint(tmp_path / "final_model.pt")  # whole: its digest matches
     assert cfg.seed == 1337 and state
-    repack = tmp_path / "repack"
-    repack.mkdir()
-    r = run_trainer(tiny_env(plain_data, SKIP_TRAIN=1, INIT_MODEL_PATH=tmp_path / "final_model.pt",
-                             TTT_ENABLED=0, SLIDING_EVAL=0), repack)
+    log = (tmp_path / "logs" / "seed1337.txt").read_text()
+    r = run_trainer(tiny_env(plain_data), tmp_path)
+    assert r.returncode != 0 and "to re-pack that run's checkpoint, set SKIP_TRAIN=1" in r.stderr
+    r = run_trainer(tiny_env(plain_data, SKIP_TRAIN=1, TTT_ENABLED=0, SLIDING_EVAL=0), tmp_path)
     assert r.returncode == 0 and "final_int6_roundtrip_exact" in r.stdout, r.stderr[-2000:]
+    assert (tmp_path / "logs" / "seed1337.txt").read_text() == log and (tmp_path / "final_model.int6.ptz").is_file()
+    assert (tmp_path / "logs" / "seed1337_repack.summary.json").is_file()
 
 
 def _fault_run(plain_data, tmp_path, timeout_s: int, step: int, mode: str = "hang", rank: int = 1, nproc: int = 2):
     env = clean_env() | {"OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "FAULT_RANK": str(rank),
                          "FAULT_STEP": str(step), "FAULT_MODE": mode} | tiny_env(
-        plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1, DIST_TIMEOUT_SECONDS=timeout_s)
+        plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1, DIST_TIMEOUT_SECONDS=timeout_s, **QUICK)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "tests" / "dist_fault_worker.py")]
     return subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
+@pytest.mark.slow
 def test_a_hung_rank_is_named_within_the_timeout_and_the_run_is_saved(plain_data, tmp_path):
     proc = _fault_run(plain_data, tmp_path, timeout_s=5, step=14)
     try:
@@ -95,6 +104,7 @@ def test_a_hung_rank_is_named_within_the_timeout_and_the_run_is_saved(plain_data
     assert "SKIP_TRAIN=1" in out and (tmp_path / "final_model.pt").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_while_blocked_on_a_lost_rank_saves_the_last_snapshot(plain_data, tmp_path):
     """torchrun stops the group when a rank dies; the others may be blocked in a collective and never reach the
     next step: the rescue thread writes rank 0's last host snapshot of the averaged weights."""
@@ -110,6 +120,7 @@ def test_sigterm_while_blocked_on_a_lost_rank_saves_the_last_snapshot(plain_data
     assert tg.load_checkpoint(tmp_path / "final_model.pt")[1]
 
 
+@pytest.mark.slow
 def test_losing_rank_0_loses_nothing(plain_data, tmp_path):
     """Every rank holds the same averaged weights, but only rank 0 saved: when rank 0 died, nothing was saved. Now
     the first surviving rank to claim the save in the launcher's store writes its own copy (here rank 1, with the
@@ -138,7 +149,7 @@ def test_a_failure_inside_the_training_loop_leaves_a_checkpoint(plain_data, tmp_
 # ---- issue 25: stopping run.sh, its log pipe, and a full disk ----
 
 def _run_sh(plain_data, tmp_path, **over) -> subprocess.Popen:
-    env = clean_env() | tiny_env(plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1) | {
+    env = clean_env() | tiny_env(plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1, **QUICK) | {
         "RECORD_DIR": str(tmp_path / "rec"), "RUN_DIR": str(tmp_path / "run"), "DEVICE": "cpu", "NPROC": "1",
         "MIN_FREE_GB": "0", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable} | {k: str(v) for k, v in over.items()}
     return subprocess.Popen(["bash", str(ROOT / "run.sh")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -154,6 +165,7 @@ def _stopped_run_left(tmp_path, proc, out: str, code: int) -> str:
     return (tmp_path / "rec" / "train_seed1337.log.partial").read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_through_run_sh_saves_the_training_and_keeps_an_honest_log(plain_data, tmp_path):
     """Ctrl-C reaches run.sh's whole process group, `tee` included: tee died first, the trainer's next print raised
     BrokenPipeError, the rescue never saved, torchrun exited 1 and run.sh promoted the .partial log to a finished one.
@@ -169,6 +181,7 @@ def test_ctrl_c_through_run_sh_saves_the_training_and_keeps_an_honest_log(plain_
     assert "stopping: signal received" in log and "the averaged weights of step" in log and "SKIP_TRAIN=1" in log
 
 
+@pytest.mark.slow
 def test_a_scheduler_stopping_run_sh_alone_is_passed_on_even_without_a_log_pipe(plain_data, tmp_path):
     """SIGTERM to run.sh alone (docker stop, a scheduler that signals the job's first process) never reached the
     trainer while bash waited on its pipeline; and a trainer whose stdout reader is gone (tee killed) died at its next
@@ -179,7 +192,7 @@ def test_a_scheduler_stopping_run_sh_alone_is_passed_on_even_without_a_log_pipe(
         tee = subprocess.run(["pgrep", "-g", str(proc.pid), "-x", "tee"], capture_output=True, text=True).stdout.split()
         assert len(tee) == 1
         os.kill(int(tee[0]), signal.SIGKILL)  # the log pipe is gone: every print from now on hits a broken pipe
-        time.sleep(3)
+        time.sleep(1)  # several steps' log lines hit the broken pipe
         os.kill(proc.pid, signal.SIGTERM)  # to run.sh alone
         out = proc.communicate(timeout=180)[0]
     finally:
@@ -210,8 +223,8 @@ def test_a_full_disk_leaves_the_previous_files_and_names_what_to_free(trained_ti
 
 def test_a_run_never_overwrites_another_runs_files(trained_tiny, plain_data, tmp_path):
     """A new run into a finished OUTPUT_DIR replaced its checkpoint and artifact, whatever its seed, even if it was
-    then interrupted at step 12; a re-pack over a good artifact destroyed it. Both are refused before any work, and a
-    re-pack of an interrupted run (a checkpoint, no artifact) writes beside it under a RUN_ID of its own."""
+    then interrupted at step 12; a re-pack over a good artifact destroyed it. Both are refused before any work (a
+    re-pack of an interrupted run writes beside it: test_sigterm_saves_...)."""
     import shutil
 
     done = tmp_path / "done"
@@ -222,16 +235,6 @@ def test_a_run_never_overwrites_another_runs_files(trained_tiny, plain_data, tmp
         assert r.returncode != 0 and "already holds another run's files (" in r.stderr, r.stderr[-2000:]
         assert "model_params:" not in r.stdout
     assert {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
-    stopped = tmp_path / "stopped"  # what an interrupted run leaves: its checkpoint and its log
-    (stopped / "logs").mkdir(parents=True)
-    shutil.copy(done / "final_model.pt", stopped)
-    (stopped / "logs" / "seed1337.txt").write_text("the interrupted run's log\n")
-    r = run_trainer(trained_tiny["env"], stopped)
-    assert r.returncode != 0 and "to re-pack that run's checkpoint, set SKIP_TRAIN=1" in r.stderr
-    r = run_trainer(trained_tiny["env"] | {"SKIP_TRAIN": "1", "TTT_ENABLED": "0", "SLIDING_EVAL": "0"}, stopped)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (stopped / "logs" / "seed1337.txt").read_text() == "the interrupted run's log\n"
-    assert (stopped / "logs" / "seed1337_repack.txt").is_file() and (stopped / "final_model.int6.ptz").is_file()
 
 
 def test_a_checkpoint_is_verified_before_it_is_trusted(trained_tiny, tmp_path):

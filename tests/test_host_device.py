@@ -1,9 +1,9 @@
 """Host and device told apart on a CPU (issue 24, section 1; tests/host_device.py). On a CPU the host and the device
 are one place, so a host tensor meeting a device tensor computes; on CUDA every rank dies. Under HostDevice the
-runtime's device is `cpu:1` and CUDA's rules hold. The whole pipeline runs in this mode in CI: the shared tiny run
-(conftest.trained_tiny: training with document masking, the crawler switch and BigramHash, loop-aware GPTQ with AWQ
-and LQER, packing, roundtrip / sliding / phased TTT with the n-gram tilt), a SKIP_TRAIN re-pack (test_pack) and the
-two-rank run (test_train). This file tests the mode itself and what it found."""
+runtime's device is `cpu:1` and CUDA's rules hold. The whole pipeline runs in this mode in CI: here (training with
+document masking, the crawler switch and BigramHash, loop-aware GPTQ with AWQ and LQER, packing, roundtrip / sliding
+/ phased TTT with the n-gram tilt), a SKIP_TRAIN re-pack (test_pack) and the two-rank run (test_train). This file
+also tests the mode itself and what it found."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +12,23 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import TINY
+from conftest import TINY, run_trainer, tiny_env
 from host_device import DEVICE, HostDevice, PlaceError
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_runs_with_host_and_device_told_apart(plain_data, tmp_path):
+    """Every stage of a default run, as it would place its tensors on CUDA: training with document masking, the
+    crawler's loop switch and BigramHash; calibration (loop-aware phases 1 and 2, AWQ-lite, GPTQ, LQER); packing and
+    unpacking; roundtrip, phased TTT and the sliding window, all with the n-gram tilt. Before issue 24 it died in
+    calibration (AWQ-lite: a host weight times a device Hessian), as every default 8xH100 run did."""
+    env = tiny_env(plain_data, ITERATIONS=30, CRAWLER_START_FRAC=0.3, VAL_TOKEN_LIMIT=4096, TRAIN_LOG_EVERY=100)
+    r = run_trainer(env, tmp_path, emulate=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for line in ("crawler:loops_enabled loops:2 step:9", "gptq:phase1", "awq_lite:", "gptq:phase2", "lqer:",
+                 "Total submission size", "ngram_tilt_fired:", "final_int6_roundtrip_exact", "ttt:phase docs:",
+                 "quantized_ttt_phased", "final_int6_sliding_window_exact", "summary:"):
+        assert line in r.stdout, line
 
 
 def test_the_mode_refuses_what_cuda_refuses_and_copies_where_cuda_copies():

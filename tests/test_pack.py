@@ -115,7 +115,8 @@ def test_over_limit_is_evaluated_kept_and_exits_non_zero(trained_tiny, tmp_path)
     (it was found only after the whole training)."""
     code = len(tg.shipped_code())
     env = trained_tiny["env"] | {"SKIP_TRAIN": "1", "INIT_MODEL_PATH": str(trained_tiny["out"] / "final_model.pt"),
-                                 "ARTIFACT_LIMIT_BYTES": str(code + 1000), "ARTIFACT_FIT": "0"}
+                                 "ARTIFACT_LIMIT_BYTES": str(code + 1000), "ARTIFACT_FIT": "0", "TTT_ENABLED": "0",
+                                 "SLIDING_EVAL": "0"}
     r = run_trainer(env | {"ARTIFACT_LIMIT_BYTES": str(code)}, tmp_path)
     assert r.returncode != 0 and f"cannot be met: the counted code alone is {code} bytes" in r.stderr
     assert "model_params:" not in r.stdout and not list(tmp_path.iterdir())

@@ -162,17 +162,19 @@ def test_learning_beats_unigram_entropy(plain_data, trained_tiny):
     assert (trained_tiny["out"] / "final_model.pt").is_file()
 
 
+@pytest.mark.slow
 def test_two_rank_training_matches_single_process(plain_data, tmp_path):
     """Two gloo ranks train exactly what one process does with the same global batch (accumulated in two
     halves), also across the crawler's loop switch: before CRAWLER_START_FRAC the second loop's parameters get no
-    gradient, and the ranks must still agree. Both run with host and device told apart (tests/host_device.py), the
-    two ranks through the whole pipeline: calibration, packing and every evaluation, TTT's phases included."""
+    gradient, and the ranks must still agree. The two ranks run with host and device told apart
+    (tests/host_device.py), through the whole pipeline: calibration, packing and every evaluation, TTT's phases
+    included."""
     env = tiny_env(plain_data, ITERATIONS=6, CRAWLER_START_FRAC=0.5, TRAIN_LOG_EVERY=1, VAL_TOKEN_LIMIT=2048,
                    PHASED_TTT_PREFIX_DOCS=8)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     env["GRAD_CLIP_NORM"] = "0"  # gradients are clipped per rank before averaging (#1736), so only unclipped runs agree
-    r1 = run_trainer(env | {"GRAD_ACCUM_STEPS": "2", "TTT_ENABLED": "0", "SLIDING_EVAL": "0"}, one, emulate=True)
+    r1 = run_trainer(env | {"GRAD_ACCUM_STEPS": "2", "TTT_ENABLED": "0", "SLIDING_EVAL": "0"}, one)
     r2 = run_trainer(env | {"GRAD_ACCUM_STEPS": "1"}, two, nproc=2, emulate=True)
     assert r1.returncode == 0, r1.stderr[-3000:]
     assert r2.returncode == 0, r2.stderr[-3000:]
