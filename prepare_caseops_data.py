@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -261,16 +262,14 @@ class PrepState:
              entries: list[dict]) -> None:
         """Everything before document `next_doc` (input read up to `mark`) is in the written shards or the carry."""
         t, b = stream.carry()
-        tmp = self.carry_path.with_name("prep_carry.tmp.npz")
-        np.savez(tmp, tokens=t, bytes=b)
-        os.replace(tmp, self.carry_path)
+        buf = io.BytesIO()
+        np.savez(buf, tokens=t, bytes=b)
+        train_gpt.write_atomic(self.carry_path, buf.getvalue())
         self.d |= {"next_doc": next_doc, "lines": mark.lines, "prefix_sha256": mark.sha.hexdigest(),
                    "split": stream.split, "index": stream.index,
                    "skipped": [x for x in reader.skipped if x["line"] <= mark.lines]}
         self.d["shards"].extend(entries)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.d, indent=1))
-        os.replace(tmp, self.path)
+        train_gpt.write_atomic(self.path, json.dumps(self.d, indent=1).encode())
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -382,7 +381,7 @@ def prepare_shards(docs_path: str, tokenizer: str, out: Path, tokenization: str 
         raise SystemExit(f"{job.docs_path} has {manifest['val_docs']} documents, all taken by the validation split "
                          f"(--val-docs {job.val_docs}): no training data was written; give more documents (the "
                          "challenge's split is the first 50,000) or, for a test, a smaller --val-docs")
-    (job.out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    train_gpt.write_atomic(job.out / "manifest.json", json.dumps(manifest, indent=1).encode())
     state.finish()
     return manifest
 

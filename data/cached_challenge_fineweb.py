@@ -127,7 +127,10 @@ class Verified:
 
     def __init__(self, path: Path):
         self.path = path
-        self.d = json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            self.d = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):  # unreadable: every file is simply hashed again
+            self.d = {}
 
     def matches(self, dest: Path, expected: str) -> bool:
         st, rec = dest.stat(), self.d.get(str(dest))
@@ -138,7 +141,12 @@ class Verified:
     def record(self, dest: Path, expected: str) -> None:
         st = dest.stat()
         self.d[str(dest)] = [st.st_size, st.st_mtime_ns, expected]
-        self.path.write_text(json.dumps(self.d, indent=0))
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")  # atomic, as train_gpt.write_atomic
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(self.d, indent=0))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
 
 
 @dataclass(frozen=True)

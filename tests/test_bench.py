@@ -68,3 +68,13 @@ def test_tilt_bench_times_the_pass():
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(l for l in r.stdout.splitlines() if l.startswith("ngram_tilt_pass device:cpu"))
     assert "targets:49999" in line and float(line.split("pass_s:")[1]) > 0
+
+
+def test_fault_bench_measures_the_guards(tmp_path, capsys):
+    """tools/fault_bench.py, small: it runs and prints every figure (its numbers are for a person to read)."""
+    from tools import fault_bench
+
+    assert fault_bench.main(["--tokens", "300000", "--steps", "200", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for key in ("check_train_shards:", "heartbeat:", "snapshot:", "shared_state", "happy-path guards"):
+        assert key in out, out

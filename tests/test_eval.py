@@ -401,7 +401,7 @@ def test_a_budget_no_plan_can_meet_is_refused_before_training(trained_tiny, plai
     lines = []
     with pytest.raises(tg.ConfigError, match="EVAL_BUDGET_SECONDS=30 cannot be met: the roundtrip evaluation alone "
                                              "projects to"):
-        tg.pipeline(tg.Run(cfg, CPU, lines.append, b"code"))
+        tg.pipeline(tg.Run(cfg, CPU, lines.append))
     assert not called and any(l.startswith("eval_warmup:") for l in lines)
 
 
@@ -481,3 +481,24 @@ def test_the_plan_projects_the_published_split_with_the_cost_model():
     logged = lines[0].split("published_split_on_8_ranks:")[1].split()
     assert logged == [f"{k}={v:.0f}s" for k, v in want.items()] + [f"ngram_tilt={4e-6 * 47_853_343:.0f}s"]
     assert want["ttt"] > 60 and want["sliding"] > want["roundtrip"]  # full-size figures, not the prefix's
+
+
+def test_the_cost_probes_are_sized_to_the_validation_set():
+    """The warm-up's probes ran at the full EVAL_BATCH_TOKENS (262,144 tokens a forward) and a full TTT batch however
+    short the validation set: on the tiny CPU config they took 192 s, longer than the three evaluations (17 + 32 +
+    113 s). A windowed forward now holds at most this rank's windows (and so do the evaluation's own forwards: one
+    shape for both), and the TTT probe at most the documents there are, no wider than the longest one."""
+    cfg, _ = tg.load_config({"VOCAB_SIZE": "97", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+                             "ROPE_DIMS": "4", "GATE_WINDOW": "8", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32",
+                             "TTT_CHUNK_SIZE": "16", "PHASED_TTT_NUM_PHASES": "0", "NGRAM_TILT": "0"})
+    assert cfg.eval_batch_tokens == 262_144 and cfg.ttt_batch_docs == 64
+    assert tg.eval_rows(cfg, 10**7, 8) == 262_144 // 128  # a full split fills the batch
+    val = _val_docs(cfg, n_docs=5)  # 5 documents of 20-90 tokens: 9 sliding windows of 128
+    n = val.tokens.numel() - 1
+    rows = tg.eval_rows(cfg, n, 1)
+    assert rows == tg.n_windows(n, 128, 32) < 20
+    model, fed = tg.GPT(cfg), []
+    model.register_forward_pre_hook(lambda m, args: fed.append(tuple(args[0].shape)))
+    tg.measure_costs(model, model, model, cfg, CPU, rows, tg.document_spans(val.tokens, 1))
+    longest = max(e - s for s, e in tg.document_spans(val.tokens, 1))
+    assert set(fed) == {(rows, 128), (5, 16), (5, longest)}, set(fed)

@@ -195,6 +195,28 @@ def test_flex_block_mask_is_the_document_mask_and_flex_matches_sdpa():
     torch.testing.assert_close(sdpa(q, k, v, sdpa.prepare(seg, 300)), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_calibration_runs_flex_through_its_compiled_kernel(monkeypatch):
+    """GPTQ calibration's Hessian passes run the model eagerly, on the training clock, and eager flex_attention
+    materialises every [B, H, T, T] score matrix ([8, 8, 2048, 2048] fp32 per call, hundreds of calls per pass). When
+    the run compiles, flex's kernel is compiled on its own and eager callers go through it (here backend eager traces
+    it as inductor would generate it on CUDA); a run that does not compile uses the plain function, and its preflight
+    refuses shapes that cannot fit (the next test)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    assert tg.FlexAttention().kernel is flex_attention
+    flex = tg.FlexAttention(compiled=True, backend="eager")
+    assert flex.kernel is not flex_attention
+    calls, kernel = [], flex.kernel
+    monkeypatch.setattr(flex, "kernel", lambda *a, **k: (calls.append(a[0].shape), kernel(*a, **k))[1])
+    cfg, _ = tg.load_config(SMALL)
+    model = tg.GPT(cfg, tg.Kernels(flex))
+    x = long_tail_rows(2, 64, seed=6)
+    batches = [tg.to_micro(x[:, :-1], x[:, 1:], cfg, 64, torch.device("cpu"))]
+    names = {n for n, t in model.state_dict().items() if tg.quant_plan(n, t, cfg).method == "gptq"}
+    tg.collect_hessians(model, batches, names, CPU)
+    assert len(calls) == len(tg.application_plan(cfg, model.active_loops)) and calls[0] == (2, 4, 64, 16)
+
+
 def test_preflight_refuses_an_attention_backend_that_cannot_fit(monkeypatch):
     """SDPA's math kernel at the default shapes needs ~150 GB per micro-batch: refused before any work on an 80 GB
     device, with the fix; flex and FA3 pass."""
@@ -240,10 +262,12 @@ def test_compiled_schedule_primes_every_shape_and_never_recompiles(tmp_path, sta
     """The whole schedule compiled as on CUDA (fullgraph, dynamo's guards and recompile limit; backend eager, as
     graphs and guards are dynamo's: the backward's tracing is the next test's), the FA3 varlen branch, every context of
     TRAIN_SEQ_SCHEDULE, the crawler's loop switch at 35%, long-tailed document lengths), then the three evaluations
-    of the artifact. Priming compiles every training shape before the clock and nothing compiles after it (cu_seqlens
-    of every length share one graph: padded to buckets, new lengths compiled mid-run, and fullgraph's 9th graph
-    is fatal); the evaluation compiles only in its warm-up: 2 windowed graphs, TTT's LoRA step and the global SGD
-    step (plus their backward), at most 6."""
+    of the artifact, in the pipeline's order: the evaluation's graphs are compiled on the training model before
+    training (prepare_evaluation: 2 windowed graphs, TTT's LoRA step and the global SGD step, plus their backward, at
+    most 6), priming compiles every training shape before the clock, nothing compiles after it (cu_seqlens of every
+    length share one graph: padded to buckets, new lengths compiled mid-run, and fullgraph's 9th graph is fatal),
+    and the evaluation, loading the artifact into the same model, reuses its graphs: nothing compiles while it
+    scores (it compiled everything again after a dynamo reset, inside its clock, before)."""
     fa3, _ = stand_ins
     cfg, _ = tg.load_config(COMPILED)
     paths, val = write_long_tail_data(tmp_path / "data")
@@ -253,6 +277,8 @@ def test_compiled_schedule_primes_every_shape_and_never_recompiles(tmp_path, sta
     torch.manual_seed(0)
     model, compiled = tg.build_model(cfg, rt)
     lines = []
+    ev = tg.prepare_evaluation(model, cfg, rt, val, lines.append)
+    warm = int(next(l for l in lines if l.startswith("eval_warmup:")).split("graphs:")[1].split()[0])
     ticks = iter(range(10**6))
     result = tg.train(model, compiled, cfg, rt, tg.TrainData(paths, cfg, rt, 1), val, lines.append,
                       now=lambda: next(ticks) * 0.001)
@@ -265,11 +291,11 @@ def test_compiled_schedule_primes_every_shape_and_never_recompiles(tmp_path, sta
     assert tg.compiled_graph_count() == primed
     art = tmp_path / "a.ptz"
     art.write_bytes(tg.pack_artifact({k: v.half() for k, v in result.final_state.items()}, cfg, "brotli"))
-    res = tg.run_evaluation(art, val, cfg, rt, lines.append)
-    warm = int(next(l for l in lines if l.startswith("eval_warmup:")).split("graphs:")[1].split()[0])
+    res = tg.run_evaluation(art, val, cfg, rt, lines.append, ev)
     scoring = int(next(l for l in lines if l.startswith("eval_graphs_compiled_while_scoring:")).split(":")[1])
-    print(f"graphs: training {primed} evaluation {warm}")
-    assert warm <= 6 and scoring == 0, (warm, scoring)
+    print(f"graphs: evaluation {warm} training {primed - warm}")
+    assert 0 < warm <= 6 and scoring == 0, (warm, scoring)
+    assert tg.compiled_graph_count() == primed
     assert res["same_targets"] and {"roundtrip", "sliding", "ttt"} <= set(res)
     assert fa3.CALLS["varlen"] > 0 and fa3.CALLS["dense"] > 0
 
@@ -322,6 +348,17 @@ def test_deltanet_runs_flash_linear_attention_with_segments_compiled_whole(stand
         torch.testing.assert_close(pb.grad, pa.grad, atol=1e-3, rtol=0.1, msg=name)
     assert fla.CALLS["chunk_delta_rule_fwd"] >= 2 and fla.CALLS["chunk_delta_rule_bwd"] >= 2  # two loops
     assert fla.CALLS["chunk_delta_rule"] == 0
+    # inputs as a caller may hand them (beta a transposed view): FLA's kernels read dense rows, the backward's too
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.nn.functional.normalize(torch.randn(1, 2, 40, 8, generator=g), dim=-1) for _ in range(2))
+    v, beta = torch.randn(1, 2, 40, 8, generator=g), torch.rand(1, 40, 2, generator=g).transpose(1, 2)
+    for impl in ("fla", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, beta)]
+        tg.delta_rule(*leaves, None, impl).square().sum().backward()
+        grads = [t.grad for t in leaves] if impl == "fla" else grads
+        ref = [t.grad for t in leaves]
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
 
 
 # ------------------------------------------------------------------------------------------- the shipped file

@@ -1,4 +1,4 @@
-"""What the fault guards of issue 17 cost, measured on this machine (prints figures; asserts nothing).
+"""What the fault guards of issues 17 and 25 cost, measured on this machine (prints figures; asserts nothing).
 
     python3 tools/fault_bench.py                 # full size: a 100M-token shard, the default model's weights
     python3 tools/fault_bench.py --tokens 10000000 --steps 2000   # quicker
@@ -7,8 +7,10 @@ Figures:
 - check_train_shards: ids + BOS + the val-overlap hash of one train shard (the pre-training pass does every shard,
   8 at a time), and the projection for 80 shards on this machine's cores;
 - per-step guards on the training clock: the heartbeat (a TCP store write every BEAT_EVERY steps, through a real
-  store), the host snapshot (every SNAPSHOT_EVERY steps; on CUDA an asynchronous side-stream copy whose host cost
-  is the launch, here a CPU copy, an upper bound), and the stop / loss flags that ride the step's one all-reduce;
+  store), the host snapshot (every SNAPSHOT_EVERY steps, on every rank since issue 25; on CUDA a device-side staging
+  copy and an asynchronous side-stream copy whose host cost is the launch, here a CPU copy, an upper bound), and the
+  stop / loss flags that ride the step's one all-reduce (the training loop's exception handler and the logger's
+  broken-pipe guard cost nothing until they fire);
 - the total over a run of --steps steps (the 8xH100 default makes ~6,500).
 """
 from __future__ import annotations
@@ -40,13 +42,13 @@ def bench_shards(tokens: int, workdir: Path) -> dict:
     val = fake_stream(47_853_344 // 8, 950, cfg.vocab_size, 0)
     path = workdir / "fineweb_train_000000.bin"
     tg.write_shard(path, fake_stream(tokens, 950, cfg.vocab_size, 1))
-    tg.check_train_shards(cfg, [str(path)], val, True)  # warm the page cache
+    tg.check_train_shards(cfg, [str(path)], val)  # warm the page cache
     t0 = time.perf_counter()
-    n_docs, overlap = tg.check_train_shards(cfg, [str(path)], val, True)
+    n_docs, overlap = tg.check_train_shards(cfg, [str(path)], val)
     one = time.perf_counter() - t0
     per_100m = one * 100e6 / tokens
     cores = os.cpu_count() or 1
-    return {"shard_tokens": tokens, "docs": n_docs, "overlap": overlap, "shard_s": one, "per_100M_s": per_100m,
+    return {"shard_tokens": tokens, "docs": n_docs, "overlap": len(overlap), "shard_s": one, "per_100M_s": per_100m,
             "projected_80_shards_s": per_100m * 80 / min(8, cores), "cores": cores}
 
 

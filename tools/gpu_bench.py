@@ -17,7 +17,8 @@ and bench.json):
   4. evaluation at real shapes on a slice of that text's validation documents: the warm-up (compile + cost
      probes), then roundtrip, sliding and TTT each timed against the planner's projection, and the projection
      for the published validation split on --world GPUs;
-  5. the shipped (counted) wrapper run as a subprocess for a few steps on the same shards;
+  5. the shipped (counted) wrapper run as a subprocess for a few steps on the same shards; the n-gram tilt's pass at
+     full length; the DeltaNet's FLA kernels against the torch form (when fla is installed);
   6. calibration, loop-aware GPTQ and rate-controlled packing at full size (Gaussian rows: an upper bound).
 Environment variables configure the model exactly as for train_gpt.py.
 """
@@ -142,6 +143,33 @@ def bench_guards(model: tg.GPT, rt: tg.Runtime, out: dict) -> None:
         copy.append(time.perf_counter() - t0)
     out["snapshot_host_ms"] = round(1e3 * sorted(host)[5], 3)
     out["snapshot_copy_ms"] = round(1e3 * sorted(copy)[5], 3)
+
+
+def bench_fla(rt: tg.Runtime, tiny: bool, out: dict) -> None:
+    """DELTA_BACKEND=fla (a seed option): flash-linear-attention's own forward and backward kernels through our two
+    custom ops, against the torch form, on document segments, and the time of a forward + backward of each. Skipped
+    when fla is not installed (carry fla-core as a wheel)."""
+    import importlib.util
+
+    if importlib.util.find_spec("fla") is None:
+        out["fla"] = "not installed"
+        return
+    B, H, T, D = 1, 4, 256 if tiny else 8192, 64
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.nn.functional.normalize(torch.randn(B, H, T, D, generator=g), dim=-1) for _ in range(2))
+    v, beta = torch.randn(B, H, T, D, generator=g), torch.rand(B, H, T, generator=g)
+    rows = tg.random_rows(tg.load_config({"VOCAB_SIZE": "512"})[0], B, T, g)[:, :-1]
+    seg = tg.make_segments(rows, 1, T, rt.device)
+    res = {}
+    for impl in ("torch", "fla"):
+        leaves = [t.to(rt.device, copy=True).requires_grad_() for t in (q, k, v, beta)]  # own leaves per impl
+        step = lambda: tg.delta_rule(*leaves, seg, impl).float().square().sum().backward()  # noqa: E731
+        o = tg.delta_rule(*leaves, seg, impl)
+        o.float().square().sum().backward()
+        res[impl] = (o.detach().float(), [t.grad.float().clone() for t in leaves])
+        out[f"fla_fwd_bwd_ms_{impl}"] = round(1000 * tg.timed_call(step, rt.device), 2)
+    out["fla_output_max_abs_diff"] = float((res["fla"][0] - res["torch"][0]).abs().max())
+    out["fla_grad_max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(res["fla"][1], res["torch"][1]))
 
 
 def bench_tilt(cfg: tg.Config, rt: tg.Runtime, tiny: bool, out: dict) -> None:
@@ -295,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             section("eval", bench_eval, model, cfg, rt, val, a.world, out)
             bench_guards(model, rt, out)
             section("tilt", bench_tilt, cfg, rt, a.tiny, out)
+            section("fla", bench_fla, rt, a.tiny, out)
             section("wrapper", bench_wrapper, cfg_env, data, work, out)
     section("quant", bench_quant, model, cfg, rt, out)
     print(summary_table(out))
