@@ -3,6 +3,7 @@ checkpoint that SKIP_TRAIN re-packs, a hung rank is named within the collective 
 written atomically."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -202,23 +203,39 @@ def test_a_scheduler_stopping_run_sh_alone_is_passed_on_even_without_a_log_pipe(
     assert "stopping: signal received" in own and "the averaged weights of step" in own
 
 
-def test_a_full_disk_leaves_the_previous_files_and_names_what_to_free(trained_tiny, tmp_path):
-    """The artifact was written in place: a full disk left a truncated .ptz. Here the disk takes no file larger than
-    the artifact less 4 KB (RLIMIT_FSIZE; the log is far smaller): the re-pack fails writing it with one line naming
-    the file and the fix, and leaves no temporary or truncated file."""
+def _limited(limit: int):
     import resource
 
-    limit = (trained_tiny["out"] / "final_model.int6.ptz").stat().st_size - 4096
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_full_disk_leaves_the_previous_files_and_names_what_to_free(trained_tiny, plain_data, tmp_path):
+    """The artifact was written in place: a full disk left a truncated .ptz; a full disk inside torch.save was a
+    traceback that lost the run. Here the disk takes no file larger than a limit (RLIMIT_FSIZE). A training run whose
+    checkpoint does not fit says so and goes on to the artifact, which does (a submission needs no checkpoint); a
+    re-pack whose artifact does not fit stops with one line naming the file and what to free, and leaves no temporary
+    or truncated file."""
+    artifact = (trained_tiny["out"] / "final_model.int6.ptz").stat().st_size
+    assert (trained_tiny["out"] / "final_model.pt").stat().st_size > 2 * artifact
+    train = tmp_path / "train"
+    train.mkdir()
+    full = clean_env() | {"OUTPUT_DIR": str(train), "OMP_NUM_THREADS": "1"} | tiny_env(plain_data, ITERATIONS=5, **QUICK)
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=full, cwd=train, capture_output=True,
+                       text=True, timeout=300, preexec_fn=_limited(2 * artifact))
+    assert r.returncode == 0 and "ERROR: could not write" in r.stdout and "going on to calibration" in r.stdout, \
+        r.stdout[-2000:] + r.stderr[-2000:]
+    assert "final_int6_roundtrip_exact" in r.stdout and (train / "final_model.int6.ptz").is_file()
+    assert not (train / "final_model.pt").exists() and not list(train.glob(".*tmp"))
+    repack = tmp_path / "repack"
+    repack.mkdir()
     env = trained_tiny["env"] | {"SKIP_TRAIN": "1", "INIT_MODEL_PATH": str(trained_tiny["out"] / "final_model.pt"),
                                  "TTT_ENABLED": "0", "SLIDING_EVAL": "0"}
-    full = clean_env() | {"OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"} | env
-    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=full, cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300,
-                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    full = clean_env() | {"OUTPUT_DIR": str(repack), "OMP_NUM_THREADS": "1"} | env
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=full, cwd=repack, capture_output=True,
+                       text=True, timeout=300, preexec_fn=_limited(artifact - 4096))
     assert r.returncode == 1, r.stderr[-2000:]
-    assert f"error: could not write {tmp_path / 'final_model.int6.ptz'} (File too large); nothing was replaced" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "final_model.int6.ptz").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
+    assert f"error: could not write {repack / 'final_model.int6.ptz'} (File too large); nothing was replaced" in r.stderr
+    assert "Traceback" not in r.stderr and sorted(p.name for p in repack.iterdir()) == ["logs"]
 
 
 def test_a_run_never_overwrites_another_runs_files(trained_tiny, plain_data, tmp_path):
@@ -256,3 +273,58 @@ def test_a_checkpoint_is_verified_before_it_is_trusted(trained_tiny, tmp_path):
     torch.save({"config": ck["config"], "state_dict": ck["state_dict"]}, tmp_path / "foreign.pt")
     with pytest.raises(tg.ConfigError, match="has no digest"):
         tg.load_checkpoint(tmp_path / "foreign.pt")
+
+
+class _Streams:
+    """torch.cuda's stream API as Rescue.snapshot uses it (Stream, current_stream, stream, Event), recording which
+    stream waits on which: CUDA streams cannot run on a CPU, so this stand-in tells the order apart."""
+
+    def __init__(self):
+        self.waits, self.main = [], _Stream("main", self)
+        self.current = self.main
+
+    def Stream(self, device):  # noqa: N802 - torch.cuda's name
+        return _Stream("side", self)
+
+    def current_stream(self):
+        return self.current
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        before, self.current = self.current, s
+        yield
+        self.current = before
+
+    def Event(self):  # noqa: N802
+        return _Event()
+
+
+class _Stream:
+    def __init__(self, name: str, api: _Streams):
+        self.name, self.api = name, api
+
+    def wait_stream(self, other: "_Stream") -> None:
+        self.api.waits.append((self.name, other.name))
+
+
+class _Event:
+    def record(self, stream) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+def test_the_snapshot_never_makes_the_training_stream_wait_for_its_host_copy():
+    """Every 100 steps the snapshot's 144 MB device-to-host copy ran on a side stream, and then the main stream
+    waited for all of it (so the next EMA update could not tear it). Now the main stream copies the weights to a
+    device staging buffer (~0.1 ms) and the side stream copies that to the host: the side stream waits for the
+    staging copy, the main stream waits for nothing, and a later update of the weights does not reach the snapshot."""
+    api = _Streams()
+    rescue = tg.Rescue(rt=tg.Runtime.cpu(), streams=api)
+    state = {"w": torch.ones(4), "b": torch.zeros(2)}
+    rescue.snapshot(state, tg.Rescue.SNAPSHOT_EVERY)
+    state["w"].add_(1)  # the next step's EMA update, after the snapshot was queued
+    assert api.waits == [("side", "main")]
+    assert torch.equal(rescue.host["w"], torch.ones(4)) and rescue.host_step == tg.Rescue.SNAPSHOT_EVERY
+    assert rescue.staging is not None and rescue.staging["w"] is not state["w"]

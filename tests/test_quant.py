@@ -162,3 +162,20 @@ def test_fit_step_is_minimal_and_fits():
     k = tg.fit_step(mats, budget)
     assert k > 1 and size(k) <= budget and size(k * 0.995) > budget
     assert tg.fit_step(mats, 10.0) is None
+
+
+def test_gptq_ranks_quantize_all_their_tensors_before_any_broadcast(monkeypatch):
+    """Each rank quantizes every world_size-th tensor. The broadcast loop copied each tensor to the host as it went,
+    a sync, so every rank waited for each owner in turn and 8 ranks quantized one tensor at a time; now a rank
+    quantizes all of its own first, then the broadcasts run, then one copy to the host."""
+    events, real = [], tg.quantize_one
+    monkeypatch.setattr(tg, "quantize_one", lambda *a, **k: (events.append("quantize"), real(*a, **k))[1])
+    monkeypatch.setattr(tg.dist, "broadcast", lambda t, src: events.append(f"broadcast from {src}"))
+    rt = tg.Runtime.cpu(rank=0, world_size=2)
+    g = torch.Generator().manual_seed(0)
+    names = [f"blocks.{i}.mlp.fc.weight" for i in range(6)]
+    sd = {n: torch.randn(32, 64, generator=g) for n in names}
+    out = tg.quantize_names(sd, {n: tg.QuantPlan("rtn", 6, 12.0) for n in names}, names, None, rt)
+    assert events[:3] == ["quantize"] * 3 and "quantize" not in events[3:]
+    assert events[3:] == [f"broadcast from {i % 2}" for i in range(6) for _ in range(2)]  # q and scale of each
+    assert set(out) == set(names) and all(v.q.device.type == "cpu" for v in out.values())
