@@ -5158,10 +5158,21 @@ def write_summary(cfg: Config, rt: Runtime, inputs: RunInputs, result: TrainResu
     }
     if rt.is_main:
         path = Path(cfg.output_dir) / "logs" / f"{cfg.run_id}.summary.json"
-        write_atomic(path, json.dumps(summary, indent=1, allow_nan=False).encode())
+        write_atomic(path, json.dumps(json_safe(summary), indent=1, allow_nan=False).encode())
         log(f"summary:{path} valid:{int(summary['valid'])}" + (f" reasons:{'; '.join(broken + chosen)}"
                                                                 if broken or chosen else ""))
     return not broken
+
+
+def json_safe(x):
+    """JSON has no NaN or infinity: a non-finite figure (a broken model's loss) is written as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def pipeline(run: Run) -> bool:

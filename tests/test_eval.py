@@ -502,3 +502,10 @@ def test_the_cost_probes_are_sized_to_the_validation_set():
     tg.measure_costs(model, model, model, cfg, CPU, rows, tg.document_spans(val.tokens, 1))
     longest = max(e - s for s, e in tg.document_spans(val.tokens, 1))
     assert set(fed) == {(rows, 128), (5, 16), (5, longest)}, set(fed)
+
+
+def test_a_summary_with_a_non_finite_figure_is_still_json():
+    """A broken model's NaN loss made json.dumps(allow_nan=False) fail after the whole run; JSON has no NaN: null."""
+    summary = {"eval": {"ttt": {"val_loss": float("nan"), "val_bpb": float("inf")}}, "steps": [1.0, float("-inf")]}
+    assert json.loads(json.dumps(tg.json_safe(summary), allow_nan=False)) == \
+        {"eval": {"ttt": {"val_loss": None, "val_bpb": None}}, "steps": [1.0, None]}
