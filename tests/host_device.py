@@ -20,7 +20,8 @@ take device tensors only, and `.cpu()` / `.to(device)` copy. Under `HostDevice` 
 - every host stall is counted, with the line of train_gpt.py that caused it: `.item()`, `.tolist()`, `bool()` /
   `int()` / `float()`, a device-to-host copy, `torch.equal`, data-dependent ops on device tensors (nonzero,
   masked_select, unique, boolean indexing), a blocking host-to-device copy and an asynchronous one from pageable
-  memory (CUDA stages it synchronously).
+  memory (CUDA stages it synchronously), and train_gpt's `sync(device)` of the device (torch.cuda.synchronize on
+  CUDA; a no-op on a CPU device, so it is patched while the mode is on).
 
 Use: `with HostDevice() as hd: ...` with `Runtime.device = DEVICE`; `hd.syncs` lists the stalls. The modes are the
 main thread's; tensors other threads make are host tensors (the loader's prefetch thread pins through the patched
@@ -28,6 +29,7 @@ main thread's; tensors other threads make are host tensors (the loader's prefetc
 from __future__ import annotations
 
 import collections
+import sys
 import traceback
 import weakref
 
@@ -50,9 +52,11 @@ TRANSFERS = {aten._to_copy.default, aten.copy_.default, aten._copy_from.default,
              aten._foreach_copy_.default, aten.lift_fresh.default, aten.lift_fresh_copy.default, aten.set_.source_Tensor,
              aten.set_.source_Storage, aten.set_.source_Storage_storage_offset}
 INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
+# Not pointwise, yet CUDA reads a 0-dim host `value` as a scalar (Fill.cpp, masked_fill's CUDA kernel): `x[:n] = -1`
+SCALAR_VALUE = {aten.fill_.Tensor, aten.fill.Tensor, aten.masked_fill_.Tensor, aten.masked_fill.Tensor}
 DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
                   aten.unique_consecutive.default, aten.repeat_interleave.Tensor, aten._local_scalar_dense.default,
-                  aten.equal.default}
+                  aten.equal.default, aten.bincount.default}
 
 
 class PlaceError(RuntimeError):
@@ -177,8 +181,9 @@ class _Dispatch(TorchDispatchMode):
             self.check_indexing(func, args, places)
             if on_dev and self.bool_index(args):
                 self.owner.stall(str(func))
-        elif on_dev:
-            host = [t for t, p in zip(flat, places) if p == HOST and t.dim() > 0]
+        elif on_dev:  # CUDA takes a 0-dim host tensor as a scalar in a pointwise op (TensorIterator), nowhere else
+            scalar_ok = torch.Tag.pointwise in func.tags or func in SCALAR_VALUE
+            host = [t for t, p in zip(flat, places) if p == HOST and (t.dim() > 0 or not scalar_ok)]
             if host:
                 raise PlaceError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                  f"{DEVICE} and cpu! ({func} got a host tensor of shape {tuple(host[0].shape)} and a "
@@ -235,7 +240,8 @@ class _Function(TorchFunctionMode):
                 target, dtype, copy = HOST, None, False
             else:
                 dev, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
-                target, copy = place_of(dev), kwargs.get("copy", False)
+                other = next((a for a in args[1:] if isinstance(a, Tensor)), None)  # .to(tensor): its place
+                target, copy = place(other) if other is not None else place_of(dev), kwargs.get("copy", False)
             if target == HOST and place(t) == DEV:  # device -> host: a copy, and a stall
                 self.owner.stall("to host" if func is Tensor.to else "cpu()")
                 out = t.clone()
@@ -243,12 +249,14 @@ class _Function(TorchFunctionMode):
                 return out.to(dtype) if dtype is not None else out
             if target is not None and target == place(t) and not copy:  # already there: CUDA returns the tensor
                 return t if dtype is None or dtype == t.dtype else func(t, dtype=dtype)
-        if func is Tensor.numpy and place(args[0]) == DEV:
+        if func in (Tensor.numpy, Tensor.__array__) and place(args[0]) == DEV:
             raise PlaceError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor "
                              "to host memory first.")
         if func is Tensor.tolist and place(args[0]) == DEV:
             self.owner.stall("tolist()")
         asked = place_of(kwargs.get("device"))
+        if asked is None and getattr(func, "__name__", "").startswith("new_"):  # new_tensor, new_zeros: self's place
+            asked = place(args[0])
         tensors = tensors_in(args, kwargs)
         self.owner.context.append(asked or (DEV if any(place(t) == DEV for t in tensors) else HOST))
         try:
@@ -297,9 +305,16 @@ class HostDevice:
         elif src == HOST and dst == DEV and not (nb and src_pinned):
             self.stall(f"host->device {'pageable non_blocking' if nb else 'blocking'} {what}")
 
+    def _sync(self, device) -> None:
+        if place_of(device) == DEV:
+            self.stall("synchronize()")
+
     def __enter__(self) -> "HostDevice":
         self._saved = {"pin_memory": Tensor.pin_memory, "is_pinned": Tensor.is_pinned}
         Tensor.pin_memory, Tensor.is_pinned = _pin_memory, _is_pinned
+        self._tg = sys.modules.get("train_gpt")
+        if self._tg is not None:
+            self._saved["sync"], self._tg.sync = self._tg.sync, self._sync
         torch._C._group_tensors_by_device_and_dtype = _group_by_place
         for m in self._modes:
             m.__enter__()
@@ -309,6 +324,8 @@ class HostDevice:
         for m in reversed(self._modes):
             m.__exit__(*exc)
         Tensor.pin_memory, Tensor.is_pinned = self._saved["pin_memory"], self._saved["is_pinned"]
+        if self._tg is not None:
+            self._tg.sync = self._saved["sync"]
         torch._C._group_tensors_by_device_and_dtype = _GROUP
 
     def counts(self) -> collections.Counter:

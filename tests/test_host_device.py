@@ -38,6 +38,10 @@ def test_the_mode_refuses_what_cuda_refuses_and_copies_where_cuda_copies():
         with pytest.raises(PlaceError, match="same device"):
             dev * host  # a host tensor of one or more dimensions meeting a device tensor
         assert torch.equal(dev * torch.tensor(2.0), dev * 2)  # a 0-dim host tensor is a scalar: CUDA takes it
+        filled = dev.clone()
+        filled[:2] = -1  # fill_ with a 0-dim host value: CUDA takes it too (Fill.cpp), though fill_ is not pointwise
+        with pytest.raises(PlaceError, match="same device"):
+            torch.mm(torch.ones(4, 1, device=DEVICE), torch.tensor(2.0).reshape(1, 1))  # elsewhere it is refused
         assert torch.zeros(2, device=dev.device).device == DEVICE  # device= of a device tensor stays there
         with pytest.raises(PlaceError, match="numpy"):
             dev.numpy()
@@ -111,14 +115,16 @@ def _train(plain_data, steps: int) -> list[tuple[str, str]]:
     return hd.syncs
 
 
-def test_a_training_step_stalls_the_host_once(plain_data):
+def test_a_training_step_stalls_the_host_at_one_point(plain_data):
     """Issue 24's count of host syncs per training step, every `.item()`, `.cpu()`, `.tolist()`, `.numpy()` of a
-    device tensor, device-to-host copy, data-dependent op and host-to-device copy that CUDA runs synchronously (a
-    blocking one, or a "non_blocking" one from pageable memory). The bound is exact: one per step, the all-reduce that
-    shares rank 0's clock, the loss and stop requests (shared_state). Before: batches, segment ids and the next
-    step's inputs came from pageable memory, and clip_grad_norm_ and the crawler's loop switch added more."""
+    device tensor, device-to-host copy, data-dependent op, host-to-device copy that CUDA runs synchronously (a
+    blocking one, or a "non_blocking" one from pageable memory) and device synchronize. The bound is exact: one point
+    per step (shared_state), where rank 0 synchronizes its device to read its clock after the step has finished, and
+    every rank reads the one all-reduce that shares that clock, the loss and the stop requests. Before: batches,
+    segment ids and the next step's inputs came from pageable memory, and clip_grad_norm_ and the crawler's loop
+    switch added more."""
     short, long = _train(plain_data, 4), _train(plain_data, 12)
     extra = long[len(short):] if long[:len(short)] == short else None
     assert extra is not None, (short, long)
-    assert [w for w, _ in extra] == ["tolist()"] * 8, extra
+    assert [w for w, _ in extra] == ["synchronize()", "tolist()"] * 8, extra
     assert {where.split()[-1] for _, where in extra} == {"shared_state"}
