@@ -5,9 +5,10 @@
 # versions), and the run's files in $RUN_DIR. The exit code is train_gpt.py's, or 128+signal when the run was stopped.
 # Nothing is overwritten: a seed whose log (finished or .partial) exists, or a RUN_DIR holding a run's files, is
 # refused. The run writes *.partial files and moves them into place only when train_gpt.py finished the pipeline
-# (its summary line is in the log); a stopped or failed run keeps its .partial log, which says what happened.
+# (it wrote the run's summary file); a stopped or failed run keeps its .partial log, which says what happened.
 # Stopping: Ctrl-C, SIGTERM to this script or to its process group (timeout, a scheduler) reach the trainer, which
-# saves its checkpoint; the log's `tee` ignores them, so the log keeps the run's last lines.
+# saves its checkpoint (Ctrl-C reaches torchrun as TERM); the log's `tee` ignores them, so the log keeps the run's
+# last lines.
 # Configuration: any train_gpt.py variable (see README), plus
 #   NPROC (8), DEVICE (cuda | cpu), RECORD_DIR, RUN_DIR, PYTHON (python3), MIN_FREE_GB (4).
 set -uo pipefail
@@ -23,12 +24,12 @@ LOG="$RECORD_DIR/train_seed$SEED.log"
 ENVF="$RECORD_DIR/train_seed$SEED.env"
 fail() { echo "preflight: FAIL: $*" >&2; exit 2; }
 
-for f in "$LOG" "$LOG.partial"; do
-  [ -e "$f" ] && fail "$f is the log of an earlier run of seed $SEED (a .partial one was stopped or failed): choose another SEED or RECORD_DIR, or move it away"
+for f in "$LOG" "$LOG.partial" "$ENVF" "$ENVF.partial"; do
+  [ -e "$f" ] && fail "$f is from an earlier run of seed $SEED (a .partial one was stopped or failed): choose another SEED or RECORD_DIR, or move it away"
 done
 echo "preflight: packages and the run's output files"
-# one Python start for three checks; it prints the CUDA GPU count for the GPU check below
-NGPU=$(SEED=$SEED OUTPUT_DIR=$RUN_DIR "$PY" - <<'PY'
+# one Python start for three checks; it prints the run's RUN_ID and the CUDA GPU count for what follows
+PRE=$(SEED=$SEED OUTPUT_DIR=$RUN_DIR "$PY" - <<'PY'
 import importlib, os, sys
 comp = {"zstd": ["zstandard"]}  # zpaq (counted code) and brotli (artifact header) are needed whatever COMPRESSOR says
 missing = []
@@ -43,10 +44,12 @@ if missing:
 import torch
 import train_gpt as t
 try:
-    t.check_outputs_free(t.load_config()[0])  # the trainer's own rule: no run overwrites another's files
+    cfg = t.load_config()[0]
+    t.lock_output_dir(cfg)  # the trainer's own rules: no run writes beside a running one, nor overwrites its files
+    t.check_outputs_free(cfg)
 except t.ConfigError as e:
     sys.exit(str(e))
-print(torch.cuda.device_count())
+print(cfg.run_id, torch.cuda.device_count())
 PY
 )
 case $? in
@@ -54,6 +57,7 @@ case $? in
   3) fail "install the requirements: $PY -m pip install -r requirements.txt" ;;
   *) fail "the configuration or RUN_DIR=$RUN_DIR (see the message above)" ;;
 esac
+read -r RUN_ID NGPU <<< "$PRE"
 echo "preflight: data and tokenizer"
 VARIANT=sp8192_caseops; [ "${CASEOPS_ENABLED:-1}" = 0 ] && VARIANT=sp1024
 SEED=$SEED "$PY" check_data.py >/dev/null || fail "fix the data above (download: $PY data/cached_challenge_fineweb.py --variant $VARIANT)"
@@ -74,37 +78,50 @@ CMD=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train
 {
   echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) seed $SEED"
   echo "command: SEED=$SEED OUTPUT_DIR=$RUN_DIR ${CMD[*]}"
-  echo "git: $(git rev-parse HEAD 2>/dev/null || echo none) $(git status --porcelain 2>/dev/null | grep -q . && echo dirty)"
+  echo "git: $(git rev-parse HEAD 2>/dev/null || echo none) $(git --no-optional-locks status --porcelain 2>/dev/null | grep -q . && echo dirty)"
   "$PY" -c "import torch, platform; print('versions: python', platform.python_version(), 'torch', torch.__version__)"
   env | grep -E "^[A-Z][A-Z0-9_]*=" | grep -vE "^(PATH|HOME|PWD|OLDPWD|SHLVL|TERM|USER|LOGNAME|SHELL|HOSTNAME|LANG|_)=" | sort
 } > "$ENVF.partial"
-echo "run: ${CMD[*]} -> $LOG"
-
 # The trainer runs in the background so that a signal to this script is passed on at once (bash runs a trap only
 # between commands, and `wait` is one it can interrupt); tee reads a FIFO and ignores INT and TERM, so stopping the
-# run never takes its log (or the trainer's stdout) away before the trainer has saved and said so.
+# run never takes its log (or the trainer's stdout) away before the trainer has saved and said so. A background
+# command of a script starts with SIGINT ignored, and torchrun installs its handlers only once it starts workers:
+# INT is passed on as TERM, which stops torchrun at any moment (the trainer gets INT from the terminal itself).
+# The traps are set before the "run:" line, so a signal from then on is always passed on.
+PID="" TEE="" SIGNALED=0
 FIFO=$(mktemp -u "${TMPDIR:-/tmp}/run_sh.XXXXXX")
+cleanup() { rm -f "$FIFO"; [ -n "$TEE" ] && kill -9 "$TEE" 2>/dev/null; }
+trap cleanup EXIT
+forward() { SIGNALED=$1; [ -n "$PID" ] && kill -s TERM "$PID" 2>/dev/null; }
+trap 'forward 130' INT
+trap 'forward 143' TERM
 mkfifo "$FIFO" || fail "cannot make a FIFO for the log"
-(trap '' INT TERM; exec tee "$LOG.partial" < "$FIFO") &
+# This script holds the FIFO open until the trainer has ended: neither end's open ever waits for the other (a trainer
+# stopped before it opened its end would leave tee waiting forever), and tee sees the log's end when fd 3 closes.
+exec 3<>"$FIFO"
+# The log exists before tee starts: a signal that ends tee's subshell before its own trap leaves an empty log.
+: > "$LOG.partial"
+(trap '' INT TERM; exec tee "$LOG.partial" < "$FIFO" 3>&-) &
 TEE=$!
-SIGNALED=0
-forward() { SIGNALED=$1; kill -s "$2" "$PID" 2>/dev/null; }
-trap 'forward 130 INT' INT
-trap 'forward 143 TERM' TERM
-SEED=$SEED OUTPUT_DIR=$RUN_DIR "${CMD[@]}" > "$FIFO" 2>&1 &
-PID=$!
-while :; do
-  wait "$PID"
-  RC=$?
-  kill -0 "$PID" 2>/dev/null || break  # a trapped signal ended the wait, not the trainer: wait again
-done
-wait "$PID"; RC=$?  # the trainer's own status (bash keeps it for a child that has exited)
-wait "$TEE"
-rm -f "$FIFO"
-[ "$SIGNALED" -ne 0 ] && RC=$SIGNALED  # torchrun reports a stop by signal as 1
-if [ "$SIGNALED" -eq 0 ] && grep -q "^summary:" "$LOG.partial"; then  # the pipeline ran to its end (pass or not)
+echo "run: ${CMD[*]} -> $LOG"
+if [ "$SIGNALED" -eq 0 ]; then  # a stop before this point never starts the trainer
+  SEED=$SEED OUTPUT_DIR=$RUN_DIR "${CMD[@]}" > "$FIFO" 2>&1 3>&- &
+  PID=$!
+fi
+RC=0
+if [ -n "$PID" ]; then
+  [ "$SIGNALED" -ne 0 ] && kill -s TERM "$PID" 2>/dev/null  # a signal that came before PID was known
+  until wait "$PID"; ! kill -0 "$PID" 2>/dev/null; do :; done  # a trapped signal ends a wait early
+  wait "$PID"; RC=$?  # the trainer's own status (bash keeps it for a child that has exited)
+fi
+exec 3>&-
+until wait "$TEE"; ! kill -0 "$TEE" 2>/dev/null; do :; done  # tee drains the pipe, then exits
+TEE=""
+# The pipeline ran to its end (pass or not) when its summary exists: the preflight made sure none did before.
+if [ -f "$RUN_DIR/logs/$RUN_ID.summary.json" ]; then
   mv -f "$LOG.partial" "$LOG" && mv -f "$ENVF.partial" "$ENVF"
 else
+  [ "$SIGNALED" -ne 0 ] && RC=$SIGNALED  # torchrun reports a stop by signal as 1
   echo "run: stopped or failed (exit $RC); its log is $LOG.partial (the checkpoint, if training started, is in $RUN_DIR)" >&2
 fi
 exit "$RC"

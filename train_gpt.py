@@ -27,6 +27,7 @@ import resource
 import sys
 import threading
 import time
+import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -907,7 +908,27 @@ class Runtime:
         return cls(rank, world_size, 0, torch.device("cpu"), None, False)
 
 
+def watch_launcher(poll_s: float = 1.0) -> None:
+    """Under torchrun, a worker whose launcher is gone (killed by SIGKILL or the OOM killer, or stopped in the moment
+    it spawns its workers, before it knows them) would train on alone, holding its GPU and the log's pipe open: it
+    stops as if torchrun had passed on SIGTERM (in training, the rescue saves the weights)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return  # a plain `python train_gpt.py` may outlive its shell on purpose (nohup)
+    import signal
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        Logger._stderr(f"[pid {os.getpid()}] the launcher (pid {parent}) is gone: stopping as if it sent SIGTERM")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="launcher").start()
+
+
 def setup_runtime(cfg: Config) -> Runtime:
+    watch_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -991,10 +1012,12 @@ class Logger:
 
 def write_atomic(path: str | Path, parts: bytes | list[bytes]) -> None:
     """Every file a run leaves (checkpoint, artifact, counted code, summary, shards, record files) is written whole or
-    not at all: to a temporary name of this process beside it, flushed, fsynced, then renamed over the target. A full
-    disk or a kill mid-write leaves the previous file (or none) and no temporary file, and says what to free."""
+    not at all: to a temporary name of this thread beside it, flushed, fsynced, then renamed over the target. A full
+    disk or a kill mid-write leaves the previous file (or none) and no temporary file, and says what to do."""
+    import errno
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_native_id()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             for part in [parts] if isinstance(parts, bytes) else parts:
@@ -1004,8 +1027,10 @@ def write_atomic(path: str | Path, parts: bytes | list[bytes]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        err = OSError(f"could not write {path} ({e.strerror or e}); nothing was replaced: free disk space under "
-                      f"{path.parent.resolve()} or write elsewhere")
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        fix = f"free disk space under {path.parent.resolve()} or write elsewhere" if full else \
+            f"check that {path.parent.resolve()} exists and is writable, or write elsewhere"
+        err = OSError(f"could not write {path} ({e.strerror or e}); nothing was replaced: {fix}")
         err.errno = e.errno
         raise err from None
 
@@ -1052,6 +1077,8 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     "asynchronous" copy from pageable memory synchronously). On the host, the tensor itself."""
     if device == HOST or t.device == device:
         return t
+    if t.device.type != "cpu":  # another device's tensor: pinning is for host memory only
+        return t.to(device, non_blocking=True)
     return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
@@ -2746,13 +2773,16 @@ class WeightAverager:
         """The weights a stop now would save (the EMA, else the live weights), without a copy."""
         return self.ema if self.ema is not None else model.state_dict()
 
-    def final(self, model: nn.Module) -> dict[str, Tensor]:
-        live = model.state_dict()
-        if self.swa_n:
-            src = {k: v / self.swa_n for k, v in self.swa.items()}
-        else:
-            src = self.ema if self.ema is not None else live
-        return {k: src[k].to(live[k].dtype).detach().clone() for k in live}
+    def final(self, model: nn.Module, host: bool = False) -> dict[str, Tensor]:
+        """The averaged weights in the model's dtypes, as new tensors; `host`: built on the host, with nothing
+        allocated on the device (a failed step may have left it out of memory)."""
+        live, n = model.state_dict(), max(self.swa_n, 1)
+        src = self.swa if self.swa_n else self.ema if self.ema is not None else live
+        out = {}
+        for k in live:
+            t = src[k].detach().to(HOST) if host else src[k].detach()
+            out[k] = (t / n if n > 1 else t).to(live[k].dtype).clone()
+        return out
 
 
 def train_step(model: nn.Module, micro: list[Micro], opts: Optimizers, cfg: Config, rt: Runtime) -> Tensor:
@@ -2867,8 +2897,11 @@ class Rescue:
     any rank can save them: the first rank to claim the save in the launcher's store writes them (rank 0 alone when
     there is no store), so losing rank 0 loses nothing. A rank blocked in a collective (a lost peer) never reaches the
     next step: a watcher thread, woken by the signal itself (a wakeup fd), waits GRACE_S for the loop, then writes
-    this rank's latest host snapshot of the averaged weights (taken every SNAPSHOT_EVERY steps by an asynchronous
-    copy, ~7 ms of copy engine per 144 MB) if no rank has claimed the save, and exits."""
+    this rank's latest complete host snapshot of the averaged weights and exits; a loop stalled for half the
+    collective timeout writes it too (NCCL's watchdog ends the process at the timeout without a signal). Snapshots
+    are taken every SNAPSHOT_EVERY steps by an asynchronous copy (~7 ms of copy engine per 144 MB) into one of two
+    host buffers, so the last complete one is never the one being written. One lock orders the savers: a save
+    and the exit after it are never interleaved with another save, nor with a snapshot into the buffer it reads."""
     GRACE_S = 10.0
     SNAPSHOT_EVERY = 100
     SIGNALS = ("SIGTERM", "SIGINT")
@@ -2876,9 +2909,12 @@ class Rescue:
     def __init__(self, path: Path | None = None, cfg: Config | None = None, rt: Runtime | None = None,
                  log: Logger | None = None, streams=None):
         self.path, self.cfg, self.rt, self.log = path, cfg, rt, log
-        self.signal, self.handled = 0, threading.Event()
-        self.host: dict[str, Tensor] | None = None
-        self.host_step, self.event, self.stream, self.previous = -1, None, None, {}
+        self.signal, self.handled, self.lock = 0, threading.Event(), threading.Lock()
+        self.buffers: list[dict[str, Tensor]] = []
+        # (buffer, step) of the last copy known complete, and (buffer, step, event) of the copy in flight
+        self.complete: tuple[dict[str, Tensor], int] | None = None
+        self.pending: tuple[dict[str, Tensor], int, typing.Any] | None = None
+        self.stream, self.previous, self.claimed = None, {}, None
         self.staging: dict[str, Tensor] | None = None
         # the CUDA stream API (torch.cuda, or a stand-in in the tests): copies run on a side stream
         self.streams = streams if streams is not None else (torch.cuda if rt is not None and rt.device.type == "cuda"
@@ -2919,21 +2955,26 @@ class Rescue:
 
     def claim(self) -> bool:
         """Whether this rank saves: the first rank to ask, through the launcher's store (every rank holds the same
-        averaged weights); without a store, rank 0."""
-        if self.rt is None or self.rt.world_size == 1:
-            return True
-        if self.store is not None:
-            try:
-                return self.store.add("claims", 1) == 1
-            except Exception:  # noqa: BLE001 - the store is gone too: fall back to rank 0
-                pass
-        return self.rt.is_main
+        averaged weights); without a store, rank 0. Asked once per process: a rank that saved a stalled loop's
+        snapshot also saves the weights of the stop that follows."""
+        if self.claimed is None:
+            self.claimed = self.rt is None or self.rt.world_size == 1 or self.rt.is_main
+            if self.store is not None and self.rt.world_size > 1:
+                try:
+                    self.claimed = self.store.add("claims", 1) == 1
+                except Exception:  # noqa: BLE001 - the store is gone too: rank 0 saves
+                    pass
+        return self.claimed
 
     def save(self, state: dict[str, Tensor], step: int) -> str:
-        """Save the averaged weights of `step` if this rank claims the save; what to tell the user either way."""
+        """Save the averaged weights of `step` if this rank claims the save (the caller holds the lock); what to tell
+        the user either way. Whatever stops the write (a full disk, a broken pickle) is told, not raised."""
         if self.path is None or not self.claim():
             return f"another rank saves the averaged weights to {self.path}"
-        save_checkpoint(self.path, self.cfg, state, lambda m: None)
+        try:
+            save_checkpoint(self.path, self.cfg, state, lambda m: None)
+        except Exception as err:  # noqa: BLE001 - the caller still has to exit with the stop's status
+            return f"saving the averaged weights of step {step} failed: {err}"
         return f"the averaged weights of step {step} are in {self.path} (saved by rank {self.rt.rank if self.rt else 0})"
 
     def finish(self, e: "Interrupted") -> typing.NoReturn:
@@ -2941,65 +2982,81 @@ class Rescue:
         with the stop's status (no teardown: a lost peer would hang the process group's shutdown)."""
         self.handled.set()
         try:
-            where = self.save(e.state, e.steps) if e.state is not None else "no weights were saved"
-        except OSError as err:
-            where = f"saving them failed: {err}"
-        if e.__cause__ is not None:  # a failure, not a signal: its traceback, for whoever fixes it
-            import traceback
+            with self.lock:
+                where = self.save(e.state, e.steps) if e.state is not None else "no weights were saved"
+                if e.trace:  # a failure, not a signal: its traceback, for whoever fixes it
+                    Logger._stderr(e.trace)
+                self.note(f"ERROR: {e} after {e.steps} steps: {where}; calibrate, pack and evaluate them with "
+                          f"SKIP_TRAIN=1 INIT_MODEL_PATH={self.path} and the same variables")
+        finally:
+            os._exit(e.code)
 
-            Logger._stderr("".join(traceback.format_exception(e.__cause__)))
-        self.note(f"ERROR: {e} after {e.steps} steps: {where}; calibrate, pack and evaluate them with SKIP_TRAIN=1 "
-                  f"INIT_MODEL_PATH={self.path} and the same variables")
-        os._exit(e.code)
+    def latest(self) -> tuple[dict[str, Tensor], int] | None:
+        """The last snapshot known complete (the caller holds the lock, or is the loop's own thread)."""
+        if self.pending is not None and (self.pending[2] is None or self.pending[2].query()):
+            self.complete, self.pending = self.pending[:2], None
+        return self.complete
+
+    def save_snapshot(self, why: str) -> None:
+        """From a thread beside a blocked loop: save the last complete snapshot and say so (the caller decides
+        whether the process goes on)."""
+        with self.lock:
+            snap = self.latest()
+            where = self.save(*snap) if snap is not None else "no host snapshot was taken yet"
+            self.note(f"{why}; {where}: re-pack them with SKIP_TRAIN=1 INIT_MODEL_PATH={self.path}")
 
     def _watch(self, fd: int) -> None:
         sig = os.read(fd, 1)[0]
         if self.handled.wait(self.GRACE_S):
             return  # the training loop took the stop itself
-        where = "no host snapshot was taken yet"
-        if self.host is not None and (self.event is None or self.event.query()):
-            try:
-                where = self.save(self.host, self.host_step)
-            except OSError as err:
-                where = f"saving them failed: {err}"
-        self.note(f"interrupted by signal {sig} while blocked (a rank stopped answering?); {where}: re-pack them with "
-                  f"SKIP_TRAIN=1 INIT_MODEL_PATH={self.path}")
-        os._exit(128 + sig)
+        try:
+            self.save_snapshot(f"interrupted by signal {sig} while blocked (a rank stopped answering?)")
+        finally:
+            os._exit(128 + sig)
 
     def snapshot(self, state: dict[str, Tensor], step: int) -> None:
-        """Every rank: copy the averaged weights to (pinned) host memory every SNAPSHOT_EVERY steps. On CUDA the
-        main stream copies them to a device staging buffer (~0.1 ms for 144 MB) and a side stream copies that to the
-        host: the main stream never waits for the host copy, and the next update of the weights cannot tear it."""
-        if self.rt is None or step % self.SNAPSHOT_EVERY:
+        """Every rank: copy the averaged weights to (pinned) host memory every SNAPSHOT_EVERY steps, into the buffer
+        that does not hold the last complete snapshot. On CUDA the main stream copies them to a device staging buffer
+        (~0.1 ms for 144 MB) and a side stream copies that to the host: the main stream never waits for the host
+        copy, and the next update of the weights cannot tear it. Skipped while a copy is in flight or a save reads
+        the snapshot."""
+        if self.rt is None or step % self.SNAPSHOT_EVERY or not self.lock.acquire(blocking=False):
             return
-        if self.event is not None and not self.event.query():
-            return  # the last copy is still in flight
-        if self.host is None:
-            pin = self.rt.device.type == "cuda"
-            self.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in state.items()}
-        keys = list(state)
-        if self.streams is None:
-            torch._foreach_copy_([self.host[k] for k in keys], [state[k] for k in keys])
-        else:
-            if self.staging is None:
-                self.staging = {k: torch.empty_like(v) for k, v in state.items()}
-            torch._foreach_copy_([self.staging[k] for k in keys], [state[k] for k in keys])
-            self.stream = self.stream or self.streams.Stream(self.rt.device)
-            self.stream.wait_stream(self.streams.current_stream())  # the side stream waits for the staging copy
-            with self.streams.stream(self.stream):
-                torch._foreach_copy_([self.host[k] for k in keys], [self.staging[k] for k in keys], non_blocking=True)
-                self.event = self.streams.Event()
-                self.event.record(self.stream)
-        self.host_step = step
+        try:
+            self.latest()
+            if self.pending is not None:
+                return  # the last copy is still in flight
+            if not self.buffers:
+                pin = self.rt.device.type == "cuda"
+                self.buffers = [{k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in state.items()}
+                                for _ in range(2)]
+            host = self.buffers[1] if self.complete is not None and self.complete[0] is self.buffers[0] else \
+                self.buffers[0]
+            keys, event = list(state), None
+            if self.streams is None:
+                torch._foreach_copy_([host[k] for k in keys], [state[k] for k in keys])
+            else:
+                if self.staging is None:
+                    self.staging = {k: torch.empty_like(v) for k, v in state.items()}
+                torch._foreach_copy_([self.staging[k] for k in keys], [state[k] for k in keys])
+                self.stream = self.stream or self.streams.Stream(self.rt.device)
+                self.stream.wait_stream(self.streams.current_stream())  # the side stream waits for the staging copy
+                with self.streams.stream(self.stream):
+                    torch._foreach_copy_([host[k] for k in keys], [self.staging[k] for k in keys], non_blocking=True)
+                    event = self.streams.Event()
+                    event.record(self.stream)
+            self.pending = (host, step, event)
+        finally:
+            self.lock.release()
 
 
 class Interrupted(RuntimeError):
     """Training stopped early (a signal, a rank that stopped answering, a failure) after `steps` steps; `state` holds
-    the averaged weights to save, `code` the exit status."""
+    the averaged weights to save, `code` the exit status, `trace` a failure's traceback (empty for a signal)."""
 
-    def __init__(self, why: str, steps: int, state: dict[str, Tensor] | None, code: int):
+    def __init__(self, why: str, steps: int, state: dict[str, Tensor] | None, code: int, trace: str = ""):
         super().__init__(why)
-        self.steps, self.state, self.code = steps, state, code
+        self.steps, self.state, self.code, self.trace = steps, state, code, trace
 
 
 class Heartbeat:
@@ -3017,7 +3074,10 @@ class Heartbeat:
     def beat(self, step: int) -> None:
         self.last, self.step = time.monotonic(), step
         if self.store is not None and step % self.BEAT_EVERY == 0:
-            self.store.set(f"step{self.rt.rank}", str(step))
+            try:
+                self.store.set(f"step{self.rt.rank}", str(step))
+            except Exception:  # noqa: BLE001 - the store is gone (the launcher with it): train on, unnamed
+                self.store = None
 
     def _read(self, key: str) -> int | None:
         try:
@@ -3048,16 +3108,19 @@ class Heartbeat:
                          for r in late) + f"; rank {self.rt.rank} is at step {self.step}"
 
     @contextlib.contextmanager
-    def watching(self, timeout_s: float, log: Logger):
+    def watching(self, timeout_s: float, log: Logger, stalled: typing.Callable[[str], None] | None = None):
         """While training, a host thread names the late rank once no step has finished for half the collective
-        timeout: under NCCL the watchdog ends the process at the timeout itself, before any Python error."""
+        timeout, and hands that to `stalled` (Rescue.save_snapshot): under NCCL the watchdog ends the process at the
+        timeout itself, before any Python error or signal."""
         done = threading.Event()
 
         def watch() -> None:
             while not done.wait(1.0):
                 if time.monotonic() - self.last > max(timeout_s / 2, 2.0):
-                    log(f"WARNING: no training step finished for {time.monotonic() - self.last:.0f}s: "
-                        f"{self.describe()}")
+                    why = f"no training step finished for {time.monotonic() - self.last:.0f}s: {self.describe()}"
+                    log(f"WARNING: {why}")
+                    if stalled is not None:
+                        stalled(why)
                     return
 
         self.last = time.monotonic()
@@ -3101,7 +3164,8 @@ def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: Train
     """The training loop, inside MAX_WALLCLOCK_SECONDS minus GPTQ_RESERVE_SECONDS minus `reserve_s` (the projected
     calibration). Time is read only through `now`, so tests inject a clock. The next step's batch is read, cut into
     segments and copied while the current step runs on the device. Any failure inside the loop stops it as an
-    Interrupted that carries the averaged weights (a diverged loss excepted: those weights are lost)."""
+    Interrupted that carries the averaged weights (a diverged loss excepted: those weights are lost), built on the
+    host once the failure's frames (and the activations they hold) are let go."""
     budget_ms = cfg.train_budget_ms - 1000 * reserve_s if cfg.train_budget_ms else 0.0
     opts = build_optimizers(model, cfg, rt)
     prime_compile(model, compiled, opts, data, cfg, rt, log)
@@ -3109,12 +3173,12 @@ def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: Train
     loader, averager = data.loader(), WeightAverager(model, cfg)
     reset_peak_memory(rt.device)
     sync(rt.device)
-    clock, step, prev, loss = StepClock(now), 0, None, None
+    clock, step, prev, loss, failure = StepClock(now), 0, None, None, None
     batch = loader.next_batch(stage_seq_len(cfg, 0.0))
-    with heartbeat.watching(cfg.dist_timeout_seconds, log):
+    with heartbeat.watching(cfg.dist_timeout_seconds, log, stop.save_snapshot):
         while True:
-            heartbeat.beat(step)
             try:
+                heartbeat.beat(step)
                 elapsed, mean_loss, stopping = shared_state(clock, rt, loss, stop)
                 if loss is not None and not math.isfinite(mean_loss):
                     raise Diverged(f"training diverged at step {step}: train_loss is {mean_loss} (the weights are "
@@ -3146,15 +3210,36 @@ def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: Train
             except (Diverged, Interrupted):
                 raise
             except Exception as e:  # noqa: BLE001 - whatever stops the loop, the weights so far are saved
-                first = (str(e).splitlines() or [""])[0][:160]
-                collective = rt.world_size > 1 and isinstance(e, (RuntimeError, dist.DistError))
-                why = f"{heartbeat.describe()} ({type(e).__name__}: {first})" if collective else \
-                    f"training failed at step {step}: {type(e).__name__}: {first}"
-                raise Interrupted(why, step, averager.final(model), 3 if collective else 1) from e
+                failure = (e, "".join(traceback.format_exception(e)))
+                e.__traceback__ = None
+                break
+    if failure is not None:
+        raise training_failure(*failure, step, heartbeat, averager, model, rt)
     if compiled_graph_count() > graphs:
         log(f"WARNING: compile:graphs grew from {graphs} to {compiled_graph_count()} during training: a shape was "
             "not primed and compiled on the training clock")
     return finish_training(model, averager, cfg, rt, step, elapsed, log)
+
+
+def training_failure(e: Exception, trace: str, step: int, heartbeat: Heartbeat, averager: WeightAverager,
+                     model: GPT, rt: Runtime) -> Interrupted:
+    """The Interrupted a failed step leaves: a lost peer named (exit 3), else the failure itself (exit 1), carrying
+    the averaged weights built on the host after the device's cache is emptied (an out-of-memory step leaves no room
+    for a device copy)."""
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    first = (str(e).splitlines() or [""])[0][:160]
+    collective = collective_failure(e, rt)
+    why = f"{heartbeat.describe()} ({type(e).__name__}: {first})" if collective else \
+        f"training failed at step {step}: {type(e).__name__}: {first}"
+    return Interrupted(why, step, averager.final(model, host=True), 3 if collective else 1, trace)
+
+
+def collective_failure(e: Exception, rt: Runtime) -> bool:
+    """Whether a failure is a collective's (a peer gone or hung: name it), not this rank's own (an out-of-memory, a
+    bug: its traceback). torch raises DistError for NCCL and timeouts; gloo, a RuntimeError naming itself."""
+    return rt.world_size > 1 and (isinstance(e, dist.DistError) or any(
+        k in str(e).lower() for k in ("gloo", "nccl", "c10d", "connection closed by peer", "timed out", "timeout")))
 
 
 def finish_training(model: GPT, averager: WeightAverager, cfg: Config, rt: Runtime, steps: int, train_ms: float,
@@ -3495,7 +3580,8 @@ class Calibration:
     awq: dict[str, int]
     batches: list[Micro]
     seconds: float = 0.0  # time spent reading training batches (phase 1 and phase 2): inside the cap
-    hs2: dict[str, Tensor] | None = None  # the loop-aware phase-2 Hessians, collected once (calibration_reserve)
+    # the loop-aware phase-2 Hessians, collected once by the first pack (calibration_reserve projects that pass)
+    hs2: dict[str, Tensor] | None = None
 
     def names(self, method: str | tuple[str, ...]) -> list[str]:
         methods = (method,) if isinstance(method, str) else method
@@ -4517,7 +4603,8 @@ def project_seconds(plan: EvalPlan, docs, n_targets: int, cfg: Config, world: in
     return costs.seconds(plan_token_work(plan, docs, n_targets, cfg, world))
 
 
-PUBLISHED_SPLIT = (50_000, 47_853_343)  # documents and targets of the published validation split (KNOWN_VAL)
+# documents and targets of the published (CaseOps) validation split, the default data
+PUBLISHED_SPLIT = (lambda fp: (fp.docs, fp.tokens - 1))(KNOWN_VAL["fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"])
 
 
 def published_docs(docs: list[tuple[int, int]], n_docs: int = PUBLISHED_SPLIT[0],
@@ -4752,6 +4839,7 @@ def run_evaluation(artifact: Path, val: ValidationData, cfg: Config, rt: Runtime
             need = project_seconds(EvalPlan(True, False, 0, 0), docs, n_targets, cfg, rt.world_size, ev.costs)["sliding"]
             if not rank0_decides(rt, [int(need <= 0.9 * left)])[0]:
                 log(f"eval: sliding window skipped: it projects to {need:.0f}s and {left:.0f}s of the budget are left")
+                plan = dataclasses.replace(plan, sliding=False)  # the summary's plan is what ran
                 continue
         t0 = now()
         load_weights(model, weights)
@@ -4919,6 +5007,26 @@ def check_outputs_free(cfg: Config) -> None:
                       "them; choose another OUTPUT_DIR (run.sh: RUN_DIR) or RUN_ID, or move them away" + hint)
 
 
+def lock_output_dir(cfg: Config) -> None:
+    """Two runs launched into one OUTPUT_DIR before either wrote a file would both pass check_outputs_free and
+    overwrite each other: rank 0 holds an exclusive lock on the folder for the life of its process (the kernel lets
+    it go however the process ends; the descriptor is never closed). run.sh's preflight takes it for a moment too."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    import fcntl
+
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(cfg.output_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another run is writing into OUTPUT_DIR={cfg.output_dir} now: wait for it to end, or "
+                          "choose another OUTPUT_DIR (run.sh: RUN_DIR)") from None
+    except OSError:  # a filesystem without locks (some network mounts): the checks for existing files still hold
+        os.close(fd)
+
+
 def write_outputs(blob: bytes, code: bytes, cfg: Config, rt: Runtime, log: Logger) -> dict:
     """Rank 0 writes the artifact and the counted code wrapper (atomically); sizes go to the log and the summary.
     Every rank learns whether the writes succeeded, so that a full disk stops all of them with the same error."""
@@ -4973,6 +5081,7 @@ def configure() -> Run:
         cfg = fill_defaults(cfg, explicit)
         check_compressor(cfg)
         check_code_fits(cfg)
+        lock_output_dir(cfg)
         check_outputs_free(cfg)
         rt = setup_runtime(cfg)
         check_attention_fits(cfg, rt, validate_world(cfg, rt.world_size))
@@ -5062,7 +5171,7 @@ def calibration_reserve(model: GPT, cfg: Config, rt: Runtime, data: TrainData, l
     reserve = 1.1 * projected + cfg.gptq_reserve_seconds
     log(f"calibration_projection: {1000 * per_batch:.0f}ms per batch x {len(batches)} batches x {passes} passes = "
         f"{projected:.1f}s; reserve {reserve:.1f}s of MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:.0f}")
-    if reserve >= cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds:
+    if reserve >= cfg.max_wallclock_seconds:  # training gets MAX_WALLCLOCK_SECONDS less the whole reserve
         raise ConfigError(f"calibration projects to {projected:.0f}s, which leaves no training inside "
                           f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:.0f}: lower GPTQ_CAL_SAMPLES or raise the cap")
     return reserve - cfg.gptq_reserve_seconds  # GPTQ_RESERVE_SECONDS is already out of cfg.train_budget_ms
@@ -5113,8 +5222,10 @@ def calibrate_and_pack(model: GPT, cfg: Config, rt: Runtime, inputs: RunInputs, 
     log(f"gptq:calibration time:{cal.seconds:.1f}s train+calibration:{total_s:.1f}s "
         f"quantize_and_pack_time:{time.perf_counter() - t0 - (cal.seconds - phase1_s):.1f}s")
     if cfg.max_wallclock_seconds and total_s > cfg.max_wallclock_seconds:
+        over = math.ceil(total_s - cfg.max_wallclock_seconds)  # the projected reserve fell short by this much
         log(f"WARNING: training + calibration took {total_s:.1f}s > MAX_WALLCLOCK_SECONDS="
-            f"{cfg.max_wallclock_seconds}; raise GPTQ_RESERVE_SECONDS above {cal.seconds:.0f}")
+            f"{cfg.max_wallclock_seconds}; raise GPTQ_RESERVE_SECONDS by at least {over}s "
+            f"(to {cfg.gptq_reserve_seconds + over:g})")
     sizes = write_outputs(blob, code, cfg, rt, log)
     barrier()
     return sizes, cal.seconds

@@ -1,7 +1,9 @@
 """Shared fixtures: a small SentencePiece model and token shards made from generated text."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +127,16 @@ def run_trainer(env: dict, out: Path, nproc: int = 1, timeout: int = 300, emulat
         cmd = [sys.executable, script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-    return subprocess.run(cmd, env=full, cwd=out, capture_output=True, text=True, timeout=timeout)
+    # its own session: a run that outlives `timeout` is stopped with every process it started (torchrun's ranks)
+    proc = subprocess.Popen(cmd, env=full, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def tiny_env(plain_data: dict, **over) -> dict:

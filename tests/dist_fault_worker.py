@@ -1,7 +1,7 @@
 """train_gpt.main under torchrun (or alone) with one rank that fails at a given optimizer step (used by test_faults):
 FAULT_RANK, FAULT_STEP and FAULT_MODE: `hang` (sleeps: a rank that stops answering), `kill` (SIGKILL: a lost rank),
-`raise` (an exception inside the training loop). The rescue thread's grace and snapshot interval are shortened for a
-test."""
+`raise` / `raise-keyerror` (an exception inside the training loop). The rescue thread's grace and snapshot interval
+are shortened for a test."""
 import os
 import signal
 import sys
@@ -24,6 +24,8 @@ def train_step(*a, **k):
             time.sleep(3600)
         elif mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif mode == "raise-keyerror":  # not a RuntimeError: no failure is special
+            raise KeyError("a fault injected into the training step")
         else:
             raise RuntimeError("a fault injected into the training step")
     return real(*a, **k)

@@ -428,6 +428,7 @@ def test_the_plan_is_cut_before_scoring_and_the_sliding_window_never_cuts_ttt(tr
     order = [l.split()[0] for l in lines if l.startswith(("final_int6", "quantized_ttt", "eval: sliding"))]
     assert order == ["final_int6_roundtrip_exact", "quantized_ttt_phased", "eval:"], order
     assert "sliding" not in res and res["eval_within_budget"]
+    assert res["plan"]["ttt"] and not res["plan"]["sliding"]  # the summary's plan is what ran
 
 
 def _final_lines(out: str) -> dict:

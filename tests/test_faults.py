@@ -4,17 +4,20 @@ written atomically."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, clean_env, run_trainer, tiny_env
+from conftest import ROOT, TINY, clean_env, run_trainer, tiny_env
 
 
 def test_a_diverging_run_stops_within_a_few_steps_and_says_what_to_lower(plain_data, tmp_path):
@@ -46,8 +49,13 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
 
 def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
-    seen, t0 = [], time.time()
-    while time.time() - t0 < timeout:
+    """The output lines up to the first with `needle`; fails after `timeout` seconds even when the process prints
+    nothing (a line read waits only once select says one is there)."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, min(1.0, deadline - time.monotonic())))
+        if not ready:
+            continue
         line = proc.stdout.readline()
         if not line:
             break
@@ -55,6 +63,13 @@ def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list
         if needle in line:
             return seen
     raise AssertionError(f"{needle!r} not seen: " + "".join(seen[-20:]))
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """However a test ends, nothing it started outlives it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 QUICK = {"TTT_ENABLED": "0", "SLIDING_EVAL": "0", "NGRAM_TILT": "0"}  # a run that is stopped in training
@@ -88,8 +103,9 @@ def _fault_run(plain_data, tmp_path, timeout_s: int, step: int, mode: str = "han
     env = clean_env() | {"OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "FAULT_RANK": str(rank),
                          "FAULT_STEP": str(step), "FAULT_MODE": mode} | tiny_env(
         plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1, DIST_TIMEOUT_SECONDS=timeout_s, **QUICK)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "tests" / "dist_fault_worker.py")]
+    worker = str(ROOT / "tests" / "dist_fault_worker.py")
+    cmd = [sys.executable, worker] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", worker]
     return subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -100,7 +116,7 @@ def test_a_hung_rank_is_named_within_the_timeout_and_the_run_is_saved(plain_data
     try:
         out = proc.communicate(timeout=240)[0]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        _stop_group(proc)
     assert "rank 1 stopped answering (1 collective(s) behind, last reported step 10)" in out, out[-3000:]
     assert "SKIP_TRAIN=1" in out and (tmp_path / "final_model.pt").is_file()
 
@@ -116,7 +132,7 @@ def test_sigterm_while_blocked_on_a_lost_rank_saves_the_last_snapshot(plain_data
         os.killpg(proc.pid, signal.SIGTERM)
         out = proc.communicate(timeout=120)[0]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        _stop_group(proc)
     assert "while blocked" in out and "of step 10 are in" in out, out[-3000:]
     assert tg.load_checkpoint(tmp_path / "final_model.pt")[1]
 
@@ -130,29 +146,79 @@ def test_losing_rank_0_loses_nothing(plain_data, tmp_path):
     try:
         out = proc.communicate(timeout=240)[0]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        _stop_group(proc)
     assert "FAULT: rank 0 kills" in out and "saved by rank 1" in out, out[-3000:]
     cfg, state = tg.load_checkpoint(tmp_path / "final_model.pt")
     assert cfg.seed == 1337 and state
 
 
+@pytest.mark.slow
+def test_a_worker_whose_launcher_is_killed_stops_and_saves(plain_data, tmp_path):
+    """torchrun killed by SIGKILL (the OOM killer, a scheduler's last resort), or stopped in the moment it spawns its
+    workers (before it knows them, so it cannot pass the stop on), left its workers training alone: holding their
+    GPUs and the log's pipe, so run.sh's `tee` never ended. A worker now notices its launcher is gone and stops as
+    if torchrun had sent SIGTERM: it saves the averaged weights and exits."""
+    env = clean_env() | {"OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"} | tiny_env(
+        plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1, **QUICK)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                             str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(proc, "step:12/")
+        proc.kill()  # torchrun alone; its worker lives on in the group
+        proc.wait(timeout=30)
+        out = "".join(_wait_for(proc, "SKIP_TRAIN=1", timeout=90))  # the worker's lines, on the pipe it shares
+    finally:
+        _stop_group(proc)
+    assert "the launcher (pid" in out and "is gone: stopping as if it sent SIGTERM" in out, out[-3000:]
+    assert "SKIP_TRAIN=1" in out and "the averaged weights of step" in out
+    assert tg.load_checkpoint(tmp_path / "final_model.pt")[1]
+
+
 def test_a_failure_inside_the_training_loop_leaves_a_checkpoint(plain_data, tmp_path):
     """Only RuntimeError and DistError on several ranks stopped the loop with a save: any other failure (a logging
-    pipe closing, a bug) lost the training. Now any exception inside the loop saves the averaged weights and says
-    how to re-pack them, with the traceback; the run exits 1."""
-    proc = _fault_run(plain_data, tmp_path, timeout_s=600, step=14, mode="raise", rank=0, nproc=1)
-    out = proc.communicate(timeout=240)[0]
-    assert proc.returncode != 0 and "training failed at step 13: RuntimeError: a fault injected" in out, out[-3000:]
-    assert "SKIP_TRAIN=1" in out and "Traceback" in out
+    pipe closing, a bug) lost the training. Now any exception inside the loop saves the averaged weights, built on
+    the host once the failure's frames are let go (an out-of-memory step leaves no room on the device), and says how
+    to re-pack them, with the traceback; the run exits 1."""
+    proc = _fault_run(plain_data, tmp_path, timeout_s=600, step=14, mode="raise-keyerror", rank=0, nproc=1)
+    try:
+        out = proc.communicate(timeout=240)[0]
+    finally:
+        _stop_group(proc)
+    assert proc.returncode == 1, out[-3000:]
+    assert "training failed at step 13: KeyError: 'a fault injected into the training step'" in out, out[-3000:]
+    assert "SKIP_TRAIN=1" in out and "Traceback" in out and "the averaged weights of step 13 are in" in out
     assert tg.load_checkpoint(tmp_path / "final_model.pt")[1]
+
+
+def test_the_weights_a_failure_saves_are_built_on_the_host():
+    """What a failed step saves equals the averaged weights of a normal stop, in the model's dtypes, without a
+    tensor allocated on the device (host and device told apart: tests/host_device.py)."""
+    from host_device import DEVICE, HostDevice, place
+
+    cfg, _ = tg.load_config(TINY)
+    with HostDevice():
+        torch.manual_seed(0)
+        model = tg.GPT(cfg).to(DEVICE)
+        averager = tg.WeightAverager(model, cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        averager.update(model, 1, 1.0, lambda s: None)
+        on_device, on_host = averager.final(model), averager.final(model, host=True)
+        assert {place(t) for t in on_host.values()} == {"host"}
+        for k, t in on_device.items():
+            assert t.dtype == on_host[k].dtype and torch.equal(t.cpu(), on_host[k]), k
 
 
 # ---- issue 25: stopping run.sh, its log pipe, and a full disk ----
 
 def _run_sh(plain_data, tmp_path, **over) -> subprocess.Popen:
+    (tmp_path / "tmp").mkdir(exist_ok=True)
     env = clean_env() | tiny_env(plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1, **QUICK) | {
         "RECORD_DIR": str(tmp_path / "rec"), "RUN_DIR": str(tmp_path / "run"), "DEVICE": "cpu", "NPROC": "1",
-        "MIN_FREE_GB": "0", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable} | {k: str(v) for k, v in over.items()}
+        "MIN_FREE_GB": "0", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "TMPDIR": str(tmp_path / "tmp")} | {
+        k: str(v) for k, v in over.items()}
     return subprocess.Popen(["bash", str(ROOT / "run.sh")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -177,9 +243,31 @@ def test_ctrl_c_through_run_sh_saves_the_training_and_keeps_an_honest_log(plain_
         os.killpg(proc.pid, signal.SIGINT)
         out = proc.communicate(timeout=180)[0]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        _stop_group(proc)
     log = _stopped_run_left(tmp_path, proc, out, 130)
     assert "stopping: signal received" in log and "the averaged weights of step" in log and "SKIP_TRAIN=1" in log
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_trainer_starts_stops_everything_at_once(plain_data, tmp_path):
+    """A background command of a script starts with SIGINT ignored, and torchrun installs its handlers only once it
+    starts workers: a Ctrl-C in the first seconds reached nothing that would act on it. run.sh passes INT on as
+    TERM, which stops torchrun and its workers at any moment: the run exits 130, its log stays .partial, and no
+    process of the run is left."""
+    proc = _run_sh(plain_data, tmp_path)
+    try:
+        _wait_for(proc, "run: ")
+        os.killpg(proc.pid, signal.SIGINT)
+        out = proc.communicate(timeout=120)[0]
+        time.sleep(1)  # torchrun's workers get TERM from it; anything still alive now was left behind
+        left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    finally:
+        _stop_group(proc)
+    assert proc.returncode == 130 and "stopped or failed (exit 130)" in out, out[-3000:]
+    assert not left, left
+    assert (tmp_path / "rec" / "train_seed1337.log.partial").exists()
+    assert not (tmp_path / "rec" / "train_seed1337.log").exists()
+    assert not list((tmp_path / "tmp").iterdir())  # the log's FIFO is removed
 
 
 @pytest.mark.slow
@@ -197,7 +285,7 @@ def test_a_scheduler_stopping_run_sh_alone_is_passed_on_even_without_a_log_pipe(
         os.kill(proc.pid, signal.SIGTERM)  # to run.sh alone
         out = proc.communicate(timeout=180)[0]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        _stop_group(proc)
     _stopped_run_left(tmp_path, proc, out, 143)
     own = (tmp_path / "run" / "logs" / "seed1337.txt").read_text()  # the trainer's own log went on after the pipe
     assert "stopping: signal received" in own and "the averaged weights of step" in own
@@ -254,6 +342,29 @@ def test_a_run_never_overwrites_another_runs_files(trained_tiny, plain_data, tmp
     assert {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
 
 
+def test_a_second_run_into_a_folder_a_run_is_writing_is_refused(plain_data, tmp_path):
+    """Two runs launched into one OUTPUT_DIR before either had written a file both passed the check for existing
+    files, then overwrote each other's checkpoint and artifact. A run holds a lock on its folder for its whole life
+    (here the test holds it); a second one, and run.sh's preflight, are refused in seconds and write nothing."""
+    import fcntl
+
+    busy = tmp_path / "run"
+    busy.mkdir()
+    fd = os.open(busy, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        r = run_trainer(tiny_env(plain_data), busy)
+        proc = _run_sh(plain_data, tmp_path)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        os.close(fd)
+    assert r.returncode != 0 and f"another run is writing into OUTPUT_DIR={busy} now" in r.stderr, r.stderr[-2000:]
+    assert proc.returncode == 2 and "another run is writing into OUTPUT_DIR" in out, out[-2000:]
+    assert not list(busy.iterdir())
+    r = run_trainer(tiny_env(plain_data, ITERATIONS=2, **QUICK), busy)  # the lock went with its holder
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_a_checkpoint_is_verified_before_it_is_trusted(trained_tiny, tmp_path):
     """A checkpoint with corrupted bytes loaded and re-packed with exit 0: its weights now carry a digest, checked on
     every load (the re-pack checks it before any work)."""
@@ -281,7 +392,7 @@ class _Streams:
 
     def __init__(self):
         self.waits, self.main = [], _Stream("main", self)
-        self.current = self.main
+        self.current, self.events = self.main, []
 
     def Stream(self, device):  # noqa: N802 - torch.cuda's name
         return _Stream("side", self)
@@ -296,7 +407,8 @@ class _Streams:
         self.current = before
 
     def Event(self):  # noqa: N802
-        return _Event()
+        self.events.append(_Event())
+        return self.events[-1]
 
 
 class _Stream:
@@ -308,11 +420,17 @@ class _Stream:
 
 
 class _Event:
+    """A copy's completion, which the test sets (`done`): the stand-in copies at once, the event says when CUDA's
+    would have finished."""
+
+    def __init__(self):
+        self.done = True
+
     def record(self, stream) -> None:
         pass
 
     def query(self) -> bool:
-        return True
+        return self.done
 
 
 def test_the_snapshot_never_makes_the_training_stream_wait_for_its_host_copy():
@@ -326,5 +444,60 @@ def test_the_snapshot_never_makes_the_training_stream_wait_for_its_host_copy():
     rescue.snapshot(state, tg.Rescue.SNAPSHOT_EVERY)
     state["w"].add_(1)  # the next step's EMA update, after the snapshot was queued
     assert api.waits == [("side", "main")]
-    assert torch.equal(rescue.host["w"], torch.ones(4)) and rescue.host_step == tg.Rescue.SNAPSHOT_EVERY
+    host, step = rescue.latest()
+    assert torch.equal(host["w"], torch.ones(4)) and step == tg.Rescue.SNAPSHOT_EVERY
     assert rescue.staging is not None and rescue.staging["w"] is not state["w"]
+
+
+def test_a_save_reads_the_last_complete_snapshot_never_one_in_flight(tmp_path):
+    """A save beside the loop (a signal while blocked, a stalled loop) wrote the host buffer only when no copy was
+    in flight, else nothing ("no host snapshot"); and one host buffer meant a save could read a copy being written.
+    Now copies alternate between two host buffers: a save reads the last complete one, a snapshot never writes the
+    buffer a save may be reading, and none starts while a save holds the lock."""
+    api, every = _Streams(), tg.Rescue.SNAPSHOT_EVERY
+    notes: list[str] = []
+    cfg, _ = tg.load_config({})
+    rescue = tg.Rescue(tmp_path / "final_model.pt", cfg, tg.Runtime.cpu(), notes.append, streams=api)
+    state = {"w": torch.ones(4)}
+    rescue.snapshot(state, every)
+    first = rescue.latest()[0]
+    state["w"].add_(1)
+    rescue.snapshot(state, 2 * every)
+    api.events[-1].done = False  # the second copy is still running on its stream
+    host, step = rescue.latest()
+    assert step == every and host is first and torch.equal(host["w"], torch.ones(4))
+    rescue.snapshot(state, 3 * every)  # skipped: a copy is in flight
+    assert len(api.events) == 2
+    rescue.save_snapshot("stalled")
+    assert "the averaged weights of step 100 are in" in notes[-1], notes
+    assert torch.equal(tg.load_checkpoint(tmp_path / "final_model.pt")[1]["w"], torch.ones(4))
+    api.events[-1].done = True
+    host, step = rescue.latest()
+    assert step == 2 * every and host is not first and torch.equal(host["w"], torch.full((4,), 2.0))
+    with rescue.lock:  # a save is reading the snapshot: the loop takes none
+        rescue.snapshot(state, 4 * every)
+    assert rescue.latest()[1] == 2 * every
+    state["w"].add_(1)
+    rescue.snapshot(state, 5 * every)  # into the other buffer than the complete one
+    assert rescue.pending[0] is first and rescue.latest()[1] == 5 * every
+
+
+def test_a_loop_stalled_for_half_the_timeout_saves_its_snapshot(tmp_path):
+    """Under NCCL a rank blocked in a collective is ended by the watchdog at the timeout, with no Python error and
+    no signal: nothing was saved. The heartbeat's watcher, which names the late rank at half the timeout, now hands
+    the stall to the rescue, which saves the last complete snapshot and lets the process go on."""
+    cfg, _ = tg.load_config({})
+    rt = dataclasses.replace(tg.Runtime.cpu(), world_size=2)
+    notes: list[str] = []
+    rescue = tg.Rescue(tmp_path / "final_model.pt", cfg, rt, notes.append)
+    rescue.snapshot({"w": torch.full((3,), 7.0)}, tg.Rescue.SNAPSHOT_EVERY)
+    heartbeat, saved = tg.Heartbeat(rt), threading.Event()
+
+    def stalled(why: str) -> None:
+        rescue.save_snapshot(why)
+        saved.set()
+
+    with heartbeat.watching(0.0, notes.append, stalled):  # the threshold is then its floor, 2 s
+        assert saved.wait(60), notes
+    assert "no training step finished for" in notes[0] and "of step 100 are in" in notes[1], notes
+    assert torch.equal(tg.load_checkpoint(tmp_path / "final_model.pt")[1]["w"], torch.full((3,), 7.0))

@@ -115,9 +115,10 @@ def test_record_refuses_duplicate_seeds_and_cli_reports(trained_tiny, tmp_path, 
     assert "duplicate seeds" in capsys.readouterr().err
 
 
-def test_a_record_is_built_once_from_complete_single_run_logs(trained_tiny, tmp_path):
+def test_a_record_is_built_once_from_complete_single_run_logs(trained_tiny, tmp_path, monkeypatch):
     """make_record reused an existing record folder (keeping a stale seed log), wrote NaN (invalid JSON) for one
-    log's standard deviation, and accepted a log holding a finished run followed by a killed re-run."""
+    log's standard deviation, and accepted a log holding a finished run followed by a killed re-run. A build that
+    fails half-way leaves nothing."""
     logs = _seed_logs(trained_tiny, tmp_path)
     folder = mr.build_record(logs, "Tiny", "a", "b", tmp_path / "records", date="2026-11-23")
     with pytest.raises(mr.RecordError, match="exists: a record folder is built once"):
@@ -131,7 +132,15 @@ def test_a_record_is_built_once_from_complete_single_run_logs(trained_tiny, tmp_
     twice.write_text(logs[0].read_text() + logs[1].read_text().split("quantized_ttt_phased")[0])
     with pytest.raises(mr.RecordError, match="holds 2 runs"):
         mr.build_record([twice], "Twice", "a", "b", tmp_path / "records")
-    assert not list((tmp_path / "records" / "track_10min_16mb").glob(".*"))  # no half-built folder left
+    assert not list((tmp_path / "records" / "track_10min_16mb").glob(".*"))
+    def full_disk(*a):
+        raise OSError("the disk filled while plotting")
+
+    monkeypatch.setattr(mr, "plot", full_disk)  # a failure after the first files were written
+    with pytest.raises(OSError, match="the disk filled"):
+        mr.build_record(logs, "Broken", "a", "b", tmp_path / "records", date="2026-11-23")
+    names = {p.name for p in (tmp_path / "records" / "track_10min_16mb").iterdir()}
+    assert names == {"2026-11-23_Tiny", "2026-11-23_One"}  # no half-built folder, under its name or a temporary one
 
 
 def _run_sh(env, timeout=120):
@@ -164,11 +173,13 @@ def test_run_sh_never_overwrites_a_seeds_log_or_a_runs_files(plain_data, tmp_pat
     base = tiny_env(plain_data) | {"RECORD_DIR": str(rec), "RUN_DIR": str(tmp_path / "run"), "DEVICE": "cpu",
                                    "NPROC": "1", "MIN_FREE_GB": "0"}
     r = _run_sh(base)
-    assert r.returncode == 2 and "train_seed1337.log is the log of an earlier run of seed 1337" in r.stderr
-    (rec / "train_seed1337.log").rename(rec / "train_seed1337.log.partial")
-    r = _run_sh(base)
-    assert r.returncode == 2 and "train_seed1337.log.partial is the log of an earlier run" in r.stderr
-    (rec / "train_seed1337.log.partial").unlink()
+    assert r.returncode == 2 and "train_seed1337.log is from an earlier run of seed 1337" in r.stderr
+    for name in ("train_seed1337.log.partial", "train_seed1337.env.partial"):  # the env file of a run stopped early
+        (rec / "train_seed1337.log").rename(rec / name)
+        r = _run_sh(base)
+        assert r.returncode == 2 and f"{name} is from an earlier run of seed 1337" in r.stderr, r.stderr
+        (rec / name).rename(rec / "train_seed1337.log")
+    (rec / "train_seed1337.log").unlink()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "final_model.int6.ptz").write_bytes(b"another run's artifact")
     r = _run_sh(base)

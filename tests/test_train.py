@@ -369,5 +369,7 @@ def test_the_calibration_reserve_is_projected_before_the_clock(plain_data, monke
                      "MAX_WALLCLOCK_SECONDS=100"]
     assert cfg.train_budget_ms - 1000 * reserve == pytest.approx(100_000 - 6_400)
     with pytest.raises(tg.ConfigError, match="leaves no training"):
-        tg.calibration_reserve(model, dataclasses.replace(cfg, max_wallclock_seconds=8.0), rt, data, lines.append,
+        tg.calibration_reserve(model, dataclasses.replace(cfg, max_wallclock_seconds=6.4), rt, data, lines.append,
                                now=clock)
+    assert tg.calibration_reserve(model, dataclasses.replace(cfg, max_wallclock_seconds=6.5), rt, data, lines.append,
+                                  now=clock) == pytest.approx(4.4)  # 0.1 s of training is left: the user's choice
