@@ -4001,7 +4001,7 @@ def load_weights(model: GPT, weights: dict[str, Tensor]) -> None:
 
 
 def minify_source(src: str) -> str:
-    """Drop comments and docstrings (ast round trip); behaviour is unchanged."""
+    """Drop comments, docstrings and the type annotations nothing reads (ast round trip); behaviour is unchanged."""
     import ast
 
     tree = ast.parse(src)
@@ -4010,7 +4010,36 @@ def minify_source(src: str) -> str:
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
                 and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
-    return ast.unparse(tree)
+    return ast.unparse(_Unannotated().visit(tree))
+
+
+class _Unannotated:
+    """Annotations of undecorated functions and of their local assignments: with `from __future__ import annotations`
+    they are strings nobody reads (7% of the counted code). Class bodies keep theirs (dataclass fields, read by the
+    config loader), and so does every decorated function (custom_op infers its schema from them, Triton reads
+    tl.constexpr)."""
+
+    def visit(self, node, in_function: bool = False):
+        import ast
+
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if node.decorator_list:
+                return node
+            a = node.args
+            for arg in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg]:
+                if arg is not None:
+                    arg.annotation = None
+            node.returns, in_function = None, True
+        elif isinstance(node, ast.ClassDef):
+            in_function = False
+        elif in_function and isinstance(node, ast.AnnAssign) and node.value is not None:
+            return ast.copy_location(ast.Assign([node.target], node.value), node)
+        for name, value in ast.iter_fields(node):
+            if isinstance(value, list):
+                setattr(node, name, [self.visit(v, in_function) if isinstance(v, ast.AST) else v for v in value])
+            elif isinstance(value, ast.AST):
+                setattr(node, name, self.visit(value, in_function))
+        return node
 
 
 # The wrapper registers the decompressed source in linecache under a file name of its own before running it:

@@ -141,6 +141,12 @@ def test_minified_source_is_equivalent():
     mini = tg.minify_source(src)
     assert '"""' not in mini.split("\n", 3)[0] and len(mini) < len(src)
     compile(mini, "train_gpt_min", "exec")
+    # annotations nothing reads are gone; the ones read at run time stay: dataclass fields (the config loader),
+    # custom ops' signatures (their schema), Triton's tl.constexpr
+    assert "def check_code_fits(cfg):" in mini and "def check_code_fits(cfg: Config)" in src
+    assert "    max_wallclock_seconds: float = " in mini
+    assert "def _softcap_ce(x: Tensor, y: Tensor, cap: float, impl: str)" in mini
+    assert "tl.constexpr" in mini
 
 
 def test_entropy_estimate_tracks_the_compressor(trained_tiny):
