@@ -147,6 +147,7 @@ def test_minified_source_is_equivalent():
     assert "    max_wallclock_seconds: float = " in mini
     assert "def _softcap_ce(x: Tensor, y: Tensor, cap: float, impl: str)" in mini
     assert "tl.constexpr" in mini
+    assert "max_wallclock_seconds: float = _f('600.0', ''," in mini  # help lines are the README table's only
 
 
 def test_entropy_estimate_tracks_the_compressor(trained_tiny):
