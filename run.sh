@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One seed of the reference run:   SEED=42 bash run.sh
 # Preflight (packages, data, tokenizer, the run's output files, GPUs, disk) runs first and fails in seconds with the fix.
-# Output: $RECORD_DIR/train_seed$SEED.log (the console log), train_seed$SEED.env (exact environment, command,
-# versions), and the run's files in $RUN_DIR. The exit code is train_gpt.py's, or 128+signal when the run was stopped.
-# Nothing is overwritten: a seed whose log (finished or .partial) exists, or a RUN_DIR holding a run's files, is
-# refused. The run writes *.partial files and moves them into place only when train_gpt.py finished the pipeline
-# (it wrote the run's summary file); a stopped or failed run keeps its .partial log, which says what happened.
+# Output: $RECORD_DIR/train_$RUN_ID.log (the console log), train_$RUN_ID.env (exact environment, command, versions),
+# and the run's files in $RUN_DIR; RUN_ID is the trainer's: seed$SEED, seed${SEED}_repack for a re-pack of a saved
+# checkpoint (SKIP_TRAIN=1 INIT_MODEL_PATH=$RUN_DIR/final_model.pt, same SEED and RUN_DIR), seed${SEED}_eval for
+# EVAL_ONLY=1. The exit code is train_gpt.py's, or 128+signal when the run was stopped.
+# Nothing is overwritten: a run whose log (finished or .partial) exists, or a RUN_DIR holding a run's files or being
+# written by one, is refused. The run writes *.partial files and moves them into place only when train_gpt.py
+# finished the pipeline (it wrote the run's summary file); a stopped or failed run keeps its .partial log, which
+# ends with how it ended.
 # Stopping: Ctrl-C, SIGTERM to this script or to its process group (timeout, a scheduler) reach the trainer, which
 # saves its checkpoint (Ctrl-C reaches torchrun as TERM); the log's `tee` ignores them, so the log keeps the run's
 # last lines.
@@ -20,13 +23,8 @@ DEVICE=${DEVICE:-cuda}
 RECORD_DIR=${RECORD_DIR:-runs/logs}
 RUN_DIR=${RUN_DIR:-runs/seed$SEED}
 MIN_FREE_GB=${MIN_FREE_GB:-4}
-LOG="$RECORD_DIR/train_seed$SEED.log"
-ENVF="$RECORD_DIR/train_seed$SEED.env"
 fail() { echo "preflight: FAIL: $*" >&2; exit 2; }
 
-for f in "$LOG" "$LOG.partial" "$ENVF" "$ENVF.partial"; do
-  [ -e "$f" ] && fail "$f is from an earlier run of seed $SEED (a .partial one was stopped or failed): choose another SEED or RECORD_DIR, or move it away"
-done
 echo "preflight: packages and the run's output files"
 # one Python start for three checks; it prints the run's RUN_ID and the CUDA GPU count for what follows
 PRE=$(SEED=$SEED OUTPUT_DIR=$RUN_DIR "$PY" - <<'PY'
@@ -45,7 +43,8 @@ import torch
 import train_gpt as t
 try:
     cfg = t.load_config()[0]
-    t.lock_output_dir(cfg)  # the trainer's own rules: no run writes beside a running one, nor overwrites its files
+    if os.path.isdir(cfg.output_dir):  # the trainer's own rules: no run writes beside a running one,
+        t.lock_output_dir(cfg)  # nor overwrites its files
     t.check_outputs_free(cfg)
 except t.ConfigError as e:
     sys.exit(str(e))
@@ -58,6 +57,12 @@ case $? in
   *) fail "the configuration or RUN_DIR=$RUN_DIR (see the message above)" ;;
 esac
 read -r RUN_ID NGPU <<< "$PRE"
+# Named by the trainer's RUN_ID: seed$SEED, seed${SEED}_repack for a SKIP_TRAIN re-pack, seed${SEED}_eval for EVAL_ONLY
+LOG="$RECORD_DIR/train_$RUN_ID.log"
+ENVF="$RECORD_DIR/train_$RUN_ID.env"
+for f in "$LOG" "$LOG.partial" "$ENVF" "$ENVF.partial"; do
+  [ -e "$f" ] && fail "$f is from an earlier run (RUN_ID $RUN_ID; a .partial one was stopped or failed): choose another SEED or RECORD_DIR, or move it away"
+done
 echo "preflight: data and tokenizer"
 VARIANT=sp8192_caseops; [ "${CASEOPS_ENABLED:-1}" = 0 ] && VARIANT=sp1024
 SEED=$SEED "$PY" check_data.py >/dev/null || fail "fix the data above (download: $PY data/cached_challenge_fineweb.py --variant $VARIANT)"
@@ -75,13 +80,16 @@ FREE_GB=$(df -Pk "$RUN_DIR" | awk 'NR==2 {print int($4 / 1048576)}')
 [ "$FREE_GB" -ge "$MIN_FREE_GB" ] || fail "only ${FREE_GB} GB free under $RUN_DIR; need MIN_FREE_GB=$MIN_FREE_GB"
 
 CMD=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_gpt.py)
+# noclobber: the env file and the log are created only if absent (O_EXCL), so of two run.sh of one seed started
+# together, the second stops here instead of truncating the first one's files
+set -C
 {
   echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) seed $SEED"
   echo "command: SEED=$SEED OUTPUT_DIR=$RUN_DIR ${CMD[*]}"
   echo "git: $(git rev-parse HEAD 2>/dev/null || echo none) $(git --no-optional-locks status --porcelain 2>/dev/null | grep -q . && echo dirty)"
   "$PY" -c "import torch, platform; print('versions: python', platform.python_version(), 'torch', torch.__version__)"
   env | grep -E "^[A-Z][A-Z0-9_]*=" | grep -vE "^(PATH|HOME|PWD|OLDPWD|SHLVL|TERM|USER|LOGNAME|SHELL|HOSTNAME|LANG|_)=" | sort
-} > "$ENVF.partial"
+} > "$ENVF.partial" || fail "$ENVF.partial appeared after the check above: another run.sh of $RUN_ID started at the same time"
 # The trainer runs in the background so that a signal to this script is passed on at once (bash runs a trap only
 # between commands, and `wait` is one it can interrupt); tee reads a FIFO and ignores INT and TERM, so stopping the
 # run never takes its log (or the trainer's stdout) away before the trainer has saved and said so. A background
@@ -89,23 +97,27 @@ CMD=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train
 # INT is passed on as TERM, which stops torchrun at any moment (the trainer gets INT from the terminal itself).
 # The traps are set before the "run:" line, so a signal from then on is always passed on.
 PID="" TEE="" SIGNALED=0
-FIFO=$(mktemp -u "${TMPDIR:-/tmp}/run_sh.XXXXXX")
-cleanup() { rm -f "$FIFO"; [ -n "$TEE" ] && kill -9 "$TEE" 2>/dev/null; }
+cleanup() { [ -n "$TEE" ] && kill -9 "$TEE" 2>/dev/null; }
 trap cleanup EXIT
 forward() { SIGNALED=$1; [ -n "$PID" ] && kill -s TERM "$PID" 2>/dev/null; }
 trap 'forward 130' INT
 trap 'forward 143' TERM
-mkfifo "$FIFO" || fail "cannot make a FIFO for the log"
-# This script holds the FIFO open until the trainer has ended: neither end's open ever waits for the other (a trainer
-# stopped before it opened its end would leave tee waiting forever), and tee sees the log's end when fd 3 closes.
-exec 3<>"$FIFO"
 # The log exists before tee starts: a signal that ends tee's subshell before its own trap leaves an empty log.
-: > "$LOG.partial"
-(trap '' INT TERM; exec tee "$LOG.partial" < "$FIFO" 3>&-) &
+: > "$LOG.partial" || fail "$LOG.partial appeared after the check above: another run.sh of $RUN_ID started at the same time"
+set +C
+# The log pipe: a FIFO whose two ends this script opens itself (fd 5 writes, fd 6 reads; neither open waits) and
+# unlinks at once, so that no stop, SIGKILL included, leaves it behind. tee reads fd 6, the trainer writes fd 5, and
+# tee sees the log's end when the trainer has ended and this script closes fd 5.
+FIFO=$(mktemp -u "${TMPDIR:-/tmp}/run_sh.XXXXXX")
+mkfifo "$FIFO" || fail "cannot make a FIFO for the log in ${TMPDIR:-/tmp}"
+exec 4<>"$FIFO" 5>"$FIFO" 6<"$FIFO" 4>&-
+rm -f "$FIFO"
+(trap '' INT TERM; exec tee "$LOG.partial" <&6 5>&- 6>&-) &
 TEE=$!
+exec 6>&-
 echo "run: ${CMD[*]} -> $LOG"
 if [ "$SIGNALED" -eq 0 ]; then  # a stop before this point never starts the trainer
-  SEED=$SEED OUTPUT_DIR=$RUN_DIR "${CMD[@]}" > "$FIFO" 2>&1 3>&- &
+  SEED=$SEED OUTPUT_DIR=$RUN_DIR "${CMD[@]}" >&5 2>&1 5>&- &
   PID=$!
 fi
 RC=0
@@ -114,7 +126,7 @@ if [ -n "$PID" ]; then
   until wait "$PID"; ! kill -0 "$PID" 2>/dev/null; do :; done  # a trapped signal ends a wait early
   wait "$PID"; RC=$?  # the trainer's own status (bash keeps it for a child that has exited)
 fi
-exec 3>&-
+exec 5>&-
 until wait "$TEE"; ! kill -0 "$TEE" 2>/dev/null; do :; done  # tee drains the pipe, then exits
 TEE=""
 # The pipeline ran to its end (pass or not) when its summary exists: the preflight made sure none did before.
@@ -122,6 +134,8 @@ if [ -f "$RUN_DIR/logs/$RUN_ID.summary.json" ]; then
   mv -f "$LOG.partial" "$LOG" && mv -f "$ENVF.partial" "$ENVF"
 else
   [ "$SIGNALED" -ne 0 ] && RC=$SIGNALED  # torchrun reports a stop by signal as 1
-  echo "run: stopped or failed (exit $RC); its log is $LOG.partial (the checkpoint, if training started, is in $RUN_DIR)" >&2
+  MSG="run: stopped or failed (exit $RC); its log is $LOG.partial (the checkpoint, if training started, is in $RUN_DIR)"
+  echo "$MSG" >&2
+  echo "$MSG" >> "$LOG.partial"  # the log says how the run ended, even one stopped before the trainer wrote a line
 fi
 exit "$RC"

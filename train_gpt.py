@@ -1013,7 +1013,8 @@ class Logger:
 def write_atomic(path: str | Path, parts: bytes | list[bytes]) -> None:
     """Every file a run leaves (checkpoint, artifact, counted code, summary, shards, record files) is written whole or
     not at all: to a temporary name of this thread beside it, flushed, fsynced, then renamed over the target. A full
-    disk or a kill mid-write leaves the previous file (or none) and no temporary file, and says what to do."""
+    disk, an exception or a stop mid-write leaves the previous file (or none) and no temporary file (only SIGKILL
+    can leave one, `.NAME.PID.TID.tmp`); a failed write says what to do."""
     import errno
 
     path = Path(path)
@@ -1025,8 +1026,10 @@ def write_atomic(path: str | Path, parts: bytes | list[bytes]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
         fix = f"free disk space under {path.parent.resolve()} or write elsewhere" if full else \
             f"check that {path.parent.resolve()} exists and is writable, or write elsewhere"
@@ -2935,7 +2938,7 @@ class Rescue:
         threading.Thread(target=self._watch, args=(r,), daemon=True, name="rescue").start()
 
     def uninstall(self) -> None:
-        """After training a signal stops the process as usual (evaluation has nothing to save)."""
+        """The handlers as they were (a failure that ends the run)."""
         import signal
 
         self.handled.set()
@@ -2945,6 +2948,27 @@ class Rescue:
             else:
                 signal.signal(sig, handler)
         self.previous = {}
+
+    def after_training(self, left: str) -> None:
+        """The loop is over and its weights are saved (or could not be): a signal from now on, or one that came since
+        the loop ended, raises Stopped, which unwinds calibration, packing or evaluation (removing any temporary
+        file) and says what the run left (`left`); a second signal stops the process at once."""
+        import signal
+
+        pending = self.signal
+        self.uninstall()
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def late(num, frame):
+            for name in self.SIGNALS:
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
+            raise Stopped(num, left)
+
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), late)
+        if pending:
+            late(pending, None)
 
     def note(self, msg: str) -> None:
         """Rank 0 logs; another rank (saving because rank 0 is gone) writes to stderr, which torchrun passes on."""
@@ -2983,7 +3007,8 @@ class Rescue:
         self.handled.set()
         try:
             with self.lock:
-                where = self.save(e.state, e.steps) if e.state is not None else "no weights were saved"
+                where = self.save(e.state, e.steps) if e.state is not None else \
+                    "no training step was taken, so nothing was saved (the folder stays free for a new run)"
                 if e.trace:  # a failure, not a signal: its traceback, for whoever fixes it
                     Logger._stderr(e.trace)
                 self.note(f"ERROR: {e} after {e.steps} steps: {where}; calibrate, pack and evaluate them with "
@@ -3002,8 +3027,10 @@ class Rescue:
         whether the process goes on)."""
         with self.lock:
             snap = self.latest()
-            where = self.save(*snap) if snap is not None else "no host snapshot was taken yet"
-            self.note(f"{why}; {where}: re-pack them with SKIP_TRAIN=1 INIT_MODEL_PATH={self.path}")
+            if snap is None:
+                self.note(f"{why}; no host snapshot was taken yet, so nothing was saved")
+                return
+            self.note(f"{why}; {self.save(*snap)}: re-pack them with SKIP_TRAIN=1 INIT_MODEL_PATH={self.path}")
 
     def _watch(self, fd: int) -> None:
         sig = os.read(fd, 1)[0]
@@ -3020,7 +3047,7 @@ class Rescue:
         (~0.1 ms for 144 MB) and a side stream copies that to the host: the main stream never waits for the host
         copy, and the next update of the weights cannot tear it. Skipped while a copy is in flight or a save reads
         the snapshot."""
-        if self.rt is None or step % self.SNAPSHOT_EVERY or not self.lock.acquire(blocking=False):
+        if self.rt is None or not step or step % self.SNAPSHOT_EVERY or not self.lock.acquire(blocking=False):
             return
         try:
             self.latest()
@@ -3048,6 +3075,15 @@ class Rescue:
             self.pending = (host, step, event)
         finally:
             self.lock.release()
+
+
+class Stopped(BaseException):
+    """A signal after training: not an Exception, so that no handler of one takes it for a failure on the way up to
+    main, which logs what the run left and exits 128 + the signal."""
+
+    def __init__(self, signum: int, left: str):
+        super().__init__(f"stopped by signal {signum} after training: {left}")
+        self.signum = signum
 
 
 class Interrupted(RuntimeError):
@@ -3189,7 +3225,7 @@ def train(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, data: Train
                     stop.handled.set()
                     log(f"stopping: signal received; train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
                     raise Interrupted(f"interrupted by signal {stop.signal or 'on another rank'}", step,
-                                      averager.final(model), 128 + (stop.signal or 15))
+                                      averager.final(model) if step else None, 128 + (stop.signal or 15))
                 if step:
                     clock.observe(elapsed)
                 plan = plan_step(cfg, step, elapsed, clock.next_step_ms(), budget_ms, prev)
@@ -3232,7 +3268,7 @@ def training_failure(e: Exception, trace: str, step: int, heartbeat: Heartbeat, 
     collective = collective_failure(e, rt)
     why = f"{heartbeat.describe()} ({type(e).__name__}: {first})" if collective else \
         f"training failed at step {step}: {type(e).__name__}: {first}"
-    return Interrupted(why, step, averager.final(model, host=True), 3 if collective else 1, trace)
+    return Interrupted(why, step, averager.final(model, host=True) if step else None, 3 if collective else 1, trace)
 
 
 def collective_failure(e: Exception, rt: Runtime) -> bool:
@@ -5226,16 +5262,23 @@ def train_or_load(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, inp
         result = train(model, compiled, cfg, rt, inputs.train, inputs.val, log, stop=stop, reserve_s=reserve_s)
     except Interrupted as e:
         stop.finish(e)
-    except Diverged as e:
-        log(f"ERROR: {e}")
-        sys.exit(f"error: {e}")
-    finally:
+    except BaseException as e:
         stop.uninstall()
+        if isinstance(e, Diverged):
+            log(f"ERROR: {e}")
+            sys.exit(f"error: {e}")
+        raise
+    # The loop is over: a signal from here on waits for this save (the rescue's watcher has nothing left to save)
+    stop.handled.set()
+    left = "no checkpoint was written (see the ERROR above)"
     if rt.is_main:
         try:
             save_checkpoint(path, cfg, result.final_state, log)
+            left = f"the trained weights are in {path}: calibrate, pack and evaluate them with SKIP_TRAIN=1 " \
+                   f"INIT_MODEL_PATH={path} and the same variables"
         except OSError as e:  # the disk filled during the run: the artifact, 10x smaller, is what a submission needs
             log(f"ERROR: {e}; going on to calibration, packing and evaluation, which need no checkpoint")
+    stop.after_training(left)
     barrier()
     validate_and_log(compiled, inputs.val, cfg, rt, result.steps, result.train_ms, log)
     return result
@@ -5344,6 +5387,9 @@ def main() -> None:
     except (ConfigError, DataError, ArtifactError, OSError) as e:  # a budget no plan meets, a damaged artifact, a
         run.log(f"ERROR: {e}")  # full disk: one line with the cause and the fix, no traceback
         sys.exit(f"error: {e}")
+    except Stopped as e:
+        run.log(f"ERROR: {e}")
+        os._exit(128 + e.signum)  # no teardown: the other ranks are being stopped too, or are gone
     shutdown()
     if not kept_rules:
         sys.exit("error: this run broke a rule of the challenge (see summary reasons above); its files are kept")

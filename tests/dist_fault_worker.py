@@ -1,7 +1,8 @@
 """train_gpt.main under torchrun (or alone) with one rank that fails at a given optimizer step (used by test_faults):
 FAULT_RANK, FAULT_STEP and FAULT_MODE: `hang` (sleeps: a rank that stops answering), `kill` (SIGKILL: a lost rank),
-`raise` / `raise-keyerror` (an exception inside the training loop). The rescue thread's grace and snapshot interval
-are shortened for a test."""
+`raise` / `raise-keyerror` (an exception inside the training loop); or `slow-save` / `slow-calibrate`, which hold
+the final checkpoint's save or the calibration for a few seconds after saying so (a window for a signal). The rescue
+thread's grace and snapshot interval are shortened for a test."""
 import os
 import signal
 import sys
@@ -31,5 +32,19 @@ def train_step(*a, **k):
     return real(*a, **k)
 
 
+def slowed(name: str):
+    inner = getattr(tg, name)
+
+    def slow(*a, **k):
+        print(f"FAULT: {name} waits", flush=True)
+        time.sleep(3)
+        return inner(*a, **k)
+
+    return slow
+
+
+if mode.startswith("slow-"):
+    name = {"slow-save": "save_checkpoint", "slow-calibrate": "calibrate"}[mode]
+    setattr(tg, name, slowed(name))
 tg.train_step = train_step
 tg.main()

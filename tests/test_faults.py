@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,19 +51,35 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
 def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
     """The output lines up to the first with `needle`; fails after `timeout` seconds even when the process prints
-    nothing (a line read waits only once select says one is there)."""
-    seen, deadline = [], time.monotonic() + timeout
+    nothing. It reads the pipe's descriptor a byte at a time, never through Python's buffers: select cannot see lines
+    already buffered (a needle seen seconds late), and a later communicate() gets exactly the rest."""
+    fd, seen, line, deadline = proc.stdout.fileno(), [], b"", time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, min(1.0, deadline - time.monotonic())))
+        ready, _, _ = select.select([fd], [], [], max(0.0, min(1.0, deadline - time.monotonic())))
         if not ready:
             continue
-        line = proc.stdout.readline()
-        if not line:
+        byte = os.read(fd, 1)
+        if not byte:
             break
-        seen.append(line)
-        if needle in line:
-            return seen
-    raise AssertionError(f"{needle!r} not seen: " + "".join(seen[-20:]))
+        line += byte
+        if byte == b"\n":
+            seen.append(line.decode(errors="replace"))
+            line = b""
+            if needle in seen[-1]:
+                return seen
+    raise AssertionError(f"{needle!r} not seen: " + "".join(seen[-20:]) + line.decode(errors="replace"))
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    """The live processes whose environment names this run's folder: torchrun starts its workers in sessions of
+    their own, so the process group of run.sh does not hold them."""
+    needle, found = f"OUTPUT_DIR={run_dir}\0".encode(), []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (d / "environ").read_bytes() + b"\0" and (d / "stat").read_text().split()[2] != "Z":
+                    found.append(int(d.name))
+    return found
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -99,10 +116,11 @@ def test_sigterm_saves_the_averaged_weights_and_skip_train_repacks_them(plain_da
     assert (tmp_path / "logs" / "seed1337_repack.summary.json").is_file()
 
 
-def _fault_run(plain_data, tmp_path, timeout_s: int, step: int, mode: str = "hang", rank: int = 1, nproc: int = 2):
+def _fault_run(plain_data, tmp_path, timeout_s: int, step: int, mode: str = "hang", rank: int = 1, nproc: int = 2,
+               **over):
     env = clean_env() | {"OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "FAULT_RANK": str(rank),
                          "FAULT_STEP": str(step), "FAULT_MODE": mode} | tiny_env(
-        plain_data, ITERATIONS=100_000, TRAIN_LOG_EVERY=1, DIST_TIMEOUT_SECONDS=timeout_s, **QUICK)
+        plain_data, **{"ITERATIONS": 100_000, "TRAIN_LOG_EVERY": 1, "DIST_TIMEOUT_SECONDS": timeout_s} | QUICK | over)
     worker = str(ROOT / "tests" / "dist_fault_worker.py")
     cmd = [sys.executable, worker] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", worker]
@@ -191,6 +209,60 @@ def test_a_failure_inside_the_training_loop_leaves_a_checkpoint(plain_data, tmp_
     assert tg.load_checkpoint(tmp_path / "final_model.pt")[1]
 
 
+@pytest.mark.parametrize("stage", ["save", "calibrate"])
+def test_a_signal_after_the_training_loop_keeps_the_weights_and_says_so(plain_data, tmp_path, stage):
+    """The rescue's handlers were taken away when the loop returned, before the final checkpoint was written: a
+    signal in those seconds (a wall-clock timeout is likely then) killed the process with no checkpoint, and a signal
+    while the final weights were loaded was swallowed (the run went on). Now a signal from the loop's end on waits
+    for the checkpoint, then stops the run, in calibration, packing or evaluation too, with a line saying what it
+    left, and exit 128 + the signal."""
+    proc = _fault_run(plain_data, tmp_path, timeout_s=600, step=0, mode=f"slow-{stage}", rank=0, nproc=1,
+                      ITERATIONS=6)
+    try:
+        _wait_for(proc, "waits")
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        _stop_group(proc)
+    assert proc.returncode == 143, out[-3000:]
+    assert "ERROR: stopped by signal 15 after training: the trained weights are in" in out, out[-3000:]
+    assert "SKIP_TRAIN=1" in out and "final_int6_roundtrip_exact" not in out
+    assert tg.load_checkpoint(tmp_path / "final_model.pt")[1] and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_stop_before_the_first_step_saves_nothing(plain_data, tmp_path):
+    """A stop in the warm-up saved the untrained weights as a checkpoint, which then blocked the folder for a new
+    run (and invited a re-pack of random weights). Step 0 has nothing to save, nor a snapshot of it."""
+    cfg, _ = tg.load_config(TINY | {"DATA_PATH": str(plain_data["data_path"]), "TOKENIZER_PATH": str(
+        plain_data["tokenizer"]), "OUTPUT_DIR": str(tmp_path)})
+    rt = tg.Runtime.cpu()
+    stop = tg.Rescue(tmp_path / "final_model.pt", cfg, rt)
+    stop.signal = 15  # came during the warm-up: the loop stops before its first update
+    val = tg.load_validation(cfg, tg.load_sentencepiece(cfg.tokenizer_path))
+    with pytest.raises(tg.Interrupted) as e:
+        tg.train(tg.GPT(cfg), tg.GPT(cfg), cfg, rt, tg.TrainData(tg.shard_paths(cfg.data_path, "train"), cfg, rt, 1),
+                 val, lambda m: None, stop=stop)
+    assert e.value.steps == 0 and e.value.state is None and e.value.code == 143
+    stop.snapshot({"w": torch.ones(2)}, 0)
+    assert stop.latest() is None  # no snapshot of step 0 either
+    notes = []
+    stop.note = notes.append
+    stop.save_snapshot("interrupted by signal 15 while blocked")
+    assert notes == ["interrupted by signal 15 while blocked; no host snapshot was taken yet, so nothing was saved"]
+    assert not (tmp_path / "final_model.pt").exists()
+
+
+def test_a_write_stopped_half_way_leaves_no_temporary_file(tmp_path):
+    class Stopped(list):
+        def __iter__(self):
+            yield b"half"
+            raise KeyboardInterrupt  # a signal's exception in the middle of the write
+
+    with pytest.raises(KeyboardInterrupt):
+        tg.write_atomic(tmp_path / "f.bin", Stopped())
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_weights_a_failure_saves_are_built_on_the_host():
     """What a failed step saves equals the averaged weights of a normal stop, in the model's dtypes, without a
     tensor allocated on the device (host and device told apart: tests/host_device.py)."""
@@ -246,28 +318,40 @@ def test_ctrl_c_through_run_sh_saves_the_training_and_keeps_an_honest_log(plain_
         _stop_group(proc)
     log = _stopped_run_left(tmp_path, proc, out, 130)
     assert "stopping: signal received" in log and "the averaged weights of step" in log and "SKIP_TRAIN=1" in log
+    assert log.splitlines()[-1].startswith("run: stopped or failed (exit 130)")  # how it ended, in the log too
+    # the re-pack the log asks for, through run.sh with the same seed and folders: it was refused (the seed's log
+    # exists); its files are named by the trainer's RUN_ID
+    repack = _run_sh(plain_data, tmp_path, SKIP_TRAIN=1, INIT_MODEL_PATH=tmp_path / "run" / "final_model.pt",
+                     ITERATIONS=6)
+    try:
+        out = repack.communicate(timeout=300)[0]
+    finally:
+        _stop_group(repack)
+    assert repack.returncode == 0, out[-3000:]
+    assert (tmp_path / "rec" / "train_seed1337_repack.log").is_file() and (tmp_path / "run" / "final_model.int6.ptz").is_file()
+    assert (tmp_path / "rec" / "train_seed1337.log.partial").read_text() == log
 
 
 @pytest.mark.slow
 def test_ctrl_c_while_the_trainer_starts_stops_everything_at_once(plain_data, tmp_path):
     """A background command of a script starts with SIGINT ignored, and torchrun installs its handlers only once it
     starts workers: a Ctrl-C in the first seconds reached nothing that would act on it. run.sh passes INT on as
-    TERM, which stops torchrun and its workers at any moment: the run exits 130, its log stays .partial, and no
-    process of the run is left."""
+    TERM, which stops torchrun and its workers at any moment: the run exits 130, its log stays .partial and says so,
+    and no process of the run is left."""
     proc = _run_sh(plain_data, tmp_path)
     try:
         _wait_for(proc, "run: ")
         os.killpg(proc.pid, signal.SIGINT)
         out = proc.communicate(timeout=120)[0]
-        time.sleep(1)  # torchrun's workers get TERM from it; anything still alive now was left behind
-        left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        left = _processes_of(tmp_path / "run")  # run.sh has waited for torchrun, torchrun for its workers
     finally:
         _stop_group(proc)
     assert proc.returncode == 130 and "stopped or failed (exit 130)" in out, out[-3000:]
     assert not left, left
-    assert (tmp_path / "rec" / "train_seed1337.log.partial").exists()
+    log = (tmp_path / "rec" / "train_seed1337.log.partial").read_text()
+    assert log.splitlines()[-1].startswith("run: stopped or failed (exit 130)")  # never an empty log
     assert not (tmp_path / "rec" / "train_seed1337.log").exists()
-    assert not list((tmp_path / "tmp").iterdir())  # the log's FIFO is removed
+    assert not list((tmp_path / "tmp").glob("run_sh.*"))  # the log's FIFO is unlinked as soon as it is open
 
 
 @pytest.mark.slow
@@ -355,7 +439,10 @@ def test_a_second_run_into_a_folder_a_run_is_writing_is_refused(plain_data, tmp_
     try:
         r = run_trainer(tiny_env(plain_data), busy)
         proc = _run_sh(plain_data, tmp_path)
-        out = proc.communicate(timeout=120)[0]
+        try:
+            out = proc.communicate(timeout=120)[0]
+        finally:
+            _stop_group(proc)
     finally:
         os.close(fd)
     assert r.returncode != 0 and f"another run is writing into OUTPUT_DIR={busy} now" in r.stderr, r.stderr[-2000:]
@@ -363,6 +450,24 @@ def test_a_second_run_into_a_folder_a_run_is_writing_is_refused(plain_data, tmp_
     assert not list(busy.iterdir())
     r = run_trainer(tiny_env(plain_data, ITERATIONS=2, **QUICK), busy)  # the lock went with its holder
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_two_run_sh_of_one_seed_started_together_never_touch_each_others_files(plain_data, tmp_path):
+    """Both passed the check for an existing log, and the second truncated the first one's log and env file. The
+    files are now created only if absent (noclobber's O_EXCL): here the other run creates its env file in the moment
+    between this run's check and its write, and this run stops without writing anything."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/bash\nif [ "$1" = check_data.py ]; then mkdir -p "$RECORD_DIR"; '
+                       f'echo other > "$RECORD_DIR/train_seed1337.env.partial"; fi\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    proc = _run_sh(plain_data, tmp_path, PYTHON=wrapper)
+    try:
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        _stop_group(proc)
+    assert proc.returncode == 2 and "another run.sh of seed1337 started at the same time" in out, out[-2000:]
+    assert [p.name for p in (tmp_path / "rec").iterdir()] == ["train_seed1337.env.partial"]
+    assert (tmp_path / "rec" / "train_seed1337.env.partial").read_text() == "other\n"
 
 
 def test_a_checkpoint_is_verified_before_it_is_trusted(trained_tiny, tmp_path):

@@ -173,11 +173,11 @@ def test_run_sh_never_overwrites_a_seeds_log_or_a_runs_files(plain_data, tmp_pat
     base = tiny_env(plain_data) | {"RECORD_DIR": str(rec), "RUN_DIR": str(tmp_path / "run"), "DEVICE": "cpu",
                                    "NPROC": "1", "MIN_FREE_GB": "0"}
     r = _run_sh(base)
-    assert r.returncode == 2 and "train_seed1337.log is from an earlier run of seed 1337" in r.stderr
+    assert r.returncode == 2 and "train_seed1337.log is from an earlier run (RUN_ID seed1337;" in r.stderr
     for name in ("train_seed1337.log.partial", "train_seed1337.env.partial"):  # the env file of a run stopped early
         (rec / "train_seed1337.log").rename(rec / name)
         r = _run_sh(base)
-        assert r.returncode == 2 and f"{name} is from an earlier run of seed 1337" in r.stderr, r.stderr
+        assert r.returncode == 2 and f"{name} is from an earlier run (RUN_ID seed1337;" in r.stderr, r.stderr
         (rec / name).rename(rec / "train_seed1337.log")
     (rec / "train_seed1337.log").unlink()
     (tmp_path / "run").mkdir()
