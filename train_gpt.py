@@ -2893,6 +2893,11 @@ def peer_store(rt: Runtime, prefix: str):
         return None
 
 
+def repack_hint(path: Path | None) -> str:
+    """What to do with saved weights: every message that says a checkpoint was saved ends with it."""
+    return f"calibrate, pack and evaluate them with SKIP_TRAIN=1 INIT_MODEL_PATH={path} and the same variables"
+
+
 class Rescue:
     """What an interrupted run leaves. SIGTERM / SIGINT (a preemption, `timeout`, Ctrl-C, torchrun stopping the
     group) set a flag that the next step's shared all-reduce hands to every rank, so all ranks stop after the same
@@ -3007,12 +3012,11 @@ class Rescue:
         self.handled.set()
         try:
             with self.lock:
-                where = self.save(e.state, e.steps) if e.state is not None else \
+                where = f"{self.save(e.state, e.steps)}; {repack_hint(self.path)}" if e.state is not None else \
                     "no training step was taken, so nothing was saved (the folder stays free for a new run)"
                 if e.trace:  # a failure, not a signal: its traceback, for whoever fixes it
                     Logger._stderr(e.trace)
-                self.note(f"ERROR: {e} after {e.steps} steps: {where}; calibrate, pack and evaluate them with "
-                          f"SKIP_TRAIN=1 INIT_MODEL_PATH={self.path} and the same variables")
+                self.note(f"ERROR: {e} after {e.steps} steps: {where}")
         finally:
             os._exit(e.code)
 
@@ -3030,7 +3034,7 @@ class Rescue:
             if snap is None:
                 self.note(f"{why}; no host snapshot was taken yet, so nothing was saved")
                 return
-            self.note(f"{why}; {self.save(*snap)}: re-pack them with SKIP_TRAIN=1 INIT_MODEL_PATH={self.path}")
+            self.note(f"{why}; {self.save(*snap)}; {repack_hint(self.path)}")
 
     def _watch(self, fd: int) -> None:
         sig = os.read(fd, 1)[0]
@@ -5106,8 +5110,7 @@ def write_outputs(blob: bytes, code: bytes, cfg: Config, rt: Runtime, log: Logge
             error = str(e)
     if not rank0_decides(rt, [int(not error)])[0]:
         raise OSError(error or "rank 0 could not write the artifact")
-    sizes = artifact_sizes(len(blob), code, cfg, log)
-    return sizes
+    return artifact_sizes(len(blob), code, cfg, log)
 
 
 def artifact_sizes(model_bytes: int, code: bytes, cfg: Config, log: Logger) -> dict:
@@ -5127,10 +5130,12 @@ def artifact_sizes(model_bytes: int, code: bytes, cfg: Config, log: Logger) -> d
 
 @dataclass
 class Run:
-    """What configure decides once: the config, the runtime and the logger."""
+    """What configure decides once: the config, the runtime and the logger; for a re-pack, the checkpoint's weights
+    (verified there, before any work, and loaded once)."""
     cfg: Config
     rt: Runtime
     log: Logger
+    checkpoint: dict[str, Tensor] | None = None
 
 
 def configure() -> Run:
@@ -5138,9 +5143,9 @@ def configure() -> Run:
     from its artifact), the runtime and the logger. Everything checkable without data is checked here, in seconds:
     a config error exits before any work."""
     try:
-        cfg, warnings, explicit = load_config_explicit()
+        cfg, warnings, explicit, state = *load_config_explicit(), None
         if cfg.skip_train:
-            saved, _ = load_checkpoint(checkpoint_path(cfg))  # verified now, not after the compile warm-up
+            saved, state = load_checkpoint(checkpoint_path(cfg))  # verified now, not after the compile warm-up
             cfg = config_from_saved(cfg, saved, MODEL_FIELDS, explicit, checkpoint_path(cfg), "checkpoint")
         if cfg.eval_only:
             saved = artifact_config(artifact_path(cfg))
@@ -5157,7 +5162,7 @@ def configure() -> Run:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     log = Logger(str(Path(cfg.output_dir) / "logs" / f"{cfg.run_id}.txt") if rt.is_main else None)
     log_header(cfg, rt, log, warnings)
-    return Run(cfg, rt, log)
+    return Run(cfg, rt, log, state)
 
 
 def prepare_inputs(cfg: Config, rt: Runtime, log: Logger) -> RunInputs:
@@ -5245,16 +5250,16 @@ def calibration_reserve(model: GPT, cfg: Config, rt: Runtime, data: TrainData, l
 
 
 def train_or_load(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, inputs: RunInputs, log: Logger,
-                  reserve_s: float = 0.0) -> TrainResult:
-    """Train and save the float checkpoint (then validate it), or (SKIP_TRAIN) load it: both give a TrainResult.
+                  reserve_s: float = 0.0, checkpoint: dict[str, Tensor] | None = None) -> TrainResult:
+    """Train and save the float checkpoint (then validate it), or (SKIP_TRAIN) load `checkpoint`, the weights
+    configure read and verified: both give a TrainResult.
     A signal or a failure during training saves the averaged weights (Rescue) and exits saying how to re-pack them;
     a diverged loss exits at once."""
     if cfg.skip_train:
-        _, state = load_checkpoint(checkpoint_path(cfg))
-        model.load_state_dict(state)
+        model.load_state_dict(checkpoint)
         model.set_active_loops(cfg.n_loops)
         log(f"skip_train: loaded {checkpoint_path(cfg)}")
-        return TrainResult(0, 0.0, False, state, 0.0)
+        return TrainResult(0, 0.0, False, checkpoint, 0.0)
     path = Path(cfg.output_dir) / CHECKPOINT_NAME
     stop = Rescue(path, cfg, rt, log)
     stop.install()
@@ -5274,8 +5279,7 @@ def train_or_load(model: GPT, compiled: nn.Module, cfg: Config, rt: Runtime, inp
     if rt.is_main:
         try:
             save_checkpoint(path, cfg, result.final_state, log)
-            left = f"the trained weights are in {path}: calibrate, pack and evaluate them with SKIP_TRAIN=1 " \
-                   f"INIT_MODEL_PATH={path} and the same variables"
+            left = f"the trained weights are in {path}; {repack_hint(path)}"
         except OSError as e:  # the disk filled during the run: the artifact, 10x smaller, is what a submission needs
             log(f"ERROR: {e}; going on to calibration, packing and evaluation, which need no checkpoint")
     stop.after_training(left)
@@ -5374,7 +5378,7 @@ def pipeline(run: Run) -> bool:
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     ev = prepare_evaluation(model, cfg, rt, inputs.val, log)
     reserve = 0.0 if cfg.skip_train else calibration_reserve(model, cfg, rt, inputs.train, log)
-    result = train_or_load(model, compiled, cfg, rt, inputs, log, reserve)
+    result = train_or_load(model, compiled, cfg, rt, inputs, log, reserve, run.checkpoint)
     sizes, cal_s = calibrate_and_pack(model, cfg, rt, inputs, result, log)
     evals = run_evaluation(Path(cfg.output_dir) / ARTIFACT_NAME, inputs.val, cfg, rt, log, ev)
     return write_summary(cfg, rt, inputs, result, sizes, cal_s, evals, log)
