@@ -26,7 +26,7 @@ MIN_FREE_GB=${MIN_FREE_GB:-4}
 fail() { echo "preflight: FAIL: $*" >&2; exit 2; }
 
 echo "preflight: packages and the run's output files"
-# one Python start for three checks; it prints the run's RUN_ID and the CUDA GPU count for what follows
+# one Python start for three checks; it prints the run's RUN_ID, the CUDA GPU count and the summary's path
 PRE=$(SEED=$SEED OUTPUT_DIR=$RUN_DIR "$PY" - <<'PY'
 import importlib, os, sys
 comp = {"zstd": ["zstandard"]}  # zpaq (counted code) and brotli (artifact header) are needed whatever COMPRESSOR says
@@ -43,12 +43,11 @@ import torch
 import train_gpt as t
 try:
     cfg = t.load_config()[0]
-    if os.path.isdir(cfg.output_dir):  # the trainer's own rules: no run writes beside a running one,
-        t.lock_output_dir(cfg)  # nor overwrites its files
-    t.check_outputs_free(cfg)
+    t.lock_output_dir(cfg, create=False)  # the trainer's own rules: no run writes beside a running one,
+    t.check_outputs_free(cfg)  # nor overwrites its files
 except t.ConfigError as e:
     sys.exit(str(e))
-print(cfg.run_id, torch.cuda.device_count())
+print(cfg.run_id, torch.cuda.device_count(), t.summary_path(cfg))
 PY
 )
 case $? in
@@ -56,7 +55,7 @@ case $? in
   3) fail "install the requirements: $PY -m pip install -r requirements.txt" ;;
   *) fail "the configuration or RUN_DIR=$RUN_DIR (see the message above)" ;;
 esac
-read -r RUN_ID NGPU <<< "$PRE"
+read -r RUN_ID NGPU SUMMARY <<< "$PRE"
 # Named by the trainer's RUN_ID: seed$SEED, seed${SEED}_repack for a SKIP_TRAIN re-pack, seed${SEED}_eval for EVAL_ONLY
 LOG="$RECORD_DIR/train_$RUN_ID.log"
 ENVF="$RECORD_DIR/train_$RUN_ID.env"
@@ -94,12 +93,14 @@ set -C
 # between commands, and `wait` is one it can interrupt); tee reads a FIFO and ignores INT and TERM, so stopping the
 # run never takes its log (or the trainer's stdout) away before the trainer has saved and said so. A background
 # command of a script starts with SIGINT ignored, and torchrun installs its handlers only once it starts workers:
-# INT is passed on as TERM, which stops torchrun at any moment (the trainer gets INT from the terminal itself).
+# INT is passed on as TERM, which stops torchrun at any moment; torchrun passes it on to its workers (they run in
+# sessions of their own, out of the terminal's reach).
 # The traps are set before the "run:" line, so a signal from then on is always passed on.
 PID="" TEE="" SIGNALED=0
 cleanup() { [ -n "$TEE" ] && kill -9 "$TEE" 2>/dev/null; }
 trap cleanup EXIT
 forward() { SIGNALED=$1; [ -n "$PID" ] && kill -s TERM "$PID" 2>/dev/null; }
+reap() { until wait "$1"; ! kill -0 "$1" 2>/dev/null; do :; done; }  # a trapped signal ends a wait early
 trap 'forward 130' INT
 trap 'forward 143' TERM
 # The log exists before tee starts: a signal that ends tee's subshell before its own trap leaves an empty log.
@@ -123,14 +124,14 @@ fi
 RC=0
 if [ -n "$PID" ]; then
   [ "$SIGNALED" -ne 0 ] && kill -s TERM "$PID" 2>/dev/null  # a signal that came before PID was known
-  until wait "$PID"; ! kill -0 "$PID" 2>/dev/null; do :; done  # a trapped signal ends a wait early
+  reap "$PID"
   wait "$PID"; RC=$?  # the trainer's own status (bash keeps it for a child that has exited)
 fi
 exec 5>&-
-until wait "$TEE"; ! kill -0 "$TEE" 2>/dev/null; do :; done  # tee drains the pipe, then exits
+reap "$TEE"  # tee drains the pipe, then exits
 TEE=""
 # The pipeline ran to its end (pass or not) when its summary exists: the preflight made sure none did before.
-if [ -f "$RUN_DIR/logs/$RUN_ID.summary.json" ]; then
+if [ -f "$SUMMARY" ]; then
   mv -f "$LOG.partial" "$LOG" && mv -f "$ENVF.partial" "$ENVF"
 else
   [ "$SIGNALED" -ne 0 ] && RC=$SIGNALED  # torchrun reports a stop by signal as 1

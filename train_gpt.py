@@ -5052,11 +5052,16 @@ def check_code_fits(cfg: Config) -> None:
                           f"{code} bytes; raise the cap")
 
 
+def summary_path(cfg: Config) -> Path:
+    """The run's JSON summary: written last, so its presence means the pipeline ran to its end (run.sh reads it)."""
+    return Path(cfg.output_dir) / "logs" / f"{cfg.run_id}.summary.json"
+
+
 def run_outputs(cfg: Config) -> list[Path]:
     """The files this run writes: its log and summary; a training run or a re-pack also the artifact and the
     counted code; a training run also the checkpoint (a re-pack reads it)."""
     out = Path(cfg.output_dir)
-    files = [out / "logs" / f"{cfg.run_id}.txt", out / "logs" / f"{cfg.run_id}.summary.json"]
+    files = [out / "logs" / f"{cfg.run_id}.txt", summary_path(cfg)]
     if not cfg.eval_only:
         files += [out / ARTIFACT_NAME, out / CODE_NAME]
     if not cfg.eval_only and not cfg.skip_train:
@@ -5078,11 +5083,12 @@ def check_outputs_free(cfg: Config) -> None:
                       "them; choose another OUTPUT_DIR (run.sh: RUN_DIR) or RUN_ID, or move them away" + hint)
 
 
-def lock_output_dir(cfg: Config) -> None:
+def lock_output_dir(cfg: Config, create: bool = True) -> None:
     """Two runs launched into one OUTPUT_DIR before either wrote a file would both pass check_outputs_free and
     overwrite each other: rank 0 holds an exclusive lock on the folder for the life of its process (the kernel lets
-    it go however the process ends; the descriptor is never closed). run.sh's preflight takes it for a moment too."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    it go however the process ends; the descriptor is never closed). run.sh's preflight takes it for a moment too,
+    without creating the folder (`create`): a folder that does not exist has no run writing into it."""
+    if int(os.environ.get("RANK", "0")) != 0 or not (create or os.path.isdir(cfg.output_dir)):
         return
     import fcntl
 
@@ -5346,7 +5352,7 @@ def write_summary(cfg: Config, rt: Runtime, inputs: RunInputs, result: TrainResu
         "valid": not broken and not chosen, "invalid_reasons": broken + chosen,
     }
     if rt.is_main:
-        path = Path(cfg.output_dir) / "logs" / f"{cfg.run_id}.summary.json"
+        path = summary_path(cfg)
         write_atomic(path, json.dumps(json_safe(summary), indent=1, allow_nan=False).encode())
         log(f"summary:{path} valid:{int(summary['valid'])}" + (f" reasons:{'; '.join(broken + chosen)}"
                                                                 if broken or chosen else ""))

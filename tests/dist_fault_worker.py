@@ -27,7 +27,7 @@ def train_step(*a, **k):
             os.kill(os.getpid(), signal.SIGKILL)
         elif mode == "raise-keyerror":  # not a RuntimeError: no failure is special
             raise KeyError("a fault injected into the training step")
-        else:
+        elif mode == "raise":
             raise RuntimeError("a fault injected into the training step")
     return real(*a, **k)
 
@@ -43,8 +43,10 @@ def slowed(name: str):
     return slow
 
 
-if mode.startswith("slow-"):
-    name = {"slow-save": "save_checkpoint", "slow-calibrate": "calibrate"}[mode]
-    setattr(tg, name, slowed(name))
+SLOWED = {"slow-save": "save_checkpoint", "slow-calibrate": "calibrate"}
+if mode not in {"hang", "kill", "raise", "raise-keyerror"} | set(SLOWED):
+    sys.exit(f"dist_fault_worker: unknown FAULT_MODE={mode}")  # a typo must not run as another fault
+if mode in SLOWED:
+    setattr(tg, SLOWED[mode], slowed(SLOWED[mode]))
 tg.train_step = train_step
 tg.main()

@@ -28,7 +28,6 @@ main thread's; tensors other threads make are host tensors (the loader's prefetc
 `pin_memory`)."""
 from __future__ import annotations
 
-import collections
 import sys
 import traceback
 import weakref
@@ -327,6 +326,3 @@ class HostDevice:
         if self._tg is not None:
             self._tg.sync = self._saved["sync"]
         torch._C._group_tensors_by_device_and_dtype = _GROUP
-
-    def counts(self) -> collections.Counter:
-        return collections.Counter(where for _, where in self.syncs)

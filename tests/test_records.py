@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 

@@ -1,7 +1,7 @@
 """Assemble a submission folder from seed logs (as written by run.sh).
 
   python tools/make_record.py --name FlatCrawler --author "Ada L" --github-id ada \
-      --log records/track_10min_16mb/2026-11-23_FlatCrawler/train_seed*.log \
+      --log runs/logs/train_seed*.log \
       --prev-losses 1.9532,1.9541,1.9528
 
 Builds <out-root>/track_10min_16mb/<date>_<name>/ with train_gpt.py (the counted wrapper the logs
